@@ -1,0 +1,207 @@
+"""Classify a post: judge its terms (cached), select per type, merge with human terms, write back."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from worker.errors import InvalidReply, PostChanged
+from worker.judgements import Classification, Decision, Judgement, Usage, confidence, level
+from worker.posts import ORIGIN_KEY, Post, read_post, render_changes, write_atomic
+from worker.prompts import PostText, Templates, build_prompt
+from worker.providers import Provider
+from worker.records import Record, load_record, save_record
+from worker.settings import Settings
+from worker.taxonomy import Taxonomy, Term
+
+log = structlog.get_logger("tagger.classifier")
+CHANGED_POST_PASSES = 3
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """Everything needed to classify posts: settings, taxonomy, templates and a provider."""
+
+    settings: Settings
+    taxonomy: Taxonomy
+    templates: Templates
+    provider: Provider
+
+    def classify(self, path: Path, *, dry_run: bool = False, types: Sequence[str] | None = None) -> Classification:
+        """Classify one post and write it back; a post edited meanwhile is read and judged again."""
+        for attempt in range(1, CHANGED_POST_PASSES + 1):
+            post = read_post(path)
+            record = load_record(path)
+            result, new_text, new_record = self._decide(post, record, types)
+            if dry_run:
+                return result
+            try:
+                if new_text is not None:
+                    write_atomic(post, new_text)
+                    result.written = True
+            except PostChanged:
+                # Judgements already made are cached in the record, so the next pass is cheap.
+                save_record(path, new_record.model_copy(update={"assigned": record.assigned, "rejected": record.rejected}))
+                log.info("post_changed_during_classification", post=str(path), attempt=attempt)
+                if attempt == CHANGED_POST_PASSES:
+                    raise
+                continue
+            save_record(path, new_record)
+            return result
+        raise AssertionError("unreachable")
+
+    def judge(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], Usage, int, int]:
+        """Judgements for `terms` (cached where still valid) plus usage, cache hits and chars cut."""
+        body = post.body
+        cut = max(0, len(body) - self.settings.max_post_chars)
+        text = PostText(post.title, post.description, body[: self.settings.max_post_chars])
+        content_hash = post.content_hash
+        cached = record.cached()
+        keep: list[Judgement] = []
+        todo: list[Term] = []
+        for term in terms:
+            old = cached.get((term.type, term.title))
+            wanted = (term.definition_hash, content_hash, self.templates.version, self.provider.model)
+            if old is not None and old.cache_key() == wanted:
+                keep.append(old)
+            else:
+                todo.append(term)
+        chunks = [c for t in dict.fromkeys(x.type for x in todo) for c in self._chunks([x for x in todo if x.type == t])]
+        usage = Usage()
+        fresh: list[Judgement] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(self.settings.concurrency, len(chunks) or 1))) as pool:
+            for judged, used in pool.map(lambda chunk: self._judge_chunk(chunk, text, content_hash), chunks):
+                fresh.extend(judged)
+                usage = usage.add(used)
+        return keep + fresh, usage, len(keep), cut
+
+    def _chunks(self, terms: list[Term]) -> list[list[Term]]:
+        size = self.settings.chunk_size
+        return [terms[i : i + size] for i in range(0, len(terms), size)]
+
+    def _judge_chunk(self, terms: list[Term], text: PostText, content_hash: str) -> tuple[list[Judgement], Usage]:
+        prompt = build_prompt(self.templates, terms, text)
+        reply = self.provider.judge(prompt)
+        by_name = {t.title: t for t in terms}
+        unknown = [j.term for j in reply.judgements if j.term not in by_name]
+        if unknown or len(reply.judgements) != len(terms):
+            raise InvalidReply(f"reply names terms that were not asked: {unknown}", raw_reply=reply.raw)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        judgements = []
+        for scores in reply.judgements:
+            term = by_name[scores.term]
+            value = confidence(scores, self.settings.weights)
+            judgements.append(
+                Judgement(
+                    type=term.type,
+                    term=term.title,
+                    scores={k: v for k, v in scores.model_dump().items() if k not in ("term", "reason")},
+                    confidence=value,
+                    level=level(value),
+                    reason=scores.reason,
+                    definition_hash=term.definition_hash,
+                    content_hash=content_hash,
+                    prompt_version=self.templates.version,
+                    model=self.provider.model,
+                    provider=self.provider.name,
+                    judged_at=now,
+                )
+            )
+        log.info("llm_call", model=self.provider.model, terms=len(terms), type=terms[0].type,
+                 input_tokens=reply.usage.input_tokens, cached_tokens=reply.usage.cached_tokens,
+                 output_tokens=reply.usage.output_tokens, calls=reply.usage.calls)
+        return judgements, reply.usage
+
+    def _decide(self, post: Post, record: Record, types: Sequence[str] | None) -> tuple[Classification, str | None, Record]:
+        wanted_types = [t for t in self.taxonomy.types() if not types or t in types]
+        terms = [t for t in self.taxonomy if t.type in wanted_types]
+        judgements, usage, hits, cut = self.judge(post, terms, record)
+        decisions: list[Decision] = []
+        changes: dict[str, list[str] | str] = {}
+        assigned = {k: v for k, v in record.assigned.items() if k not in wanted_types}
+        rejected = dict(record.rejected)
+        for term_type in wanted_types:
+            decision = select(
+                term_type, [j for j in judgements if j.type == term_type], post.terms(term_type),
+                record.assigned.get(term_type, []), record.rejected.get(term_type, []), self.settings,
+            )
+            decisions.append(decision)
+            if decision.final != post.terms(term_type) or (post.meta.get(term_type) is None and decision.final):
+                changes[term_type] = decision.final
+            owned = [t for t in decision.final if t in decision.selected and t not in decision.kept_human]
+            assigned[term_type] = owned
+            rejected[term_type] = decision.not_readded
+        if changes and not post.human_only and str(post.meta.get(ORIGIN_KEY, "")) != "AI":
+            changes[ORIGIN_KEY] = "AI"
+        new_text = None
+        diff = ""
+        if changes:
+            rendered = render_changes(post, changes)
+            old_text = post.raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+            diff = "".join(difflib.unified_diff(
+                old_text.splitlines(keepends=True), rendered.lstrip("\ufeff").splitlines(keepends=True),
+                fromfile=str(post.path), tofile=str(post.path),
+            ))
+            new_text = None if post.human_only else rendered
+        if post.human_only:
+            assigned = dict(record.assigned)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        new_record = Record(
+            post=str(post.path), content_hash=post.content_hash, assigned=assigned, rejected=rejected,
+            judgements=judgements, usage=usage, truncated_chars=cut, updated_at=now,
+        )
+        result = Classification(
+            post=str(post.path), content_hash=post.content_hash, judgements=judgements, decisions=decisions,
+            assigned=assigned, rejected=rejected, usage=usage, cached_terms=hits, truncated_chars=cut,
+            human_only=post.human_only, diff=diff,
+        )
+        return result, new_text, new_record
+
+
+def select(
+    term_type: str,
+    judgements: list[Judgement],
+    present: list[str],
+    previously_assigned: list[str],
+    rejected: list[str],
+    settings: Settings,
+) -> Decision:
+    """Choose a type's terms and merge them with what the post already lists.
+
+    Terms a person added stay; a term tagger assigned that a person removed is never re-added.
+    """
+    rule = settings.rule_for(term_type)
+    removed_by_human = [t for t in previously_assigned if t not in present]
+    blocked = set(rejected) | set(removed_by_human)
+    ranked = sorted(judgements, key=lambda j: (-j.confidence, j.term))
+    eligible = [j.term for j in ranked if j.confidence >= rule.min_confidence]
+    selected = [t for t in eligible if t not in blocked][: rule.top]
+    human = [t for t in present if t not in previously_assigned]
+    final = [t for t in present if t in human or t in selected]
+    final += [t for t in selected if t not in final]
+    return Decision(
+        type=term_type,
+        selected=selected,
+        final=final,
+        added=[t for t in final if t not in present],
+        removed=[t for t in present if t not in final],
+        kept_human=[t for t in human if t in final],
+        not_readded=sorted(blocked),
+    )
+
+
+def make_classifier(settings: Settings) -> Classifier:
+    """A classifier wired from settings: taxonomy folder, prompt templates and provider."""
+    from worker.prompts import load_templates
+    from worker.providers import make_provider
+    from worker.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(settings.taxonomy_dir, known_types=settings.selection)
+    templates = load_templates(settings.prompts_dir)
+    return Classifier(settings, taxonomy, templates, make_provider(settings, templates))

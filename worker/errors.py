@@ -1,0 +1,119 @@
+"""Errors named for the condition, each carrying the facts an on-call engineer needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TaggerError(Exception):
+    """Base of every error tagger raises on purpose."""
+
+    kind = "error"
+    transient = False
+
+    def __init__(self, message: str, *, path: Path | str | None = None, raw_reply: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.raw_reply = raw_reply
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class BadPost(TaggerError):
+    """The post cannot be read or its front matter cannot be parsed or edited safely."""
+
+    kind = "bad_post"
+
+
+class PostMissing(BadPost):
+    """The post file does not exist (deleted after it was enqueued, or a typo)."""
+
+    kind = "post_missing"
+
+
+class PostChanged(TaggerError):
+    """The post changed on disk between reading it and writing it back."""
+
+    kind = "post_changed"
+    transient = True
+
+
+class OutsideContentRoot(TaggerError):
+    """A path resolves outside the configured content root."""
+
+    kind = "outside_root"
+
+
+class TaxonomyError(TaggerError):
+    """The taxonomy cannot be loaded (no terms, unreadable folder)."""
+
+    kind = "taxonomy"
+
+
+class ProviderError(TaggerError):
+    """The LLM provider failed in a way that retrying will not fix (e.g. a 400)."""
+
+    kind = "provider"
+
+
+class AuthError(ProviderError):
+    """The provider rejected the credentials."""
+
+    kind = "auth"
+
+
+class QuotaExhausted(ProviderError):
+    """The account has no quota left (`insufficient_quota`)."""
+
+    kind = "quota"
+
+
+class ProviderUnavailable(ProviderError):
+    """Transient provider trouble (5xx, connection) that outlived the retry budget."""
+
+    kind = "unavailable"
+    transient = True
+
+
+class RateLimited(ProviderUnavailable):
+    """429s that outlived the retry budget."""
+
+    kind = "rate_limit"
+
+
+class ProviderTimeout(ProviderUnavailable):
+    """Requests timed out until the retry budget ran out."""
+
+    kind = "timeout"
+
+
+class InvalidReply(ProviderError):
+    """The reply failed validation even after one re-ask; holds the raw reply."""
+
+    kind = "invalid_reply"
+
+
+class Refused(InvalidReply):
+    """The model refused to answer."""
+
+    kind = "refused"
+
+
+class Truncated(InvalidReply):
+    """The reply was cut off by the token limit."""
+
+    kind = "truncated"
+
+
+def kind_of(exc: BaseException) -> str:
+    """A short failure kind for any exception, for `failed list` and logs."""
+    if isinstance(exc, TaggerError):
+        return exc.kind
+    name = type(exc).__name__
+    if name == "AbandonedJobError":
+        return "abandoned"
+    if name == "JobTimeoutException":
+        return "job_timeout"
+    return "crash"

@@ -1,0 +1,91 @@
+"""Prompt templates from `prompts/`, versioned by their hash, static parts first."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from worker.taxonomy import Term
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+TEMPLATES = ("system", "term", "post", "reask")
+SCOPE_CHARS = 320
+EXCLUDE_CHARS = 320
+
+
+@dataclass(frozen=True)
+class Templates:
+    """The prompt templates and their combined version hash."""
+
+    system: Template
+    term: Template
+    post: Template
+    reask: Template
+    version: str
+
+
+@dataclass(frozen=True)
+class PostText:
+    """The parts of a post that the model reads."""
+
+    title: str
+    description: str
+    body: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One call's messages, the term titles it asks about, and what they came from."""
+
+    messages: tuple[dict[str, str], ...]
+    names: tuple[str, ...]
+    terms: tuple[Term, ...]
+    post: PostText
+
+
+def load_templates(folder: Path | None = None) -> Templates:
+    """Read the templates; the version changes whenever any of them does."""
+    folder = folder or DEFAULT_DIR
+    texts = {name: (folder / f"{name}.md").read_text(encoding="utf-8") for name in TEMPLATES}
+    digest = hashlib.sha256("\x1e".join(texts[n] for n in TEMPLATES).encode("utf-8")).hexdigest()[:12]
+    return Templates(**{n: Template(t) for n, t in texts.items()}, version=f"p-{digest}")
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    sentence_end = cut.rfind(". ")
+    return cut[: sentence_end + 1] if sentence_end > limit // 2 else cut.rsplit(" ", 1)[0] + "..."
+
+
+def render_term(templates: Templates, term: Term) -> str:
+    """A compact definition of one term: title, scope, key topics, exclusions."""
+    return templates.term.safe_substitute(
+        title=term.title,
+        scope=_clip(term.scope, SCOPE_CHARS),
+        key_topics="; ".join(t.rstrip(".") for t in term.key_topics) or "(none listed)",
+        exclusions=_clip("; ".join(e.rstrip(".") for e in term.exclusions), EXCLUDE_CHARS) or "(none listed)",
+    ).strip()
+
+
+def build_prompt(templates: Templates, terms: Sequence[Term], post: PostText) -> Prompt:
+    """Messages for judging `post` against `terms` (all of one type): rubric and terms first, post last."""
+    term_type = terms[0].type
+    definitions = "\n\n".join(render_term(templates, t) for t in terms)
+    system = templates.system.safe_substitute(term_type=term_type, terms=definitions).strip()
+    user = templates.post.safe_substitute(title=post.title, description=post.description, body=post.body).strip()
+    return Prompt(
+        messages=({"role": "system", "content": system}, {"role": "user", "content": user}),
+        names=tuple(t.title for t in terms),
+        terms=tuple(terms),
+        post=post,
+    )
+
+
+def reask_message(templates: Templates, error: str) -> dict[str, str]:
+    """The follow-up message that carries a validation error back to the model."""
+    return {"role": "user", "content": templates.reask.safe_substitute(error=error[:2000]).strip()}

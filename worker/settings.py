@@ -1,0 +1,111 @@
+"""One frozen settings object, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ProviderName = Literal["openai", "offline"]
+
+
+class SelectionRule(BaseModel):
+    """How many terms of one type a post gets, and the confidence they need."""
+
+    model_config = {"frozen": True}
+
+    top: int = Field(ge=0)
+    min_confidence: float = Field(ge=0, le=100)
+
+
+DEFAULT_RULES: dict[str, SelectionRule] = {
+    "concepts": SelectionRule(top=1, min_confidence=80),
+    "categories": SelectionRule(top=3, min_confidence=75),
+    "tags": SelectionRule(top=15, min_confidence=80),
+}
+OTHER_TYPES_RULE = SelectionRule(top=5, min_confidence=80)
+
+
+class Weights(BaseModel):
+    """Weights (summing to 100) that turn the six sub-scores into a confidence."""
+
+    model_config = {"frozen": True}
+
+    mentions: float = 15
+    alignment: float = 25
+    depth: float = 25
+    intent: float = 15
+    audience: float = 10
+    signal: float = 10
+
+
+class Settings(BaseSettings):
+    """Everything tagger can be told; see `.env.example` for each setting."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
+    model: str = Field(default="gpt-4o-mini", alias="TAGGER_MODEL")
+    provider_choice: ProviderName | None = Field(default=None, alias="TAGGER_PROVIDER")
+    json_mode: bool = Field(default=False, alias="TAGGER_JSON_MODE")
+    taxonomy_dir: Path = Field(default=Path("categories"), alias="TAGGER_TAXONOMY_DIR")
+    content_dir: Path = Field(default=Path("content"), alias="TAGGER_CONTENT_DIR")
+    prompts_dir: Path | None = Field(default=None, alias="TAGGER_PROMPTS_DIR")
+
+    selection: dict[str, SelectionRule] = Field(default_factory=lambda: dict(DEFAULT_RULES), alias="TAGGER_SELECTION")
+    weights: Weights = Field(default_factory=Weights, alias="TAGGER_WEIGHTS")
+    chunk_size: int = Field(default=40, ge=1, alias="TAGGER_CHUNK_SIZE")
+    concurrency: int = Field(default=4, ge=1, alias="TAGGER_CONCURRENCY")
+    max_post_chars: int = Field(default=60_000, ge=1_000, alias="TAGGER_MAX_POST_CHARS")
+
+    request_timeout: float = Field(default=60.0, gt=0, alias="TAGGER_REQUEST_TIMEOUT")
+    retry_attempts: int = Field(default=5, ge=1, alias="TAGGER_RETRY_ATTEMPTS")
+    retry_deadline: float = Field(default=300.0, gt=0, alias="TAGGER_RETRY_DEADLINE")
+    retry_max_wait: float = Field(default=60.0, gt=0, alias="TAGGER_RETRY_MAX_WAIT")
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
+    redis_prefix: str = Field(default="tagger", alias="TAGGER_REDIS_PREFIX")
+    job_retries: int = Field(default=5, ge=0, alias="TAGGER_JOB_RETRIES")
+    job_retry_delays: list[int] = Field(default_factory=lambda: [10, 30, 60, 120, 300], alias="TAGGER_JOB_RETRY_DELAYS")
+    lease_seconds: float = Field(default=30.0, gt=0, alias="TAGGER_LEASE_SECONDS")
+    abandoned_requeues: int = Field(default=3, ge=0, alias="TAGGER_ABANDONED_REQUEUES")
+
+    log_format: Literal["auto", "json", "console"] = Field(default="auto", alias="TAGGER_LOG_FORMAT")
+    log_level: str = Field(default="INFO", alias="TAGGER_LOG_LEVEL")
+
+    @field_validator("job_retry_delays")
+    @classmethod
+    def _delays_not_empty(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("TAGGER_JOB_RETRY_DELAYS needs at least one non-negative number of seconds")
+        return value
+
+    @property
+    def provider(self) -> ProviderName:
+        """The provider in effect: explicit, else openai when configured, else offline."""
+        if self.provider_choice:
+            return self.provider_choice
+        return "openai" if (self.openai_api_key or self.openai_base_url) else "offline"
+
+    @property
+    def provider_was_guessed(self) -> bool:
+        """True when no provider was named and tagger fell back to the offline one."""
+        return self.provider_choice is None and self.provider == "offline"
+
+    @property
+    def job_timeout(self) -> int:
+        """RQ job timeout: above the provider's whole retry deadline for every chunk of a post."""
+        return int(self.retry_deadline * 2 + self.request_timeout + 120)
+
+    def rule_for(self, term_type: str) -> SelectionRule:
+        """The selection rule for one classification type."""
+        return self.selection.get(term_type, OTHER_TYPES_RULE)
+
+    def content_root(self) -> Path:
+        """The resolved content root that every enqueued path must stay inside."""
+        return self.content_dir.expanduser().resolve()

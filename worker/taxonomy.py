@@ -1,0 +1,194 @@
+"""Terms and the taxonomy they form, loaded from one markdown file per term."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import frontmatter
+import yaml
+
+from worker.errors import TaxonomyError
+
+TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_HEADING = re.compile(r"^\s*(\*\*|__|#+\s*)?(?P<label>[^*:_#]{0,80}?)\s*(\*\*|__)?\s*:?\s*(\*\*|__)?\s*:?\s*$")
+_KEY_TOPICS = re.compile(r"key\s+topics", re.I)
+_EXCLUDE = re.compile(r"(strictly\s+exclude|strict\s+exclusions|exclusions|exclude)", re.I)
+_BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+(?P<text>.+)$")
+_MARKUP = re.compile(r"\*\*|__|`")
+
+
+def _clean(text: str) -> str:
+    return " ".join(_MARKUP.sub("", text).split()).strip(" -*")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One taxonomy term: identified by its type and title together."""
+
+    title: str
+    type: str
+    slug: str
+    instructions: str
+    scope: str
+    key_topics: tuple[str, ...]
+    exclusions: tuple[str, ...]
+    origin: str
+    path: str
+    definition_hash: str
+    declared_type: bool = True
+
+    @property
+    def key(self) -> str:
+        """Stable identifier, unique within a taxonomy."""
+        return f"{self.type}/{self.title}"
+
+
+@dataclass
+class Taxonomy:
+    """The set of terms tagger may assign, grouped by type."""
+
+    terms: list[Term]
+    problems: list[str] = field(default_factory=list)
+
+    def types(self) -> list[str]:
+        """Types in first-seen order."""
+        return list(dict.fromkeys(t.type for t in self.terms))
+
+    def of_type(self, term_type: str) -> list[Term]:
+        """The terms of one type."""
+        return [t for t in self.terms if t.type == term_type]
+
+    def get(self, term_type: str, title: str) -> Term | None:
+        """The term with this type and title, if any."""
+        return next((t for t in self.terms if t.type == term_type and t.title == title), None)
+
+    def __iter__(self) -> Iterator[Term]:
+        return iter(self.terms)
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+
+def split_instructions(text: str) -> tuple[str, list[str], list[str]]:
+    """Split an Instructions text into a scope, its key topics and its exclusions."""
+    scope: list[str] = []
+    topics: list[str] = []
+    exclusions: list[str] = []
+    section = "scope"
+    for line in text.splitlines():
+        bullet = _BULLET.match(line)
+        heading = None if bullet else _HEADING.match(line)
+        if heading and _KEY_TOPICS.search(heading.group("label") or ""):
+            section = "topics"
+            continue
+        if not bullet and _EXCLUDE.match(_clean(line)):
+            section = "exclude"
+            rest = _EXCLUDE.split(_clean(line), maxsplit=1)[-1].strip(" :-")
+            if rest:
+                exclusions.append(rest)
+            continue
+        if bullet:
+            item = _clean(bullet.group("text"))
+            {"topics": topics, "exclude": exclusions, "scope": scope}[section].append(item)
+        elif line.strip():
+            if section == "topics" and topics:
+                section = "after"  # prose after the topic list is neither scope nor a topic
+            if section in ("scope", "after"):
+                scope.append(_clean(line))
+    return " ".join(s for s in scope if s), topics, exclusions
+
+
+def _term_type(meta: dict[str, Any], path: Path) -> str:
+    declared = meta.get("ClassificationType")
+    if isinstance(declared, str) and declared.strip():
+        return declared.strip()
+    folder = path.parent.parent if path.name == "_index.md" else path.parent
+    return folder.name
+
+
+def _slug(meta: dict[str, Any], path: Path) -> str:
+    if isinstance(meta.get("slug"), str):
+        return str(meta["slug"])
+    return path.parent.name if path.name == "_index.md" else path.stem
+
+
+def term_from_file(path: Path) -> tuple[Term | None, list[str]]:
+    """Parse one term file; returns the term (None when unusable) and its problems."""
+    try:
+        post = frontmatter.load(str(path))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, OSError) as exc:
+        return None, [f"unreadable front matter ({type(exc).__name__}: {str(exc).splitlines()[0]})"]
+    meta = dict(post.metadata)
+    problems: list[str] = []
+    title = meta.get("title")
+    if not isinstance(title, str) or not title.strip():
+        return None, ["no title"]
+    instructions = meta.get("Instructions")
+    if not isinstance(instructions, str) or not instructions.strip():
+        problems.append("no Instructions")
+        instructions = ""
+    scope, topics, exclusions = split_instructions(instructions)
+    if instructions and not topics:
+        problems.append("no key topics in Instructions")
+    if not scope:
+        description = meta.get("description")
+        scope = _clean(description) if isinstance(description, str) else title
+    term_type = _term_type(meta, path)
+    declared = meta.get("ClassificationType")
+    if declared is not None and not (isinstance(declared, str) and TYPE_NAME.match(declared.strip())):
+        problems.append(f"unknown ClassificationType {declared!r}")
+        return None, problems
+    origin = str(meta.get("ClassificationContentOrigin") or "Human")
+    digest = hashlib.sha256(
+        "\x1f".join([term_type, title.strip(), instructions, scope]).encode("utf-8")
+    ).hexdigest()[:16]
+    term = Term(
+        title=title.strip(),
+        type=term_type,
+        slug=_slug(meta, path),
+        instructions=instructions,
+        scope=scope,
+        key_topics=tuple(topics),
+        exclusions=tuple(exclusions),
+        origin=origin,
+        path=str(path),
+        definition_hash=digest,
+        declared_type=declared is not None,
+    )
+    return term, problems
+
+
+def _term_files(root: Path) -> Iterable[Path]:
+    return sorted(p for p in root.rglob("*.md") if p.is_file() and not p.name.startswith("."))
+
+
+def load_taxonomy(root: Path, known_types: Iterable[str] = ()) -> Taxonomy:
+    """Load every term file under `root`; problems are collected, unusable files skipped."""
+    if not root.is_dir():
+        raise TaxonomyError(f"taxonomy folder does not exist: {root}", path=root)
+    terms: list[Term] = []
+    problems: list[str] = []
+    seen: dict[tuple[str, str], str] = {}
+    loaded: list[tuple[Path, Term]] = []
+    for path in _term_files(root):
+        term, term_problems = term_from_file(path)
+        problems.extend(f"{path}: {p}" for p in term_problems)
+        if term is not None:
+            loaded.append((path, term))
+    declared = {t.type for _, t in loaded if t.declared_type} | set(known_types)
+    for path, term in loaded:
+        if not TYPE_NAME.match(term.type) or term.type not in declared:
+            problems.append(f"{path}: missing ClassificationType and folder '{term.type}' is not a known type")
+        if (term.type, term.title) in seen:
+            problems.append(f"{path}: duplicate title '{term.title}' in type '{term.type}' (first in {seen[(term.type, term.title)]})")
+            continue
+        seen[(term.type, term.title)] = str(path)
+        terms.append(term)
+    if not terms:
+        raise TaxonomyError(f"no usable term files under {root}", path=root)
+    return Taxonomy(terms=terms, problems=problems)
