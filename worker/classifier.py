@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +48,10 @@ class Classifier:
                     result.written = True
             except PostChanged:
                 # Judgements already made are cached in the record, so the next pass is cheap.
-                save_record(path, new_record.model_copy(update={"assigned": record.assigned, "rejected": record.rejected}))
+                save_record(
+                    path,
+                    new_record.model_copy(update={"assigned": record.assigned, "rejected": record.rejected}),
+                )
                 log.info("post_changed_during_classification", post=str(path), attempt=attempt)
                 if attempt == CHANGED_POST_PASSES:
                     raise
@@ -72,13 +76,32 @@ class Classifier:
                 keep.append(old)
             else:
                 todo.append(term)
-        chunks = [c for t in dict.fromkeys(x.type for x in todo) for c in self._chunks([x for x in todo if x.type == t])]
+        chunks = [
+            c for t in dict.fromkeys(x.type for x in todo) for c in self._chunks([x for x in todo if x.type == t])
+        ]
         usage = Usage()
         fresh: list[Judgement] = []
-        with ThreadPoolExecutor(max_workers=max(1, min(self.settings.concurrency, len(chunks) or 1))) as pool:
-            for judged, used in pool.map(lambda chunk: self._judge_chunk(chunk, text, content_hash), chunks):
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.settings.concurrency, len(chunks) or 1)))
+        failed = threading.Event()
+
+        def run(chunk: list[Term]) -> tuple[list[Judgement], Usage]:
+            if failed.is_set():
+                return [], Usage()
+            try:
+                return self._judge_chunk(chunk, text, content_hash)
+            except BaseException:
+                failed.set()
+                raise
+
+        futures = [pool.submit(run, chunk) for chunk in chunks]
+        try:
+            for future in futures:
+                judged, used = future.result()
                 fresh.extend(judged)
                 usage = usage.add(used)
+        finally:
+            # One failed chunk fails the post: chunks not yet started spend no calls.
+            pool.shutdown(wait=True, cancel_futures=True)
         return keep + fresh, usage, len(keep), cut
 
     def _chunks(self, terms: list[Term]) -> list[list[Term]]:
@@ -113,12 +136,21 @@ class Classifier:
                     judged_at=now,
                 )
             )
-        log.info("llm_call", model=self.provider.model, terms=len(terms), type=terms[0].type,
-                 input_tokens=reply.usage.input_tokens, cached_tokens=reply.usage.cached_tokens,
-                 output_tokens=reply.usage.output_tokens, calls=reply.usage.calls)
+        log.info(
+            "llm_call",
+            model=self.provider.model,
+            terms=len(terms),
+            type=terms[0].type,
+            input_tokens=reply.usage.input_tokens,
+            cached_tokens=reply.usage.cached_tokens,
+            output_tokens=reply.usage.output_tokens,
+            calls=reply.usage.calls,
+        )
         return judgements, reply.usage
 
-    def _decide(self, post: Post, record: Record, types: Sequence[str] | None) -> tuple[Classification, str | None, Record]:
+    def _decide(
+        self, post: Post, record: Record, types: Sequence[str] | None
+    ) -> tuple[Classification, str | None, Record]:
         wanted_types = [t for t in self.taxonomy.types() if not types or t in types]
         terms = [t for t in self.taxonomy if t.type in wanted_types]
         judgements, usage, hits, cut = self.judge(post, terms, record)
@@ -128,8 +160,12 @@ class Classifier:
         rejected = dict(record.rejected)
         for term_type in wanted_types:
             decision = select(
-                term_type, [j for j in judgements if j.type == term_type], post.terms(term_type),
-                record.assigned.get(term_type, []), record.rejected.get(term_type, []), self.settings,
+                term_type,
+                [j for j in judgements if j.type == term_type],
+                post.terms(term_type),
+                record.assigned.get(term_type, []),
+                record.rejected.get(term_type, []),
+                self.settings,
             )
             decisions.append(decision)
             if decision.final != post.terms(term_type) or (post.meta.get(term_type) is None and decision.final):
@@ -144,22 +180,40 @@ class Classifier:
         if changes:
             rendered = render_changes(post, changes)
             old_text = post.raw.decode("utf-8", errors="replace").lstrip("\ufeff")
-            diff = "".join(difflib.unified_diff(
-                old_text.splitlines(keepends=True), rendered.lstrip("\ufeff").splitlines(keepends=True),
-                fromfile=str(post.path), tofile=str(post.path),
-            ))
+            diff = "".join(
+                difflib.unified_diff(
+                    old_text.splitlines(keepends=True),
+                    rendered.lstrip("\ufeff").splitlines(keepends=True),
+                    fromfile=str(post.path),
+                    tofile=str(post.path),
+                )
+            )
             new_text = None if post.human_only else rendered
         if post.human_only:
             assigned = dict(record.assigned)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         new_record = Record(
-            post=str(post.path), content_hash=post.content_hash, assigned=assigned, rejected=rejected,
-            judgements=judgements, usage=usage, truncated_chars=cut, updated_at=now,
+            post=str(post.path),
+            content_hash=post.content_hash,
+            assigned=assigned,
+            rejected=rejected,
+            judgements=judgements,
+            usage=usage,
+            truncated_chars=cut,
+            updated_at=now,
         )
         result = Classification(
-            post=str(post.path), content_hash=post.content_hash, judgements=judgements, decisions=decisions,
-            assigned=assigned, rejected=rejected, usage=usage, cached_terms=hits, truncated_chars=cut,
-            human_only=post.human_only, diff=diff,
+            post=str(post.path),
+            content_hash=post.content_hash,
+            judgements=judgements,
+            decisions=decisions,
+            assigned=assigned,
+            rejected=rejected,
+            usage=usage,
+            cached_terms=hits,
+            truncated_chars=cut,
+            human_only=post.human_only,
+            diff=diff,
         )
         return result, new_text, new_record
 

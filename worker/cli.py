@@ -38,8 +38,12 @@ def _table(result: Classification, out: list[str]) -> None:
         for j in shown[:12]:
             mark = "*" if j.term in decision.selected else " "
             out.append(f"   {mark} {j.term:<34.34} {j.confidence:6.1f}  {j.level:<9} {j.reason[:70]}")
-        for label, terms in (("added", decision.added), ("removed", decision.removed),
-                             ("kept (human)", decision.kept_human), ("not re-added", decision.not_readded)):
+        for label, terms in (
+            ("added", decision.added),
+            ("removed", decision.removed),
+            ("kept (human)", decision.kept_human),
+            ("not re-added", decision.not_readded),
+        ):
             if terms:
                 out.append(f"     {label}: {', '.join(terms)}")
 
@@ -67,8 +71,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if result.human_only:
             state = "not written: ClassificationContentOrigin is Human (suggestions in the record)"
         usage = result.usage
-        lines = [f"{path}  [{state}; {usage.calls} calls, {usage.input_tokens} in / {usage.output_tokens} out tokens, "
-                 f"{result.cached_terms} cached]"]
+        lines = [
+            f"{path}  [{state}; {usage.calls} calls, {usage.input_tokens} in / {usage.output_tokens} out tokens, "
+            f"{result.cached_terms} cached]"
+        ]
         _table(result, lines)
         if args.dry_run and result.diff:
             lines.append(result.diff.rstrip("\n"))

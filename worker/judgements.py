@@ -40,11 +40,8 @@ class ReplyBase(BaseModel):
 @lru_cache(maxsize=512)
 def reply_model(names: tuple[str, ...]) -> type[ReplyBase]:
     """A strict reply model whose `term` may only be one of `names` (the terms asked about)."""
-    entry: Any = create_model(
-        "TermJudgement",
-        __base__=TermScores,
-        term=(Literal[names], ...),  # type: ignore[valid-type]
-    )
+    term_type: Any = Literal[names]
+    entry: Any = create_model("TermJudgement", __base__=TermScores, term=(term_type, ...))
     return create_model("Judgements", __base__=ReplyBase, judgements=(list[entry], ...))
 
 
@@ -64,7 +61,7 @@ def missing_or_repeated(reply: ReplyBase, names: Sequence[str]) -> str | None:
 def confidence(scores: TermScores, weights: Weights) -> float:
     """Confidence 0-100 computed from the sub-scores and weights, never by the model."""
     total = sum(getattr(weights, s) for s in SUB_SCORES)
-    value = sum(getattr(scores, s) * getattr(weights, s) for s in SUB_SCORES) * 10 / total
+    value: float = sum(getattr(scores, s) * getattr(weights, s) for s in SUB_SCORES) * 10 / total
     return round(value, 2)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
@@ -33,7 +33,7 @@ def configure(settings: Settings, stream: Any = None, quiet: bool = False) -> No
     stream = stream or sys.stderr
     secrets = secrets_of(settings)
 
-    def scrub(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         return {k: redact(v, secrets) if isinstance(v, str) else v for k, v in event.items()}
 
     as_json = settings.log_format == "json" or (settings.log_format == "auto" and not stream.isatty())

@@ -24,9 +24,9 @@ _YAML_OPEN = re.compile(r"\A---[ \t]*\r?\n")
 _YAML_CLOSE = re.compile(r"^(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.M)
 _TOML_OPEN = re.compile(r"\A\+\+\+[ \t]*\r?\n")
 _TOML_CLOSE = re.compile(r"^\+\+\+[ \t]*(?:\r?\n|\Z)", re.M)
-_YAML_KEY = re.compile(r"""^(?P<key>"[^"]*"|'[^']*'|[^\s#:'"\-?&*!|>%@`{\[][^:#]*?)\s*:(?:[ \t]|$)""")
+_YAML_KEY = re.compile(r"""^(?P<key>"[^"]*"|'[^']*'|[^\s#:'"\-?&*!|>%@`{\[][^:#]*?)\s*:(?:[ \t]|\r?$)""")
 _TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"]*")\s*=""")
-_ITEM = re.compile(r"^(?P<indent>[ \t]*)-(?:[ \t]+|$)")
+_ITEM = re.compile(r"^(?P<indent>[ \t]*)-(?:[ \t]+|\r?$)")
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,9 @@ def _list_indent(lines: list[str]) -> str:
     return "  "
 
 
-def _render_yaml_list(key_line: str, block: list[str], old: list[str], new: list[str], nl: str, indent: str) -> list[str]:
+def _render_yaml_list(
+    key_line: str, block: list[str], old: list[str], new: list[str], nl: str, indent: str
+) -> list[str]:
     """Render a YAML list key, reusing the original lines of items that stay."""
     head = key_line.rstrip("\r\n")
     comment = ""
@@ -259,10 +261,16 @@ def _edit_toml(header: str, changes: Mapping[str, list[str] | str], nl: str) -> 
     lines = header.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += nl
-    table_at = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[") and not _TOML_KEY.match(line)), len(lines))
+    table_at = next(
+        (i for i, line in enumerate(lines) if line.lstrip().startswith("[") and not _TOML_KEY.match(line)),
+        len(lines),
+    )
     for key, value in changes.items():
         rendered = f"{key} = {_toml_value(value)}{nl}"
-        start = next((i for i in range(table_at) if (m := _TOML_KEY.match(lines[i])) and m.group("key").strip('"') == key), None)
+        start = next(
+            (i for i in range(table_at) if (m := _TOML_KEY.match(lines[i])) and m.group("key").strip('"') == key),
+            None,
+        )
         if start is None:
             at = table_at
             while at > 0 and not lines[at - 1].strip():

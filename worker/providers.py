@@ -56,10 +56,76 @@ class Provider(Protocol):
 
 _WORD = re.compile(r"[a-z][a-z0-9+#-]{2,}")
 _STOP = frozenset(
-    "the and for with that this from into their about what which when where how are was were been have has "
-    "not but all any can its use used using such than them they these those more most other some only also "
-    "should would could will may might must each within across between through over under discussions "
-    "content category categories topics topic include including related practices practice role".split()
+    [
+        "the",
+        "and",
+        "for",
+        "with",
+        "that",
+        "this",
+        "from",
+        "into",
+        "their",
+        "about",
+        "what",
+        "which",
+        "when",
+        "where",
+        "how",
+        "are",
+        "was",
+        "were",
+        "been",
+        "have",
+        "has",
+        "not",
+        "but",
+        "all",
+        "any",
+        "can",
+        "its",
+        "use",
+        "used",
+        "using",
+        "such",
+        "than",
+        "them",
+        "they",
+        "these",
+        "those",
+        "more",
+        "most",
+        "other",
+        "some",
+        "only",
+        "also",
+        "should",
+        "would",
+        "could",
+        "will",
+        "may",
+        "might",
+        "must",
+        "each",
+        "within",
+        "across",
+        "between",
+        "through",
+        "over",
+        "under",
+        "discussions",
+        "content",
+        "category",
+        "categories",
+        "topics",
+        "topic",
+        "include",
+        "including",
+        "related",
+        "practices",
+        "practice",
+        "role",
+    ]
 )
 
 
@@ -114,7 +180,9 @@ class OfflineProvider:
 
 
 def _is_quota(exc: BaseException) -> bool:
-    return isinstance(exc, openai.RateLimitError) and (exc.code == "insufficient_quota" or "insufficient_quota" in str(exc))
+    return isinstance(exc, openai.RateLimitError) and (
+        exc.code == "insufficient_quota" or "insufficient_quota" in str(exc)
+    )
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -185,7 +253,9 @@ class OpenAIProvider:
                 messages += [{"role": "assistant", "content": raw}, reask_message(self.templates, error)]
         raise InvalidReply(f"reply failed validation after one re-ask: {error[:500]}", raw_reply=raw)
 
-    def _call_with_retries(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> tuple[str, ReplyBase | None, Usage, str]:
+    def _call_with_retries(
+        self, messages: list[dict[str, str]], model_cls: type[ReplyBase]
+    ) -> tuple[str, ReplyBase | None, Usage, str]:
         s = self.settings
         backoff = wait_random_exponential(multiplier=0.5, max=s.retry_max_wait)
 
@@ -213,7 +283,9 @@ class OpenAIProvider:
             raise self._translate(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    def _call(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> tuple[str, ReplyBase | None, Usage, str]:
+    def _call(
+        self, messages: list[dict[str, str]], model_cls: type[ReplyBase]
+    ) -> tuple[str, ReplyBase | None, Usage, str]:
         """One HTTP request; returns (raw content, parsed or None, usage, validation error)."""
         completions = self.client.chat.completions.with_raw_response
         msgs: Any = messages
@@ -269,7 +341,12 @@ def _usage(completion: Any) -> Usage:
         return Usage(calls=1)
     details = getattr(u, "prompt_tokens_details", None)
     cached = getattr(details, "cached_tokens", None) or 0
-    return Usage(calls=1, input_tokens=u.prompt_tokens or 0, cached_tokens=cached, output_tokens=u.completion_tokens or 0)
+    return Usage(
+        calls=1,
+        input_tokens=u.prompt_tokens or 0,
+        cached_tokens=cached,
+        output_tokens=u.completion_tokens or 0,
+    )
 
 
 def make_provider(settings: Settings, templates: Templates) -> Provider:

@@ -144,9 +144,9 @@ def term_from_file(path: Path) -> tuple[Term | None, list[str]]:
         problems.append(f"unknown ClassificationType {declared!r}")
         return None, problems
     origin = str(meta.get("ClassificationContentOrigin") or "Human")
-    digest = hashlib.sha256(
-        "\x1f".join([term_type, title.strip(), instructions, scope]).encode("utf-8")
-    ).hexdigest()[:16]
+    digest = hashlib.sha256("\x1f".join([term_type, title.strip(), instructions, scope]).encode("utf-8")).hexdigest()[
+        :16
+    ]
     term = Term(
         title=title.strip(),
         type=term_type,
@@ -185,7 +185,10 @@ def load_taxonomy(root: Path, known_types: Iterable[str] = ()) -> Taxonomy:
         if not TYPE_NAME.match(term.type) or term.type not in declared:
             problems.append(f"{path}: missing ClassificationType and folder '{term.type}' is not a known type")
         if (term.type, term.title) in seen:
-            problems.append(f"{path}: duplicate title '{term.title}' in type '{term.type}' (first in {seen[(term.type, term.title)]})")
+            problems.append(
+                f"{path}: duplicate title '{term.title}' in type '{term.type}'"
+                f" (first in {seen[(term.type, term.title)]})"
+            )
             continue
         seen[(term.type, term.title)] = str(path)
         terms.append(term)

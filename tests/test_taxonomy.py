@@ -1,0 +1,95 @@
+"""Loading term files and checking them for problems."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+from worker.taxonomy import load_taxonomy, split_instructions, term_from_file
+
+SEED = REPO.parent / "shared" / "seeds" / "agile-product-management.md"
+
+
+def test_default_taxonomy_holds_the_seed_and_several_types() -> None:
+    taxonomy = load_taxonomy(REPO / "categories")
+    assert {"categories", "tags", "concepts"} <= set(taxonomy.types())
+    seed = taxonomy.get("tags", "Agile Product Management")
+    assert seed is not None
+    assert len(seed.key_topics) == 8
+    assert seed.exclusions and "traditional project management" in seed.exclusions[0]
+    assert taxonomy.problems == []
+
+
+def test_instruction_variants_are_split() -> None:
+    scope, topics, exclude = split_instructions(
+        "**Use this category only for X.**\nX is about y.\n\n**Key Topics to Discuss:**\n- one\n- two\n\n"
+        "**Strict Exclusions:**\n- bad one\n- bad two\n"
+    )
+    assert scope.startswith("Use this category only for X.")
+    assert topics == ["one", "two"]
+    assert exclude == ["bad one", "bad two"]
+    _, _, inline = split_instructions(
+        "Scope.\n**Key topics that should be discussed under this category include:**\n- a\n\n**Strictly exclude** anything else."
+    )
+    assert inline == ["anything else."]
+
+
+def test_corpus_terms_are_identified_by_type_and_title(corpus: Path) -> None:
+    taxonomy = load_taxonomy(corpus / "taxonomy", known_types=["categories", "tags", "concepts"])
+    assert len(taxonomy) == 118
+    categories = {t.title for t in taxonomy.of_type("categories")}
+    tags = {t.title for t in taxonomy.of_type("tags")}
+    assert len(categories & tags) == 12
+    assert all(t.key_topics for t in taxonomy if t.instructions and "Key" in t.instructions)
+    kanban = taxonomy.get("categories", "Kanban")
+    assert kanban is not None and kanban.type == "categories" and kanban.exclusions
+
+
+def test_definition_hash_changes_with_instructions(tmp_path: Path) -> None:
+    path = tmp_path / "tags" / "x.md"
+    path.parent.mkdir()
+    path.write_text("---\ntitle: X\nInstructions: 'Scope.\n\n  **Key Topics:**\n\n  - a'\n---\n", encoding="utf-8")
+    first, _ = term_from_file(path)
+    path.write_text(
+        "---\ntitle: X\nInstructions: 'Other scope.\n\n  **Key Topics:**\n\n  - a'\n---\n", encoding="utf-8"
+    )
+    second, _ = term_from_file(path)
+    assert first and second and first.type == "tags" and first.definition_hash != second.definition_hash
+
+
+def test_taxonomy_check_reports_planted_problems(tmp_path: Path) -> None:
+    root = tmp_path / "tax"
+    (root / "tags").mkdir(parents=True)
+    (root / "weird").mkdir()
+    good = "---\ntitle: {t}\nInstructions: |\n  Scope.\n  **Key Topics:**\n  - topic\n---\n"
+    (root / "tags" / "ok.md").write_text(good.format(t="Fine"), encoding="utf-8")
+    (root / "tags" / "dup.md").write_text(good.format(t="Fine"), encoding="utf-8")
+    (root / "tags" / "noinst.md").write_text("---\ntitle: Bare\n---\n", encoding="utf-8")
+    (root / "tags" / "notopics.md").write_text("---\ntitle: Vague\nInstructions: just prose\n---\n", encoding="utf-8")
+    (root / "tags" / "broken.md").write_text("---\ntitle: [oops\n---\n", encoding="utf-8")
+    (root / "tags" / "badtype.md").write_text(
+        "---\ntitle: T\nClassificationType: [x]\nInstructions: x\n---\n", encoding="utf-8"
+    )
+    (root / "weird" / "lost.md").write_text(good.format(t="Lost"), encoding="utf-8")
+    run = subprocess.run(
+        [sys.executable, "-m", "worker", "taxonomy", "check", str(root)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    out = run.stdout
+    assert "duplicate title 'Fine' in type 'tags'" in out
+    assert "noinst.md: no Instructions" in out
+    assert "notopics.md: no key topics" in out
+    assert "broken.md: unreadable front matter" in out
+    assert "badtype.md: unknown ClassificationType" in out
+    assert "lost.md: missing ClassificationType and folder 'weird' is not a known type" in out
+    clean = subprocess.run(
+        [sys.executable, "-m", "worker", "taxonomy", "check", str(REPO / "categories")],
+        capture_output=True,
+        text=True,
+    )
+    assert clean.returncode == 0, clean.stdout
