@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
+# RQ reads its key prefix at import time: give this test session keys of its own before anything imports rq.
+SESSION = f"tt{os.getpid()}"
+os.environ["RQ_KEY_PREFIX"] = f"rq{SESSION}"
+
 import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 
 from worker.classifier import Classifier, make_classifier
 from worker.fakellm import FakeLLM
@@ -70,3 +80,73 @@ def corpus() -> Path:
     if not CORPUS.is_dir():
         pytest.skip("../shared/corpus/nkdagility is absent (only present in the project's workspace and CI)")
     return CORPUS
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis_lib.Redis.from_url(url, socket_timeout=1).ping())
+    except redis_lib.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL if set, else a server on 127.0.0.1:6379, else redis-server started on a free port, else skip."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    if _answers("redis://127.0.0.1:6379/0"):
+        url = "redis://127.0.0.1:6379/0"
+        process = None
+    else:
+        if not shutil.which("redis-server"):
+            pytest.skip("no Redis: REDIS_URL unset, nothing on 127.0.0.1:6379 and no redis-server on PATH")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(50):
+            if _answers(url):
+                break
+            time.sleep(0.1)
+    yield url
+    # Delete only the keys this session created (its own prefixes), never the whole database.
+    client = redis_lib.Redis.from_url(url)
+    for pattern in (f"rq{SESSION}:*", f"tagger{SESSION}*"):
+        for key in client.scan_iter(pattern, count=1000):
+            client.delete(key)
+    if process:
+        process.terminate()
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
+    """A client on the test Redis; each test gets fresh key prefixes via `queue_env`."""
+    yield redis_lib.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def queue_env(site: Path, fake_llm: FakeLLM, redis_url: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Environment for tagger processes (producers and workers) in this test, with its own Redis prefix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_", "REDIS_"))}
+    env.update(
+        RQ_KEY_PREFIX=os.environ["RQ_KEY_PREFIX"],
+        REDIS_URL=redis_url,
+        TAGGER_REDIS_PREFIX=f"tagger{SESSION}{abs(hash(request.node.nodeid)) % 10**8}",
+        TAGGER_PROVIDER="openai",
+        OPENAI_BASE_URL=fake_llm.base_url,
+        OPENAI_API_KEY="sk-queue-secret-0123456789",
+        TAGGER_MODEL="fake-model",
+        TAGGER_TAXONOMY_DIR=str(site / "taxonomy"),
+        TAGGER_CONTENT_DIR=str(site / "site"),
+        TAGGER_REQUEST_TIMEOUT="2",
+        TAGGER_RETRY_ATTEMPTS="1",
+        TAGGER_JOB_RETRIES="1",
+        TAGGER_JOB_RETRY_DELAYS="[0]",
+        TAGGER_LEASE_SECONDS="1",
+        TAGGER_LOG_FORMAT="json",
+    )
+    return env

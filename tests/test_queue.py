@@ -1,0 +1,145 @@
+"""The queue with a real Redis and real RQ worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from worker.fakellm import FakeLLM
+from worker.posts import read_post
+from worker.records import record_path
+
+pytestmark = pytest.mark.redis
+
+
+def tagger(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, input=stdin, timeout=120
+    )
+
+
+def posts(site: Path) -> Path:
+    return site / "site" / "posts"
+
+
+def test_enqueue_then_burst_worker_writes_posts_with_json_jobs(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
+) -> None:
+    wip = posts(site) / "limiting-wip.md"
+    run = tagger(queue_env, "enqueue", str(wip))
+    assert run.returncode == 0, run.stderr
+    job_id, action = run.stdout.split()[:2]
+    assert action == "enqueued"
+    data = redis.hget(f"{os.environ['RQ_KEY_PREFIX']}:job:{job_id}", "data")
+    assert data is not None
+    decoded = json.loads(zlib.decompress(data))
+    assert decoded[0] == "worker.jobs.classify_job" and decoded[2] == ["posts/limiting-wip.md"]
+    again = tagger(queue_env, "enqueue", str(wip))
+    assert "already-queued" in again.stdout
+    work = tagger(queue_env, "work", "--burst")
+    assert work.returncode == 0, work.stderr
+    assert "Kanban" in read_post(wip).terms("tags")
+    assert record_path(wip).exists()
+    events = [json.loads(line)["event"] for line in work.stderr.splitlines() if line.startswith("{")]
+    assert "started" in events and "written" in events
+
+
+def test_backfill_twice_enqueues_nothing_the_second_time(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
+) -> None:
+    first = tagger(queue_env, "backfill", str(site / "site"))
+    assert "enqueued 3" in first.stdout, first.stdout + first.stderr
+    assert tagger(queue_env, "work", "--burst").returncode == 0
+    calls = fake_llm.counts["requests"]
+    second = tagger(queue_env, "backfill", str(site / "site"))
+    assert "0 to classify, 3 fresh" in second.stdout
+    assert "enqueued 0" in second.stdout
+    assert fake_llm.counts["requests"] == calls
+
+
+def test_backfill_inline_needs_no_redis(queue_env: dict[str, str], site: Path) -> None:
+    env = {**queue_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    run = tagger(env, "backfill", "--inline", str(site / "site"))
+    assert run.returncode == 0, run.stderr
+    assert "3 done, 2 written, 0 failed" in run.stdout
+
+
+def test_paths_outside_the_content_root_are_refused(queue_env: dict[str, str], site: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.md"
+    outside.write_text("---\ntitle: x\n---\n", encoding="utf-8")
+    link = posts(site) / "link.md"
+    link.symlink_to(outside)
+    for path in (str(posts(site) / ".." / ".." / "outside.md"), str(outside), str(link), "../outside.md"):
+        run = tagger(queue_env, "enqueue", path)
+        assert run.returncode == 1 and "outside the content root" in run.stderr, path
+        assert "enqueued" not in run.stdout
+
+
+def test_failure_kinds_land_in_failed_list_and_retry_fixes(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
+) -> None:
+    bad = posts(site) / "bad.md"
+    bad.write_text("---\ntitle: [broken\n---\nbody\n", encoding="utf-8")
+    fake_llm.inject("quota")
+    assert tagger(queue_env, "enqueue", str(bad), str(posts(site) / "limiting-wip.md")).returncode == 0
+    tagger(queue_env, "work", "--burst")
+    listing = tagger(queue_env, "failed", "list").stdout
+    assert "bad_post" in listing and "quota" in listing
+    assert "sk-queue-secret" not in listing
+    bad_id = next(line.split()[0] for line in listing.splitlines() if "bad_post" in line)
+    shown = tagger(queue_env, "failed", "show", bad_id).stdout
+    assert "malformed YAML" in shown and "attempts: 1" in shown
+    bad.write_text("---\ntitle: Fixed Kanban post\n---\nAll about Kanban.\n", encoding="utf-8")
+    retried = tagger(queue_env, "failed", "retry", "--all", "--error", "bad_post")
+    assert f"requeued 1: {bad_id}" in retried.stdout
+    tagger(queue_env, "work", "--burst")
+    assert "Kanban" in read_post(bad).terms("tags")
+    listing = tagger(queue_env, "failed", "list").stdout
+    assert "bad_post" not in listing and "quota" in listing
+    assert "nothing to do" in tagger(queue_env, "failed", "retry", "--all", "--error", "bad_post").stdout
+
+
+def test_transient_failure_is_retried_by_rq(queue_env: dict[str, str], site: Path, fake_llm: FakeLLM) -> None:
+    fake_llm.inject("server_error")
+    wip = posts(site) / "limiting-wip.md"
+    tagger(queue_env, "enqueue", str(wip))
+    tagger(queue_env, "work", "--burst")
+    assert "Kanban" in read_post(wip).terms("tags")
+    assert tagger(queue_env, "failed", "list").stderr.strip() == "0 failed"
+
+
+def test_killed_worker_job_is_recovered(queue_env: dict[str, str], site: Path, fake_llm: FakeLLM) -> None:
+    fake_llm.latency = 2.0
+    wip = posts(site) / "limiting-wip.md"
+    original = wip.read_bytes()
+    tagger(queue_env, "enqueue", str(wip))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "work"],
+        env=queue_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while fake_llm.counts["requests"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fake_llm.counts["requests"] >= 1
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert wip.read_bytes() == original
+    fake_llm.latency = 0
+    time.sleep(1.5)  # the lease lapses
+    status = tagger(queue_env, "status")
+    assert status.returncode == 0, status.stderr
+    tagger(queue_env, "work", "--burst")
+    assert "Kanban" in read_post(wip).terms("tags")
+    assert "running 0" in tagger(queue_env, "status").stdout

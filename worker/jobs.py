@@ -1,0 +1,263 @@
+"""Jobs on the queue: producers, the job function, failure policy and recovery of abandoned jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from redis import Redis
+from rq import Callback, Queue, Retry
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from worker.classifier import make_classifier
+from worker.errors import OutsideContentRoot, TaggerError, kind_of
+from worker.logs import redact, secrets_of
+from worker.settings import Settings
+
+log = structlog.get_logger("tagger.jobs")
+PRIORITIES = ("high", "default", "low")
+WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+RAW_REPLY_CHARS = 20_000
+
+
+def connect(settings: Settings) -> Redis:
+    """A Redis connection for the configured URL (`rediss://` for TLS, password in the URL)."""
+    return Redis.from_url(settings.redis_url)
+
+
+def queue_names(settings: Settings) -> list[str]:
+    """Queue names in priority order."""
+    return [f"{settings.redis_prefix}-{p}" for p in PRIORITIES]
+
+
+def queues(settings: Settings, redis: Redis) -> list[Queue]:
+    """The queues, highest priority first, with RQ's JSON serializer (never pickle)."""
+    return [Queue(name, connection=redis, serializer=JSONSerializer) for name in queue_names(settings)]
+
+
+def confine(path: Path | str, settings: Settings, from_cwd: bool = True) -> str:
+    """The path relative to the content root, or OutsideContentRoot (`..`, absolute paths, symlinks out).
+
+    A relative path is taken from the current folder when it exists there (producers), else from the root.
+    """
+    root = settings.content_root()
+    candidate = Path(path)
+    if not candidate.is_absolute() and not (from_cwd and candidate.exists()):
+        candidate = root / candidate
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root):
+        raise OutsideContentRoot(f"resolves outside the content root {root}", path=path)
+    return resolved.relative_to(root).as_posix()
+
+
+def job_id_for(relative: str) -> str:
+    """One job id per post, so a post has at most one pending job."""
+    return "post-" + hashlib.sha1(relative.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What a producer did with one post."""
+
+    path: str
+    job_id: str
+    action: str  # enqueued | already-queued | rerun-after-current
+
+
+def _key(settings: Settings, *parts: str) -> str:
+    return ":".join([settings.redis_prefix, *parts])
+
+
+def enqueue_posts(
+    paths: Iterable[Path | str], settings: Settings, redis: Redis, priority: str = "default"
+) -> list[Enqueued]:
+    """Enqueue posts (confined to the content root); a post already waiting is not enqueued twice."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}")
+    relatives = list(dict.fromkeys(confine(p, settings) for p in paths))
+    ids = [job_id_for(r) for r in relatives]
+    with redis.pipeline() as pipe:
+        for job_id in ids:
+            pipe.hget(f"{Job.redis_job_namespace_prefix}{job_id}", "status")
+        statuses = [s.decode() if s else None for s in pipe.execute()]
+    queue = Queue(f"{settings.redis_prefix}-{priority}", connection=redis, serializer=JSONSerializer)
+    results: list[Enqueued] = []
+    to_enqueue = []
+    for relative, job_id, status in zip(relatives, ids, statuses, strict=True):
+        if status in WAITING:
+            results.append(Enqueued(relative, job_id, "already-queued"))
+        elif status == JobStatus.STARTED:
+            redis.set(_key(settings, "rerun", job_id), "1", ex=7 * 86400)
+            results.append(Enqueued(relative, job_id, "rerun-after-current"))
+        else:
+            to_enqueue.append(job_data(queue, relative, job_id, settings))
+            results.append(Enqueued(relative, job_id, "enqueued"))
+    if to_enqueue:
+        for q in queues(settings, redis):
+            registry = FailedJobRegistry(queue=q)
+            for data in to_enqueue:
+                registry.remove(data.job_id)
+        queue.enqueue_many(to_enqueue)
+    for item in results:
+        log.info(
+            "enqueued" if item.action == "enqueued" else "enqueue_skipped",
+            job_id=item.job_id,
+            post=item.path,
+            action=item.action,
+        )
+    return results
+
+
+def job_data(queue: Queue, relative: str, job_id: str, settings: Settings) -> Any:
+    """RQ job data for classifying one post: JSON args, retries, failure callback, timeout."""
+    return Queue.prepare_data(
+        "worker.jobs.classify_job",
+        args=[relative],
+        job_id=job_id,
+        timeout=settings.job_timeout,
+        result_ttl=86400,
+        failure_ttl=30 * 86400,
+        description=f"classify {relative}",
+        meta={"post": relative, "attempts": 0},
+        retry=Retry(max=settings.job_retries, interval=settings.job_retry_delays) if settings.job_retries else None,
+        on_failure=Callback("worker.jobs.on_failure"),
+    )
+
+
+@contextmanager
+def lease(redis: Redis, settings: Settings, job_id: str) -> Iterator[None]:
+    """Hold a renewed lease while the job runs: a job whose lease lapses was abandoned by a dead worker."""
+    key = _key(settings, "lease", job_id)
+    stop = threading.Event()
+    ttl = max(1, int(settings.lease_seconds))
+
+    def renew() -> None:
+        while not stop.wait(settings.lease_seconds / 3):
+            redis.set(key, "1", ex=ttl)
+
+    redis.set(key, "1", ex=ttl)
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        redis.delete(key)
+
+
+def classify_job(relative: str) -> dict[str, Any]:
+    """The RQ job: classify one post below the content root and write it back."""
+    from rq import get_current_job
+
+    settings = Settings()
+    job = get_current_job()
+    assert job is not None and job.connection is not None
+    redis: Redis = job.connection
+    job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
+    job.save_meta()
+    started = time.monotonic()
+    bound = log.bind(job_id=job.id, post=relative, attempt=job.meta["attempts"], model=settings.model)
+    bound.info("started")
+    with lease(redis, settings, job.id):
+        path = settings.content_root() / confine(relative, settings, from_cwd=False)
+        result = make_classifier(settings).classify(path)
+    usage = result.usage
+    minute = int(time.time() // 60)
+    with redis.pipeline() as pipe:
+        for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
+            pipe.incrby(_key(settings, "stats", name, str(minute)), amount)
+            pipe.expire(_key(settings, "stats", name, str(minute)), 3 * 3600)
+        pipe.execute()
+    bound.info(
+        "written" if result.written else "skipped",
+        calls=usage.calls,
+        input_tokens=usage.input_tokens,
+        cached_tokens=usage.cached_tokens,
+        output_tokens=usage.output_tokens,
+        duration=round(time.monotonic() - started, 3),
+    )
+    _rerun_if_edited(redis, settings, job)
+    return {
+        "post": relative,
+        "written": result.written,
+        "calls": usage.calls,
+        "tokens": usage.input_tokens + usage.output_tokens,
+    }
+
+
+def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> None:
+    if redis.delete(_key(settings, "rerun", job.id)):
+        # A producer asked again while this job ran: run once more after it, on the same queue.
+        queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
+        queue.enqueue_many([job_data(queue, job.meta["post"], job.id + "-again", settings)])
+
+
+def on_failure(job: Job, connection: Redis, exc_type: Any, value: BaseException, tb: Any) -> None:
+    """Record why a job failed; permanent failures are not retried."""
+    settings = Settings()
+    kind = kind_of(value)
+    transient = isinstance(value, TaggerError) and value.transient
+    if kind == "abandoned":
+        transient = True
+    if not transient:
+        job.retries_left = 0
+    secrets = secrets_of(settings)
+    raw = value.raw_reply if isinstance(value, TaggerError) else None
+    job.meta.update(
+        kind=kind,
+        error=redact(str(value) or type(value).__name__, secrets),
+        raw_reply=redact(raw[:RAW_REPLY_CHARS], secrets) if raw else None,
+        traceback=redact("".join(traceback.format_exception(exc_type, value, tb))[-8000:], secrets) if tb else None,
+        failed_at=time.time(),
+        transient=transient,
+    )
+    job.save_meta()
+    connection.delete(_key(settings, "lease", job.id))
+    log.warning(
+        "failed" if not transient or not job.retries_left else "retried",
+        job_id=job.id,
+        post=job.meta.get("post"),
+        attempt=job.meta.get("attempts"),
+        kind=kind,
+        error=job.meta["error"][:300],
+    )
+
+
+def recover_abandoned(settings: Settings, redis: Redis) -> list[str]:
+    """Requeue started jobs whose lease lapsed (worker killed); fail them as `abandoned` after a few times."""
+    recovered = []
+    for queue in queues(settings, redis):
+        registry = StartedJobRegistry(queue=queue)
+        for job_id in registry.get_job_ids(cleanup=False):
+            if redis.exists(_key(settings, "lease", job_id)):
+                continue
+            job = queue.fetch_job(job_id)
+            if job is None or job.get_status() != JobStatus.STARTED:
+                continue
+            if job.started_at and time.time() - job.started_at.timestamp() < settings.lease_seconds:
+                continue  # just started: the lease may not be set yet
+            abandoned = int(job.meta.get("abandoned", 0)) + 1
+            job.meta.update(
+                abandoned=abandoned, kind="abandoned", error="worker died while running the job", failed_at=time.time()
+            )
+            job.save_meta()
+            registry.remove(job)
+            if abandoned <= settings.abandoned_requeues:
+                queue.enqueue_job(job)
+                log.warning("retried", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
+            else:
+                job.set_status(JobStatus.FAILED)
+                FailedJobRegistry(queue=queue).add(job, exc_string="abandoned: worker died while running the job")
+                log.warning("failed", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
+            recovered.append(job_id)
+    return recovered

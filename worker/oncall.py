@@ -1,0 +1,133 @@
+"""On-call tools: failed jobs (list, show, retry, purge), queue status, and running workers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from rq import Worker
+from rq.job import Job
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from worker.jobs import queue_names, queues, recover_abandoned
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed job as the on-call engineer sees it."""
+
+    job_id: str
+    queue: str
+    post: str
+    kind: str
+    attempts: int
+    failed_at: float
+    message: str
+    job: Job
+
+
+def failures(settings: Settings, redis: Redis, kind: str | None = None) -> list[Failure]:
+    """Every failed job, newest first, optionally of one kind."""
+    found = []
+    for queue in queues(settings, redis):
+        ids = FailedJobRegistry(queue=queue).get_job_ids()
+        for job in Job.fetch_many(ids, connection=redis, serializer=JSONSerializer):
+            if job is None:
+                continue
+            meta = job.meta
+            failure = Failure(
+                job_id=job.id,
+                queue=queue.name,
+                post=str(meta.get("post", "?")),
+                kind=str(meta.get("kind", "crash")),
+                attempts=int(meta.get("attempts", 0)),
+                failed_at=float(meta.get("failed_at", 0)),
+                message=str(meta.get("error") or (job.exc_info or "").strip().splitlines()[-1:] or ""),
+                job=job,
+            )
+            if kind is None or failure.kind == kind:
+                found.append(failure)
+    return sorted(found, key=lambda f: -f.failed_at)
+
+
+def show(settings: Settings, redis: Redis, job_id: str) -> dict[str, Any] | None:
+    """Everything known about one job: meta, status, error, traceback, raw reply."""
+    job = next((j for j in Job.fetch_many([job_id], connection=redis, serializer=JSONSerializer) if j), None)
+    if job is None:
+        return None
+    return {
+        "job": job.id,
+        "status": str(job.get_status()),
+        "queue": job.origin,
+        "post": job.meta.get("post"),
+        "kind": job.meta.get("kind"),
+        "attempts": job.meta.get("attempts"),
+        "retries_left": job.retries_left,
+        "enqueued_at": str(job.enqueued_at),
+        "started_at": str(job.started_at),
+        "ended_at": str(job.ended_at),
+        "error": job.meta.get("error"),
+        "raw_reply": job.meta.get("raw_reply"),
+        "traceback": job.meta.get("traceback") or job.exc_info,
+    }
+
+
+def retry(settings: Settings, redis: Redis, job_ids: list[str] | None = None, kind: str | None = None) -> list[str]:
+    """Requeue failed jobs: the ones named, or all (of one kind); returns the ids requeued."""
+    wanted = set(job_ids or [])
+    done = []
+    for failure in failures(settings, redis, kind):
+        if job_ids is not None and failure.job_id not in wanted:
+            continue
+        job = failure.job
+        job.meta.update(kind=None, error=None, raw_reply=None, traceback=None, abandoned=0)
+        job.retries_left = settings.job_retries or None
+        job.save()
+        FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).requeue(job.id)
+        done.append(job.id)
+    return done
+
+
+def purge(settings: Settings, redis: Redis) -> int:
+    """Delete every failed job; returns how many."""
+    count = 0
+    for failure in failures(settings, redis):
+        FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).remove(
+            failure.job, delete_job=True
+        )
+        count += 1
+    return count
+
+
+def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]:
+    """Queue depths, running and scheduled jobs, workers, failures by kind, recent throughput and tokens."""
+    recover_abandoned(settings, redis)
+    depth = {}
+    for queue in queues(settings, redis):
+        depth[queue.name] = {
+            "queued": queue.count,
+            "running": StartedJobRegistry(queue=queue).count,
+            "scheduled": ScheduledJobRegistry(queue=queue).count,
+            "failed": FailedJobRegistry(queue=queue).count,
+        }
+    kinds: dict[str, int] = {}
+    for failure in failures(settings, redis):
+        kinds[failure.kind] = kinds.get(failure.kind, 0) + 1
+    now = int(time.time() // 60)
+    stats = {}
+    for name in ("done", "tokens", "calls"):
+        keys = [f"{settings.redis_prefix}:stats:{name}:{m}" for m in range(now - minutes + 1, now + 1)]
+        stats[name] = sum(int(v or 0) for v in redis.mget(keys))
+    names = set(queue_names(settings))
+    workers = [w for w in Worker.all(connection=redis) if names & set(w.queue_names())]
+    return {
+        "queues": depth,
+        "failed_by_kind": kinds,
+        "last_minutes": minutes,
+        **stats,
+        "workers": [{"name": w.name, "state": str(w.get_state()), "job": w.get_current_job_id()} for w in workers],
+    }
