@@ -52,12 +52,3 @@ def save_record(post_path: Path, record: Record) -> None:
     """Write the record atomically."""
     data = json.dumps(record.model_dump(mode="json"), indent=1, ensure_ascii=False).encode("utf-8")
     atomic_write(record_path(post_path), data)
-
-
-def is_fresh(post_path: Path, content_hash: str, wanted: dict[tuple[str, str], tuple[str, str, str, str]]) -> bool:
-    """True when the record already holds a judgement with the wanted cache key for every term."""
-    record = load_record(post_path)
-    if record.content_hash != content_hash:
-        return False
-    cached = record.cached()
-    return all(k in cached and cached[k].cache_key() == key for k, key in wanted.items())
