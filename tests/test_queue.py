@@ -143,3 +143,53 @@ def test_killed_worker_job_is_recovered(queue_env: dict[str, str], site: Path, f
     tagger(queue_env, "work", "--burst")
     assert "Kanban" in read_post(wip).terms("tags")
     assert "running 0" in tagger(queue_env, "status").stdout
+
+
+def test_edit_during_a_running_job_is_kept_and_classified_again(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
+) -> None:
+    fake_llm.latency = 1.0
+    wip = posts(site) / "limiting-wip.md"
+    tagger(queue_env, "enqueue", str(wip))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "work", "--burst"],
+        env=queue_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while fake_llm.counts["requests"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    wip.write_text(
+        wip.read_text(encoding="utf-8") + "\nAn editor's late paragraph about continuous delivery.\n", encoding="utf-8"
+    )
+    assert worker.wait(timeout=60) == 0
+    text = wip.read_text(encoding="utf-8")
+    assert text.endswith("An editor's late paragraph about continuous delivery.\n")
+    assert "Kanban" in read_post(wip).terms("tags")
+    assert fake_llm.counts["requests"] > 3  # judged again after the edit
+
+
+def test_stdin_producer_and_backfill_wait(queue_env: dict[str, str], site: Path) -> None:
+    run = tagger(
+        queue_env,
+        "enqueue",
+        "--stdin",
+        stdin=f"{posts(site) / 'limiting-wip.md'}\n{posts(site) / 'shipping-daily.md'}\n",
+    )
+    assert run.stdout.count("enqueued") == 2, run.stderr
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "work", "--processes", "2"],
+        env=queue_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        waited = tagger(queue_env, "backfill", "--all", "--wait", str(site / "site"))
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "3 done, 0 failed" in waited.stdout
+    assert "Continuous Delivery" in read_post(posts(site) / "shipping-daily.md").terms("tags")
