@@ -112,7 +112,9 @@ def test_one_invalid_reply_is_re_asked_with_the_error(
     classifier: Classifier, fake_llm: FakeLLM, site: Path, fault: str
 ) -> None:
     fake_llm.inject(fault)
-    classifier.classify(wip(site))
+    result = classifier.classify(wip(site))
+    assert result.usage.calls == len(classifier.taxonomy.types()) + 1
+    assert result.usage.input_tokens == fake_llm.counts["prompt_tokens"]  # the rejected reply's tokens count too
     reask = fake_llm.requests[1]["messages"]
     assert reask[-2]["role"] == "assistant" and "not valid" in reask[-1]["content"]
     assert "Kanban" in read_post(wip(site)).terms("tags")

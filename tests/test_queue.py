@@ -42,7 +42,7 @@ def test_enqueue_then_burst_worker_writes_posts_with_json_jobs(
     data = redis.hget(f"{os.environ['RQ_KEY_PREFIX']}:job:{job_id}", "data")
     assert data is not None
     decoded = json.loads(zlib.decompress(data))
-    assert decoded[0] == "worker.jobs.classify_job" and decoded[2] == ["posts/limiting-wip.md"]
+    assert decoded[0] == "worker.jobs.classify_job" and decoded[2] == ["posts/limiting-wip.md", None]
     again = tagger(queue_env, "enqueue", str(wip))
     assert "already-queued" in again.stdout
     work = tagger(queue_env, "work", "--burst")
@@ -71,6 +71,16 @@ def test_backfill_inline_needs_no_redis(queue_env: dict[str, str], site: Path) -
     run = tagger(env, "backfill", "--inline", str(site / "site"))
     assert run.returncode == 0, run.stderr
     assert "3 done, 2 written, 0 failed" in run.stdout
+
+
+def test_backfill_type_limits_what_is_judged(queue_env: dict[str, str], site: Path, redis: redis_lib.Redis) -> None:
+    wip = posts(site) / "limiting-wip.md"
+    run = tagger(queue_env, "backfill", "--type", "tags", str(site / "site"))
+    assert "enqueued 3" in run.stdout, run.stdout + run.stderr
+    assert tagger(queue_env, "work", "--burst").returncode == 0
+    post = read_post(wip)
+    assert "Kanban" in post.terms("tags") and post.terms("categories") == []
+    assert {j["type"] for j in json.loads(record_path(wip).read_text())["judgements"]} == {"tags"}
 
 
 def test_paths_outside_the_content_root_are_refused(queue_env: dict[str, str], site: Path, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from rq.serializers import JSONSerializer
 
 from worker.classifier import make_classifier
 from worker.errors import TaggerError
-from worker.jobs import confine
 from worker.posts import read_post
 from worker.records import load_record
 from worker.settings import Settings
@@ -51,17 +50,12 @@ def post_files(root: Path) -> list[Path]:
     )
 
 
-def check_inside(path: Path | str, settings: Settings) -> str:
-    """Raise OutsideContentRoot unless the path is inside the content root."""
-    return confine(path, settings)
-
-
 def plan(
     settings: Settings, include_fresh: bool = False, limit: int | None = None, types: Sequence[str] | None = None
 ) -> Plan:
     """Which posts need classifying: those whose record is missing or stale (all with `include_fresh`)."""
     classifier = make_classifier(settings)
-    terms = [t for t in classifier.taxonomy if not types or t.type in types]
+    terms = classifier.terms_of(types)
     result = Plan()
     for path in post_files(settings.content_root()):
         if limit is not None and len(result.todo) >= limit:
@@ -71,20 +65,8 @@ def plan(
         except TaggerError as exc:
             result.bad.append(f"{path}: {exc.kind}: {exc.message}")
             continue
-        record = load_record(path)
-        cached = record.cached()
-        wanted = {
-            (t.type, t.title): (
-                t.definition_hash,
-                post.content_hash,
-                classifier.templates.version,
-                classifier.provider.model,
-            )
-            for t in terms
-        }
-        fresh = record.content_hash == post.content_hash and all(
-            k in cached and cached[k].cache_key() == key for k, key in wanted.items()
-        )
+        _, todo = classifier.split_cached(post, terms, load_record(path))
+        fresh = not todo
         if fresh and not include_fresh:
             result.fresh += 1
         else:

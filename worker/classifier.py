@@ -66,16 +66,7 @@ class Classifier:
         cut = max(0, len(body) - self.settings.max_post_chars)
         text = PostText(post.title, post.description, body[: self.settings.max_post_chars])
         content_hash = post.content_hash
-        cached = record.cached()
-        keep: list[Judgement] = []
-        todo: list[Term] = []
-        for term in terms:
-            old = cached.get((term.type, term.title))
-            wanted = (term.definition_hash, content_hash, self.templates.version, self.provider.model)
-            if old is not None and old.cache_key() == wanted:
-                keep.append(old)
-            else:
-                todo.append(term)
+        keep, todo = self.split_cached(post, terms, record)
         chunks = [
             c for t in dict.fromkeys(x.type for x in todo) for c in self._chunks([x for x in todo if x.type == t])
         ]
@@ -103,6 +94,24 @@ class Classifier:
             # One failed chunk fails the post: chunks not yet started spend no calls.
             pool.shutdown(wait=True, cancel_futures=True)
         return keep + fresh, usage, len(keep), cut
+
+    def split_cached(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], list[Term]]:
+        """Judgements still valid for this post, term, prompt and model; and the terms that need asking."""
+        cached = record.cached()
+        keep: list[Judgement] = []
+        todo: list[Term] = []
+        for term in terms:
+            old = cached.get((term.type, term.title))
+            wanted = (term.definition_hash, post.content_hash, self.templates.version, self.provider.model)
+            if old is not None and old.cache_key() == wanted:
+                keep.append(old)
+            else:
+                todo.append(term)
+        return keep, todo
+
+    def terms_of(self, types: Sequence[str] | None) -> list[Term]:
+        """The taxonomy's terms, optionally only of some types."""
+        return [t for t in self.taxonomy if not types or t.type in types]
 
     def _chunks(self, terms: list[Term]) -> list[list[Term]]:
         size = self.settings.chunk_size
@@ -152,7 +161,7 @@ class Classifier:
         self, post: Post, record: Record, types: Sequence[str] | None
     ) -> tuple[Classification, str | None, Record]:
         wanted_types = [t for t in self.taxonomy.types() if not types or t in types]
-        terms = [t for t in self.taxonomy if t.type in wanted_types]
+        terms = self.terms_of(types)
         judgements, usage, hits, cut = self.judge(post, terms, record)
         decisions: list[Decision] = []
         changes: dict[str, list[str] | str] = {}
@@ -202,19 +211,10 @@ class Classifier:
             truncated_chars=cut,
             updated_at=now,
         )
-        result = Classification(
-            post=str(post.path),
-            content_hash=post.content_hash,
-            judgements=judgements,
-            decisions=decisions,
-            assigned=assigned,
-            rejected=rejected,
-            usage=usage,
-            cached_terms=hits,
-            truncated_chars=cut,
-            human_only=post.human_only,
-            diff=diff,
+        shared = new_record.model_dump(
+            include={"post", "content_hash", "assigned", "rejected", "judgements", "usage", "truncated_chars"}
         )
+        result = Classification(**shared, decisions=decisions, cached_terms=hits, human_only=post.human_only, diff=diff)
         return result, new_text, new_record
 
 

@@ -6,7 +6,7 @@ import hashlib
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +79,11 @@ def _key(settings: Settings, *parts: str) -> str:
 
 
 def enqueue_posts(
-    paths: Iterable[Path | str], settings: Settings, redis: Redis, priority: str = "default"
+    paths: Iterable[Path | str],
+    settings: Settings,
+    redis: Redis,
+    priority: str = "default",
+    types: Sequence[str] | None = None,
 ) -> list[Enqueued]:
     """Enqueue posts (confined to the content root); a post already waiting is not enqueued twice."""
     if priority not in PRIORITIES:
@@ -100,13 +104,14 @@ def enqueue_posts(
             redis.set(_key(settings, "rerun", job_id), "1", ex=7 * 86400)
             results.append(Enqueued(relative, job_id, "rerun-after-current"))
         else:
-            to_enqueue.append(job_data(queue, relative, job_id, settings))
+            to_enqueue.append(job_data(queue, relative, job_id, settings, types))
             results.append(Enqueued(relative, job_id, "enqueued"))
     if to_enqueue:
-        for q in queues(settings, redis):
-            registry = FailedJobRegistry(queue=q)
-            for data in to_enqueue:
-                registry.remove(data.job_id)
+        # A post enqueued again after failing leaves the failed list: its new job carries the same id.
+        with redis.pipeline() as pipe:
+            for q in queues(settings, redis):
+                pipe.zrem(FailedJobRegistry(queue=q).key, *[d.job_id for d in to_enqueue])
+            pipe.execute()
         queue.enqueue_many(to_enqueue)
     for item in results:
         log.info(
@@ -118,17 +123,17 @@ def enqueue_posts(
     return results
 
 
-def job_data(queue: Queue, relative: str, job_id: str, settings: Settings) -> Any:
+def job_data(queue: Queue, relative: str, job_id: str, settings: Settings, types: Sequence[str] | None = None) -> Any:
     """RQ job data for classifying one post: JSON args, retries, failure callback, timeout."""
     return Queue.prepare_data(
         "worker.jobs.classify_job",
-        args=[relative],
+        args=[relative, list(types) if types else None],
         job_id=job_id,
         timeout=settings.job_timeout,
         result_ttl=86400,
         failure_ttl=30 * 86400,
         description=f"classify {relative}",
-        meta={"post": relative, "attempts": 0},
+        meta={"post": relative, "attempts": 0, "types": list(types) if types else None},
         retry=Retry(max=settings.job_retries, interval=settings.job_retry_delays) if settings.job_retries else None,
         on_failure=Callback("worker.jobs.on_failure"),
     )
@@ -155,7 +160,7 @@ def lease(redis: Redis, settings: Settings, job_id: str) -> Iterator[None]:
         redis.delete(key)
 
 
-def classify_job(relative: str) -> dict[str, Any]:
+def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any]:
     """The RQ job: classify one post below the content root and write it back."""
     from rq import get_current_job
 
@@ -170,7 +175,7 @@ def classify_job(relative: str) -> dict[str, Any]:
     bound.info("started")
     with lease(redis, settings, job.id):
         path = settings.content_root() / confine(relative, settings, from_cwd=False)
-        result = make_classifier(settings).classify(path)
+        result = make_classifier(settings).classify(path, types=types)
     usage = result.usage
     minute = int(time.time() // 60)
     with redis.pipeline() as pipe:
@@ -199,7 +204,7 @@ def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> None:
     if redis.delete(_key(settings, "rerun", job.id)):
         # A producer asked again while this job ran: run once more after it, on the same queue.
         queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
-        queue.enqueue_many([job_data(queue, job.meta["post"], job.id + "-again", settings)])
+        queue.enqueue_many([job_data(queue, job.meta["post"], job.id + "-again", settings, job.meta.get("types"))])
 
 
 def on_failure(job: Job, connection: Redis, exc_type: Any, value: BaseException, tb: Any) -> None:

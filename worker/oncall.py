@@ -46,12 +46,17 @@ def failures(settings: Settings, redis: Redis, kind: str | None = None) -> list[
                 kind=str(meta.get("kind", "crash")),
                 attempts=int(meta.get("attempts", 0)),
                 failed_at=float(meta.get("failed_at", 0)),
-                message=str(meta.get("error") or (job.exc_info or "").strip().splitlines()[-1:] or ""),
+                message=str(meta.get("error") or _last_line(job.exc_info)),
                 job=job,
             )
             if kind is None or failure.kind == kind:
                 found.append(failure)
     return sorted(found, key=lambda f: -f.failed_at)
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def show(settings: Settings, redis: Redis, job_id: str) -> dict[str, Any] | None:

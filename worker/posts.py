@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -250,8 +251,6 @@ def _edit_yaml(header: str, changes: Mapping[str, list[str] | str], nl: str) -> 
 
 
 def _toml_value(value: list[str] | str) -> str:
-    import json
-
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     return "[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in value) + "]"

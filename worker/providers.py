@@ -303,7 +303,7 @@ class OpenAIProvider:
         except openai.ContentFilterFinishReasonError as exc:
             raise Refused("reply was blocked by the provider's content filter", raw_reply=raw) from exc
         except ValidationError as exc:
-            return raw, None, Usage(calls=1), _short_validation(exc)
+            return raw, None, _usage_of_body(response.text), _short_validation(exc)
         usage = _usage(completion)
         message = completion.choices[0].message
         if getattr(message, "refusal", None):
@@ -347,6 +347,21 @@ def _usage(completion: Any) -> Usage:
         cached_tokens=cached,
         output_tokens=u.completion_tokens or 0,
     )
+
+
+def _usage_of_body(body: str) -> Usage:
+    """Usage from a raw completion body, for replies the SDK could not parse."""
+    try:
+        usage = json.loads(body).get("usage") or {}
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return Usage(
+            calls=1,
+            input_tokens=usage.get("prompt_tokens") or 0,
+            cached_tokens=cached,
+            output_tokens=usage.get("completion_tokens") or 0,
+        )
+    except (ValueError, AttributeError, TypeError):
+        return Usage(calls=1)
 
 
 def make_provider(settings: Settings, templates: Templates) -> Provider:

@@ -15,7 +15,7 @@ from typing import Any
 from worker import backfill as backfill_lib
 from worker import oncall
 from worker.errors import TaggerError
-from worker.jobs import PRIORITIES, connect, enqueue_posts, queues, recover_abandoned
+from worker.jobs import PRIORITIES, confine, connect, enqueue_posts, queues, recover_abandoned
 from worker.logs import configure
 from worker.settings import Settings
 
@@ -33,7 +33,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     accepted = []
     for path in paths:
         try:
-            backfill_lib.check_inside(path, settings)
+            confine(path, settings)
             accepted.append(path)
         except TaggerError as exc:
             print(f"REFUSED {exc}", file=sys.stderr)
@@ -52,7 +52,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     for line in plan.bad:
         print(f"FAILED {line}", file=sys.stderr)
     if args.inline:
-        summary = backfill_lib.run_inline(settings, plan.todo, progress=_progress)
+        summary = backfill_lib.run_inline(settings, plan.todo, progress=_progress, types=args.type)
         print(
             f"\nbackfill: {summary.done} done, {summary.written} written, {len(summary.failed)} failed, "
             f"{summary.calls} LLM calls, {summary.tokens} tokens"
@@ -61,7 +61,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             print(f"FAILED {line}", file=sys.stderr)
         return 1 if summary.failed or plan.bad else 0
     redis = connect(settings)
-    results = enqueue_posts(plan.todo, settings, redis, args.priority)
+    results = enqueue_posts(plan.todo, settings, redis, args.priority, types=args.type)
     enqueued = [r for r in results if r.action == "enqueued"]
     print(f"backfill: enqueued {len(enqueued)}, already waiting {len(results) - len(enqueued)}")
     if not args.wait:
