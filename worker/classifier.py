@@ -20,6 +20,7 @@ from worker.providers import Provider
 from worker.records import Record, load_record, save_record
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, Term
+from worker.throttle import Throttle
 
 log = structlog.get_logger("tagger.classifier")
 CHANGED_POST_PASSES = 3
@@ -250,7 +251,7 @@ def select(
     )
 
 
-def make_classifier(settings: Settings) -> Classifier:
+def make_classifier(settings: Settings, throttle: Throttle | None = None) -> Classifier:
     """A classifier wired from settings: taxonomy folder, prompt templates and provider."""
     from worker.prompts import load_templates
     from worker.providers import make_provider
@@ -258,4 +259,4 @@ def make_classifier(settings: Settings) -> Classifier:
 
     taxonomy = load_taxonomy(settings.taxonomy_dir, known_types=settings.selection)
     templates = load_templates(settings.prompts_dir)
-    return Classifier(settings, taxonomy, templates, make_provider(settings, templates))
+    return Classifier(settings, taxonomy, templates, make_provider(settings, templates, throttle))

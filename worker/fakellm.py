@@ -76,6 +76,7 @@ class FakeLLM:
         self.fault_mix: tuple[str, ...] = ("rate_limit", "server_error", "broken_json")
         self.retry_after = "1"
         self.timeout_sleep = 3.0
+        self.success_headers: dict[str, str] = {}
         self.requests: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self._seen_prefixes: set[str] = set()
@@ -158,7 +159,7 @@ class FakeLLM:
             content, refusal = None, "I'm sorry, I can't help with that."
         elif fault == "truncated":
             content, finish = (content or "")[:40], "length"
-        return 200, {}, self._completion(body, content, refusal, finish)
+        return 200, dict(self.success_headers), self._completion(body, content, refusal, finish)
 
     def _completion(
         self, body: dict[str, Any], content: str | None, refusal: str | None, finish: str

@@ -23,6 +23,7 @@ from worker.classifier import make_classifier
 from worker.errors import OutsideContentRoot, TaggerError, kind_of
 from worker.logs import redact, secrets_of
 from worker.settings import Settings
+from worker.throttle import RedisThrottle
 
 log = structlog.get_logger("tagger.jobs")
 PRIORITIES = ("high", "default", "low")
@@ -175,7 +176,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     bound.info("started")
     with lease(redis, settings, job.id):
         path = settings.content_root() / confine(relative, settings, from_cwd=False)
-        result = make_classifier(settings).classify(path, types=types)
+        result = make_classifier(settings, RedisThrottle(settings, redis)).classify(path, types=types)
     usage = result.usage
     minute = int(time.time() // 60)
     with redis.pipeline() as pipe:

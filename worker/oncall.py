@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from worker.jobs import queue_names, queues, recover_abandoned
 from worker.settings import Settings
+from worker.throttle import RedisThrottle
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,11 @@ def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]
         stats[name] = sum(int(v or 0) for v in redis.mget(keys))
     names = set(queue_names(settings))
     workers = [w for w in Worker.all(connection=redis) if names & set(w.queue_names())]
+    throttle = RedisThrottle(settings, redis)
+    pause_ms = redis.pttl(throttle.pause_key)
+    reason = throttle.reason() if pause_ms > 0 else None
     return {
+        "paused": {"reason": reason, "seconds": round(pause_ms / 1000, 1)} if reason else None,
         "queues": depth,
         "failed_by_kind": kinds,
         "last_minutes": minutes,

@@ -14,6 +14,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 TEMPLATES = ("system", "term", "post", "reask")
 SCOPE_CHARS = 320
 EXCLUDE_CHARS = 320
+CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class Prompt:
     names: tuple[str, ...]
     terms: tuple[Term, ...]
     post: PostText
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens in `text`, estimated at 4 characters a token (no tokenizer download needed)."""
+    return len(text) // CHARS_PER_TOKEN + 1
 
 
 def load_templates(folder: Path | None = None) -> Templates:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,8 +27,9 @@ from worker.errors import (
     Truncated,
 )
 from worker.judgements import ReplyBase, TermScores, Usage, missing_or_repeated, reply_model
-from worker.prompts import Prompt, Templates, reask_message
+from worker.prompts import Prompt, Templates, estimate_tokens, reask_message
 from worker.settings import Settings
+from worker.throttle import NoThrottle, Throttle
 
 log = structlog.get_logger("tagger.providers")
 
@@ -221,9 +223,10 @@ class OpenAIProvider:
 
     name = "openai"
 
-    def __init__(self, settings: Settings, templates: Templates) -> None:
+    def __init__(self, settings: Settings, templates: Templates, throttle: Throttle | None = None) -> None:
         self.settings = settings
         self.templates = templates
+        self.throttle: Throttle = throttle or NoThrottle()
         self.model = settings.model
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "not-needed"
         # The SDK's own retries are off so that tenacity alone decides, within one deadline.
@@ -275,10 +278,17 @@ class OpenAIProvider:
             before_sleep=before_sleep,
             reraise=True,
         )
+        deadline = time.monotonic() + s.retry_deadline
+        tokens = estimate_tokens("".join(m["content"] for m in messages))
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._call(messages, model_cls)
+                    self.throttle.wait(tokens, deadline)
+                    try:
+                        return self._call(messages, model_cls)
+                    except openai.APIStatusError as exc:
+                        self.throttle.observe(exc.status_code, exc.response.headers, quota=_is_quota(exc))
+                        raise
         except openai.APIError as exc:
             raise self._translate(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
@@ -296,6 +306,7 @@ class OpenAIProvider:
         else:
             response = completions.parse(model=self.model, messages=msgs, temperature=0, response_format=model_cls)
         raw = _content_of(response.text)
+        self.throttle.observe(200, response.headers)
         try:
             completion = response.parse()
         except openai.LengthFinishReasonError as exc:
@@ -364,8 +375,8 @@ def _usage_of_body(body: str) -> Usage:
         return Usage(calls=1)
 
 
-def make_provider(settings: Settings, templates: Templates) -> Provider:
+def make_provider(settings: Settings, templates: Templates, throttle: Throttle | None = None) -> Provider:
     """The provider the settings ask for."""
     if settings.provider == "openai":
-        return OpenAIProvider(settings, templates)
+        return OpenAIProvider(settings, templates, throttle)
     return OfflineProvider()

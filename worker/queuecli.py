@@ -172,6 +172,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
+    if info["paused"]:
+        print(f"PAUSED for {info['paused']['seconds']}s: {info['paused']['reason']} (workers hold their LLM calls)")
     for name, depth in info["queues"].items():
         print(f"{name:<24} " + "  ".join(f"{k} {v}" for k, v in depth.items()))
     print(

@@ -28,6 +28,23 @@ DEFAULT_RULES: dict[str, SelectionRule] = {
 OTHER_TYPES_RULE = SelectionRule(top=5, min_confidence=80)
 
 
+class Price(BaseModel):
+    """US dollars per million tokens for one model."""
+
+    model_config = {"frozen": True}
+
+    input: float
+    cached_input: float
+    output: float
+
+
+DEFAULT_PRICES: dict[str, Price] = {
+    "gpt-4o-mini": Price(input=0.15, cached_input=0.075, output=0.60),
+    "gpt-4o": Price(input=2.50, cached_input=1.25, output=10.00),
+    "gpt-4.1-mini": Price(input=0.40, cached_input=0.10, output=1.60),
+}
+
+
 class Weights(BaseModel):
     """Weights (summing to 100) that turn the six sub-scores into a confidence."""
 
@@ -67,6 +84,11 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=5, ge=1, alias="TAGGER_RETRY_ATTEMPTS")
     retry_deadline: float = Field(default=300.0, gt=0, alias="TAGGER_RETRY_DEADLINE")
     retry_max_wait: float = Field(default=60.0, gt=0, alias="TAGGER_RETRY_MAX_WAIT")
+
+    rpm: int = Field(default=0, ge=0, alias="TAGGER_RPM")
+    tpm: int = Field(default=0, ge=0, alias="TAGGER_TPM")
+    quota_pause: float = Field(default=600.0, ge=0, alias="TAGGER_QUOTA_PAUSE")
+    prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES), alias="TAGGER_PRICES")
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
     redis_prefix: str = Field(default="tagger", alias="TAGGER_REDIS_PREFIX")

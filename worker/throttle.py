@@ -1,0 +1,142 @@
+"""Rate limits shared by every worker through Redis, fed by the provider's rate-limit headers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+import structlog
+from limits import RateLimitItemPerMinute
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+from redis import Redis
+
+from worker.errors import RateLimited
+from worker.settings import Settings
+
+log = structlog.get_logger("tagger.throttle")
+
+
+class Throttle(Protocol):
+    """Called around every LLM request."""
+
+    def wait(self, tokens: int, deadline: float) -> None:
+        """Block until a request of `tokens` may go out, or raise RateLimited past `deadline` (monotonic)."""
+        ...
+
+    def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
+        """Learn from a response: remaining limits, Retry-After, exhausted quota."""
+        ...
+
+
+class NoThrottle:
+    """No shared limits (inline runs, tests of the provider alone)."""
+
+    def wait(self, tokens: int, deadline: float) -> None:
+        """Never waits."""
+
+    def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
+        """Ignores responses."""
+
+
+def _seconds(value: str | None) -> float | None:
+    """Parse '1.5', '20ms', '6m0s' or '1s' (OpenAI's reset headers) into seconds."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if value[i : i + 2] == "ms" else ch
+        if unit not in units or not number:
+            return None
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    return total
+
+
+class RedisThrottle:
+    """Requests- and tokens-per-minute windows plus a shared pause, all in Redis."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pause_key = f"{settings.redis_prefix}:pause"
+        storage = RedisStorage(
+            "redis://", connection_pool=redis.connection_pool, key_prefix=f"{settings.redis_prefix}:limits"
+        )
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.rpm = RateLimitItemPerMinute(settings.rpm) if settings.rpm else None
+        self.tpm = RateLimitItemPerMinute(settings.tpm) if settings.tpm else None
+
+    def pause(self, seconds: float, reason: str) -> None:
+        """Make every worker hold its requests for `seconds` (never shortens a longer pause)."""
+        ms = int(seconds * 1000)
+        if ms <= 0 or self.redis.pttl(self.pause_key) >= ms:
+            return
+        self.redis.set(self.pause_key, reason, px=ms)
+        log.warning("paused", reason=reason, seconds=round(seconds, 2))
+
+    def reason(self) -> str | None:
+        """Why workers are paused now, or None."""
+        value = self.redis.get(self.pause_key)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def wait(self, tokens: int, deadline: float) -> None:
+        """Wait for the shared pause and the RPM/TPM windows; RateLimited if that outlasts the deadline."""
+        tokens = max(1, min(tokens, self.tpm.amount if self.tpm else tokens))
+        while True:
+            left = deadline - time.monotonic()
+            pause_ms = self.redis.pttl(self.pause_key)
+            if pause_ms > 0:
+                reason = self.reason() or "paused"
+                if pause_ms / 1000 > left:
+                    raise RateLimited(f"provider paused for {pause_ms / 1000:.0f}s ({reason}); retry later")
+                time.sleep(pause_ms / 1000)
+                continue
+            ok = (self.rpm is None or self.limiter.test(self.rpm, "rpm")) and (
+                self.tpm is None or self.limiter.test(self.tpm, "tpm", cost=tokens)
+            )
+            if ok:
+                if self.rpm:
+                    self.limiter.hit(self.rpm, "rpm")
+                if self.tpm:
+                    self.limiter.hit(self.tpm, "tpm", cost=tokens)
+                return
+            resets = [
+                self.limiter.get_window_stats(item, name).reset_time
+                for item, name in ((self.rpm, "rpm"), (self.tpm, "tpm"))
+                if item is not None
+            ]
+            sleep = max(0.05, min(resets) - time.time()) if resets else 0.05
+            if sleep > left:
+                raise RateLimited(
+                    f"local rate limit (rpm {self.settings.rpm}, tpm {self.settings.tpm}) outlasts the deadline"
+                )
+            time.sleep(min(sleep, 1.0))
+
+    def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
+        """Pause everyone on exhausted quota, on 429, or when the provider says nothing is left."""
+        if quota:
+            self.pause(self.settings.quota_pause, "quota exhausted")
+            return
+        if status == 429:
+            after = _seconds(headers.get("retry-after")) or 1.0
+            self.pause(min(after, self.settings.retry_max_wait), "rate limited (429)")
+            return
+        for kind in ("requests", "tokens"):
+            if headers.get(f"x-ratelimit-remaining-{kind}") == "0":
+                reset = _seconds(headers.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    self.pause(min(reset, self.settings.retry_max_wait), f"no {kind} left this window")
