@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests scripts
-	$(BIN)/ruff format --check worker tests scripts
+	$(BIN)/ruff check worker tests scripts benchmarks
+	$(BIN)/ruff format --check worker tests scripts benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy worker

@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 from worker.classifier import make_classifier
 from worker.errors import TaggerError
 from worker.posts import read_post
+from worker.prompts import estimate_tokens
 from worker.records import load_record
 from worker.settings import Settings
 
@@ -71,6 +72,56 @@ def plan(
             result.fresh += 1
         else:
             result.todo.append(path)
+    return result
+
+
+OUTPUT_TOKENS_PER_TERM = 60
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP = 128
+
+
+@dataclass
+class Estimate:
+    """What classifying some posts would cost, computed without calling anything."""
+
+    posts: int = 0
+    calls: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None
+
+
+def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None = None) -> Estimate:
+    """Calls, tokens (the part a prefix cache can serve) and cost for `todo` with the configured model."""
+    classifier = make_classifier(settings.model_copy(update={"provider_choice": "openai"}))
+    terms = classifier.terms_of(types)
+    seen: set[str] = set()
+    result = Estimate()
+    for path in todo:
+        try:
+            post = read_post(path)
+        except TaggerError:
+            continue
+        _, asked = classifier.split_cached(post, terms, load_record(path))
+        prompts, _ = classifier.prompts_for(post, asked)
+        result.posts += 1
+        for prompt in prompts:
+            system = prompt.messages[0]["content"]
+            result.calls += 1
+            result.input_tokens += sum(estimate_tokens(m["content"]) for m in prompt.messages)
+            result.output_tokens += OUTPUT_TOKENS_PER_TERM * len(prompt.names)
+            prefix = estimate_tokens(system)
+            # Providers cache a repeated prefix of at least 1,024 tokens, in steps of 128.
+            if system in seen and prefix >= CACHE_MIN_TOKENS:
+                result.cached_tokens += prefix // CACHE_STEP * CACHE_STEP
+            seen.add(system)
+    price = settings.prices.get(settings.model)
+    if price:
+        uncached = result.input_tokens - result.cached_tokens
+        result.cost = (
+            uncached * price.input + result.cached_tokens * price.cached_input + result.output_tokens * price.output
+        ) / 1_000_000
     return result
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import structlog
 
 from worker.errors import InvalidReply, PostChanged
-from worker.judgements import Classification, Decision, Judgement, Usage, confidence, level
+from worker.judgements import Classification, Decision, Judgement, TermScores, Usage, confidence, level
 from worker.posts import ORIGIN_KEY, Post, read_post, render_changes, write_atomic
-from worker.prompts import PostText, Templates, build_prompt
-from worker.providers import Provider
+from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt
+from worker.providers import OfflineProvider, Provider
 from worker.records import Record, load_record, save_record
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, Term
@@ -63,29 +63,27 @@ class Classifier:
 
     def judge(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], Usage, int, int]:
         """Judgements for `terms` (cached where still valid) plus usage, cache hits and chars cut."""
-        body = post.body
-        cut = max(0, len(body) - self.settings.max_post_chars)
-        text = PostText(post.title, post.description, body[: self.settings.max_post_chars])
-        content_hash = post.content_hash
         keep, todo = self.split_cached(post, terms, record)
-        chunks = [
-            c for t in dict.fromkeys(x.type for x in todo) for c in self._chunks([x for x in todo if x.type == t])
-        ]
+        content_hash = post.content_hash
+        if self.settings.shortlist_min and todo:
+            skipped, todo = self.shortlist(post, todo)
+            keep += skipped
+        prompts, cut = self.prompts_for(post, todo)
         usage = Usage()
         fresh: list[Judgement] = []
-        pool = ThreadPoolExecutor(max_workers=max(1, min(self.settings.concurrency, len(chunks) or 1)))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.settings.concurrency, len(prompts) or 1)))
         failed = threading.Event()
 
-        def run(chunk: list[Term]) -> tuple[list[Judgement], Usage]:
+        def run(prompt: Prompt) -> tuple[list[Judgement], Usage]:
             if failed.is_set():
                 return [], Usage()
             try:
-                return self._judge_chunk(chunk, text, content_hash)
+                return self._judge_prompt(prompt, content_hash)
             except BaseException:
                 failed.set()
                 raise
 
-        futures = [pool.submit(run, chunk) for chunk in chunks]
+        futures = [pool.submit(run, prompt) for prompt in prompts]
         try:
             for future in futures:
                 judged, used = future.result()
@@ -95,6 +93,20 @@ class Classifier:
             # One failed chunk fails the post: chunks not yet started spend no calls.
             pool.shutdown(wait=True, cancel_futures=True)
         return keep + fresh, usage, len(keep), cut
+
+    def prompts_for(self, post: Post, terms: Sequence[Term]) -> tuple[list[Prompt], int]:
+        """One prompt per chunk of terms of one type, and how many body characters the token budget cut."""
+        budget = self.settings.max_post_tokens * CHARS_PER_TOKEN
+        cut = max(0, len(post.body) - budget)
+        text = PostText(post.title, post.description, post.body[:budget])
+        prompts = []
+        for term_type in dict.fromkeys(t.type for t in terms):
+            of_type = [t for t in terms if t.type == term_type]
+            # Even chunks (41 terms at 40 a chunk become 21 + 20, not 40 + 1).
+            count = -(-len(of_type) // self.settings.chunk_size)
+            size = -(-len(of_type) // count)
+            prompts += [build_prompt(self.templates, of_type[i : i + size], text) for i in range(0, len(of_type), size)]
+        return prompts, cut
 
     def split_cached(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], list[Term]]:
         """Judgements still valid for this post, term, prompt and model; and the terms that need asking."""
@@ -114,20 +126,28 @@ class Classifier:
         """The taxonomy's terms, optionally only of some types."""
         return [t for t in self.taxonomy if not types or t.type in types]
 
-    def _chunks(self, terms: list[Term]) -> list[list[Term]]:
-        size = self.settings.chunk_size
-        return [terms[i : i + size] for i in range(0, len(terms), size)]
+    def shortlist(self, post: Post, terms: Sequence[Term]) -> tuple[list[Judgement], list[Term]]:
+        """Split terms into those a local overlap ranking finds hopeless (recorded, not asked) and the rest."""
+        prompts, _ = self.prompts_for(post, terms)
+        skipped: list[Judgement] = []
+        ask: list[Term] = []
+        for prompt in prompts:
+            by_name = {t.title: t for t in prompt.terms}
+            for judgement in self._judgements(
+                by_name, OfflineProvider().judge(prompt).judgements, post.content_hash, "shortlist"
+            ):
+                if judgement.confidence < self.settings.shortlist_min:
+                    skipped.append(judgement.model_copy(update={"reason": f"not asked: {judgement.reason}"}))
+                else:
+                    ask.append(by_name[judgement.term])
+        return skipped, ask
 
-    def _judge_chunk(self, terms: list[Term], text: PostText, content_hash: str) -> tuple[list[Judgement], Usage]:
-        prompt = build_prompt(self.templates, terms, text)
-        reply = self.provider.judge(prompt)
-        by_name = {t.title: t for t in terms}
-        unknown = [j.term for j in reply.judgements if j.term not in by_name]
-        if unknown or len(reply.judgements) != len(terms):
-            raise InvalidReply(f"reply names terms that were not asked: {unknown}", raw_reply=reply.raw)
+    def _judgements(
+        self, by_name: dict[str, Term], replies: Sequence[TermScores], content_hash: str, provider: str
+    ) -> list[Judgement]:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         judgements = []
-        for scores in reply.judgements:
+        for scores in replies:
             term = by_name[scores.term]
             value = confidence(scores, self.settings.weights)
             judgements.append(
@@ -142,10 +162,20 @@ class Classifier:
                     content_hash=content_hash,
                     prompt_version=self.templates.version,
                     model=self.provider.model,
-                    provider=self.provider.name,
+                    provider=provider,
                     judged_at=now,
                 )
             )
+        return judgements
+
+    def _judge_prompt(self, prompt: Prompt, content_hash: str) -> tuple[list[Judgement], Usage]:
+        terms = prompt.terms
+        reply = self.provider.judge(prompt)
+        by_name = {t.title: t for t in terms}
+        unknown = [j.term for j in reply.judgements if j.term not in by_name]
+        if unknown or len(reply.judgements) != len(terms):
+            raise InvalidReply(f"reply names terms that were not asked: {unknown}", raw_reply=reply.raw)
+        judgements = self._judgements(by_name, reply.judgements, content_hash, self.provider.name)
         log.info(
             "llm_call",
             model=self.provider.model,

@@ -48,14 +48,15 @@ def default_scorer(term: str, post: str) -> dict[str, Any]:
     }
 
 
-def _names(body: dict[str, Any]) -> list[str]:
+def asked_names(body: dict[str, Any]) -> list[str]:
+    """The term titles a chat-completions request asks about (from its schema, else its system message)."""
     fmt = body.get("response_format") or {}
     schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt, dict) else None
     if schema:
         for definition in (schema.get("$defs") or {}).values():
-            enum = definition.get("properties", {}).get("term", {}).get("enum")
-            if enum:
-                return [str(n) for n in enum]
+            term = definition.get("properties", {}).get("term", {})
+            if term.get("enum") or "const" in term:
+                return [str(n) for n in term.get("enum") or [term["const"]]]
     system = next((m.get("content", "") for m in body.get("messages", []) if m.get("role") == "system"), "")
     return re.findall(r"^## (.+)$", system, re.M)
 
@@ -142,7 +143,7 @@ class FakeLLM:
             return status, headers, {"error": {"message": message, "type": code, "code": code, "param": None}}
         if fault == "timeout":
             time.sleep(self.timeout_sleep)
-        names = _names(body)
+        names = asked_names(body)
         post = _post_text(body)
         entries = [self.scorer(n, post) for n in names]
         finish, refusal = "stop", None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,12 @@ from worker.taxonomy import Term
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 TEMPLATES = ("system", "term", "post", "reask")
-SCOPE_CHARS = 320
-EXCLUDE_CHARS = 320
+SCOPE_CHARS = 160
+TOPIC_CHARS = 60
+MAX_TOPICS = 5
+EXCLUDE_CHARS = 140
+# "Use this category only for discussions on X." repeats the title: it costs tokens and says nothing.
+_BOILERPLATE = re.compile(r"^\s*use this (category|tag|concept|classification)[^.]*\.\s*", re.I)
 CHARS_PER_TOKEN = 4
 
 
@@ -65,15 +70,16 @@ def _clip(text: str, limit: int) -> str:
         return text
     cut = text[:limit]
     sentence_end = cut.rfind(". ")
-    return cut[: sentence_end + 1] if sentence_end > limit // 2 else cut.rsplit(" ", 1)[0] + "..."
+    return cut[: sentence_end + 1] if sentence_end > limit // 2 else cut.rsplit(" ", 1)[0] + "…"
 
 
 def render_term(templates: Templates, term: Term) -> str:
-    """A compact definition of one term: title, scope, key topics, exclusions."""
+    """A compact definition of one term: title, scope, key topics, exclusions (not the site's prose)."""
+    topics = [_clip(t.rstrip("."), TOPIC_CHARS) for t in term.key_topics[:MAX_TOPICS]]
     return templates.term.safe_substitute(
         title=term.title,
-        scope=_clip(term.scope, SCOPE_CHARS),
-        key_topics="; ".join(t.rstrip(".") for t in term.key_topics) or "(none listed)",
+        scope=_clip(_BOILERPLATE.sub("", term.scope) or term.scope, SCOPE_CHARS),
+        key_topics="; ".join(topics) or "(none listed)",
         exclusions=_clip("; ".join(e.rstrip(".") for e in term.exclusions), EXCLUDE_CHARS) or "(none listed)",
     ).strip()
 

@@ -51,6 +51,17 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     print(f"backfill: {len(plan.todo)} to classify, {plan.fresh} fresh (skipped), {len(plan.bad)} unreadable")
     for line in plan.bad:
         print(f"FAILED {line}", file=sys.stderr)
+    if args.estimate:
+        est = backfill_lib.estimate(settings, plan.todo, args.type)
+        cost = (
+            f"${est.cost:.4f}" if est.cost is not None else f"unknown (no price for {settings.model} in TAGGER_PRICES)"
+        )
+        print(
+            f"estimate for {settings.model}: {est.posts} posts, {est.calls} calls, "
+            f"{est.input_tokens} input tokens ({est.cached_tokens} cacheable, "
+            f"{est.input_tokens - est.cached_tokens} uncached), {est.output_tokens} output tokens, cost {cost}"
+        )
+        return 0
     if args.inline:
         summary = backfill_lib.run_inline(settings, plan.todo, progress=_progress, types=args.type)
         print(
@@ -206,6 +217,7 @@ def add_commands(sub: Any) -> None:
     backfill.add_argument("--limit", type=int)
     backfill.add_argument("--type", action="append", help="only this classification type (repeatable)")
     backfill.add_argument("--priority", choices=PRIORITIES, default="low")
+    backfill.add_argument("--estimate", action="store_true", help="print calls, tokens and cost; call nothing")
     backfill.set_defaults(func=cmd_backfill)
 
     work = sub.add_parser("work", help="run workers")

@@ -76,9 +76,10 @@ class Settings(BaseSettings):
 
     selection: dict[str, SelectionRule] = Field(default_factory=lambda: dict(DEFAULT_RULES), alias="TAGGER_SELECTION")
     weights: Weights = Field(default_factory=Weights, alias="TAGGER_WEIGHTS")
-    chunk_size: int = Field(default=40, ge=1, alias="TAGGER_CHUNK_SIZE")
+    chunk_size: int = Field(default=60, ge=1, alias="TAGGER_CHUNK_SIZE")
+    shortlist_min: float = Field(default=0.0, ge=0, le=100, alias="TAGGER_SHORTLIST_MIN")
     concurrency: int = Field(default=4, ge=1, alias="TAGGER_CONCURRENCY")
-    max_post_chars: int = Field(default=60_000, ge=1_000, alias="TAGGER_MAX_POST_CHARS")
+    max_post_tokens: int = Field(default=15_000, ge=250, alias="TAGGER_MAX_POST_TOKENS")
 
     request_timeout: float = Field(default=60.0, gt=0, alias="TAGGER_REQUEST_TIMEOUT")
     retry_attempts: int = Field(default=5, ge=1, alias="TAGGER_RETRY_ATTEMPTS")

@@ -1,0 +1,106 @@
+"""Cost benchmark: LLM calls and input tokens per post, tagger's defaults against one call per post and term.
+
+Both are measured in the same run through the real openai SDK against the fake server (tokens estimated at
+4 characters a token, the same way for both). Usage: .venv/bin/python benchmarks/cost.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._support import need_corpus, scratch_posts
+from worker.classifier import make_classifier
+from worker.fakellm import FakeLLM
+from worker.logs import configure
+from worker.posts import read_post
+from worker.settings import Settings
+
+
+def run(
+    fake: FakeLLM, posts: list[Path], taxonomy: Path, chunk_size: int, shortlist: float = 0
+) -> tuple[dict[str, int], list[set[tuple[str, str]]]]:
+    """Classify (dry run) every post; return the server's counters and the terms the LLM judged per post."""
+    before = dict(fake.counts)
+    settings = Settings(
+        _env_file=None,
+        TAGGER_PROVIDER="openai",
+        OPENAI_BASE_URL=fake.base_url,  # type: ignore[call-arg]
+        OPENAI_API_KEY="sk-bench",
+        TAGGER_MODEL="bench",
+        TAGGER_TAXONOMY_DIR=str(taxonomy),
+        TAGGER_CHUNK_SIZE=chunk_size,
+        TAGGER_CONCURRENCY=8,
+        TAGGER_SHORTLIST_MIN=shortlist,
+    )
+    classifier = make_classifier(settings)
+    judged = []
+    for path in posts:
+        result = classifier.classify(path, dry_run=True)
+        judged.append({(j.type, j.term) for j in result.judgements if j.provider != "shortlist"})
+    return {k: fake.counts[k] - before.get(k, 0) for k in ("requests", "prompt_tokens", "cached_tokens")}, judged
+
+
+def main() -> None:
+    configure(Settings(_env_file=None, TAGGER_LOG_LEVEL="WARNING"))  # type: ignore[call-arg]
+    corpus = need_corpus()
+    content = scratch_posts(corpus / "posts")
+    posts = sorted(content.rglob("index.md"))
+    taxonomy = corpus / "taxonomy"
+    fake = FakeLLM().start()
+    try:
+        tagger, judged = run(fake, posts, taxonomy, chunk_size=Settings(_env_file=None).chunk_size)  # type: ignore[call-arg]
+        fake._seen_prefixes.clear()
+        baseline, _ = run(fake, posts, taxonomy, chunk_size=1)
+    finally:
+        fake.stop()
+    sweep = []
+    fake = FakeLLM().start()
+    try:
+        for floor in (5.0, 10.0, 20.0, 30.0):
+            counts, asked = run(fake, posts, taxonomy, chunk_size=Settings(_env_file=None).chunk_size, shortlist=floor)  # type: ignore[call-arg]
+            sweep.append((floor, counts, asked))
+    finally:
+        fake.stop()
+    terms = {
+        (t.type, t.title) for t in make_classifier(Settings(_env_file=None, TAGGER_TAXONOMY_DIR=str(taxonomy))).taxonomy
+    }  # type: ignore[call-arg]
+    picked = [
+        {(ty, ti) for ty in ("categories", "tags", "concepts") for ti in read_post(p).terms(ty) if (ty, ti) in terms}
+        for p in posts
+    ]
+    picks = sum(len(p) for p in picked)
+
+    def recall(asked: list[set[tuple[str, str]]]) -> int:
+        return sum(len(p & a) for p, a in zip(picked, asked, strict=True))
+
+    hits = recall(judged)
+    n = len(posts)
+    print(f"posts: {n}, terms: {len(terms)}")
+    print(f"{'':28}{'tagger defaults':>18}{'one call per term':>20}{'ratio':>8}")
+    for label, key in (
+        ("LLM calls / post", "requests"),
+        ("input tokens / post", "prompt_tokens"),
+        ("cacheable input tokens / post", "cached_tokens"),
+    ):
+        a, b = tagger[key] / n, baseline[key] / n
+        print(f"{label:28}{a:18.1f}{b:20.1f}{(b / a if a else float('inf')):8.1f}x")
+    uncached_a = (tagger["prompt_tokens"] - tagger["cached_tokens"]) / n
+    uncached_b = (baseline["prompt_tokens"] - baseline["cached_tokens"]) / n
+    print(f"{'uncached input tokens / post':28}{uncached_a:18.1f}{uncached_b:20.1f}{uncached_b / uncached_a:8.1f}x")
+    print(
+        f"recall of the peer's front-matter picks among the terms tagger judged: {hits}/{picks} = {hits / max(picks, 1):.3f}"
+    )
+    print("optional shortlist (TAGGER_SHORTLIST_MIN, local word-overlap confidence floor):")
+    for floor, counts, asked in sweep:
+        share = sum(len(a) for a in asked) / (n * len(terms))
+        print(
+            f"  floor {floor:>4}: terms asked {share:6.1%}, input tokens / post {counts['prompt_tokens'] / n:8.1f}, "
+            f"recall {recall(asked) / max(picks, 1):.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

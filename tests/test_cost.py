@@ -1,0 +1,55 @@
+"""Cost controls: the estimate calls nothing, the shortlist records skipped terms, chunks are even."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from worker.backfill import estimate, plan
+from worker.classifier import make_classifier
+from worker.fakellm import FakeLLM, asked_names
+from worker.records import load_record
+from worker.settings import Settings
+
+
+def test_estimate_matches_what_a_run_then_spends(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
+) -> None:
+    settings = make_settings(TAGGER_MODEL="gpt-4o-mini")
+    todo = plan(settings).todo
+    guess = estimate(settings, todo)
+    assert fake_llm.counts["requests"] == 0
+    assert guess.posts == 3 and guess.calls == 3 * 3
+    assert guess.cost is not None and guess.cost > 0
+    for path in todo:
+        make_classifier(settings).classify(path)
+    assert fake_llm.counts["requests"] == guess.calls
+    # the fake server counts tokens the same way (4 characters a token), so the estimate is close
+    assert abs(fake_llm.counts["prompt_tokens"] - guess.input_tokens) <= guess.calls * 2
+    assert estimate(settings, plan(settings).todo).calls == 0
+
+
+def test_chunks_are_even(make_settings: Callable[..., Settings], site: Path) -> None:
+    classifier = make_classifier(make_settings(TAGGER_CHUNK_SIZE=3))
+    post = site / "site" / "posts" / "limiting-wip.md"
+    from worker.posts import read_post
+
+    prompts, _ = classifier.prompts_for(read_post(post), classifier.terms_of(["tags"]))
+    assert [len(p.names) for p in prompts] == [2, 2]
+
+
+def test_shortlist_skips_hopeless_terms_and_caches_them(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
+) -> None:
+    classifier = make_classifier(make_settings(TAGGER_SHORTLIST_MIN=30))
+    post = site / "site" / "posts" / "limiting-wip.md"
+    classifier.classify(post)
+    asked = {n for r in fake_llm.requests for n in asked_names(r)}
+    record = load_record(post)
+    skipped = {j.term for j in record.judgements if j.provider == "shortlist"}
+    assert skipped and "Technical Debt" in skipped and not (skipped & asked)
+    assert "Kanban" in asked
+    assert {j.term for j in record.judgements} == {t.title for t in classifier.taxonomy}
+    requests = fake_llm.counts["requests"]
+    classifier.classify(post)
+    assert fake_llm.counts["requests"] == requests
