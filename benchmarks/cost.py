@@ -91,7 +91,8 @@ def main() -> None:
     uncached_b = (baseline["prompt_tokens"] - baseline["cached_tokens"]) / n
     print(f"{'uncached input tokens / post':28}{uncached_a:18.1f}{uncached_b:20.1f}{uncached_b / uncached_a:8.1f}x")
     print(
-        f"recall of the peer's front-matter picks among the terms tagger judged: {hits}/{picks} = {hits / max(picks, 1):.3f}"
+        "recall of the peer's front-matter picks among the terms tagger judged: "
+        f"{hits}/{picks} = {hits / max(picks, 1):.3f}"
     )
     print("optional shortlist (TAGGER_SHORTLIST_MIN, local word-overlap confidence floor):")
     for floor, counts, asked in sweep:
