@@ -108,6 +108,9 @@ def test_failure_kinds_land_in_failed_list_and_retry_fixes(
     bad_id = next(line.split()[0] for line in listing.splitlines() if "bad_post" in line)
     shown = tagger(queue_env, "failed", "show", bad_id).stdout
     assert "malformed YAML" in shown and "attempts: 1" in shown
+    status = tagger(queue_env, "status").stdout
+    assert "PAUSED" in status and "quota exhausted" in status and "bad_post 1" in status and "quota 1" in status
+    assert "resumed" in tagger(queue_env, "resume").stdout
     bad.write_text("---\ntitle: Fixed Kanban post\n---\nAll about Kanban.\n", encoding="utf-8")
     retried = tagger(queue_env, "failed", "retry", "--all", "--error", "bad_post")
     assert f"requeued 1: {bad_id}" in retried.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,8 +62,10 @@ class Classifier:
             return result
         raise AssertionError("unreachable")
 
-    def judge(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], Usage, int, int]:
-        """Judgements for `terms` (cached where still valid) plus usage, cache hits and chars cut."""
+    def judge(
+        self, post: Post, terms: Sequence[Term], record: Record
+    ) -> tuple[list[Judgement], Usage, int, int, float]:
+        """Judgements for `terms` (cached where still valid), usage, cache hits, chars cut and seconds in LLM calls."""
         keep, todo = self.split_cached(post, terms, record)
         content_hash = post.content_hash
         if self.settings.shortlist_min and todo:
@@ -83,6 +86,7 @@ class Classifier:
                 failed.set()
                 raise
 
+        waited = time.monotonic()
         futures = [pool.submit(run, prompt) for prompt in prompts]
         try:
             for future in futures:
@@ -92,13 +96,16 @@ class Classifier:
         finally:
             # One failed chunk fails the post: chunks not yet started spend no calls.
             pool.shutdown(wait=True, cancel_futures=True)
-        return keep + fresh, usage, len(keep), cut
+        return keep + fresh, usage, len(keep), cut, time.monotonic() - waited if prompts else 0.0
 
     def prompts_for(self, post: Post, terms: Sequence[Term]) -> tuple[list[Prompt], int]:
         """One prompt per chunk of terms of one type, and how many body characters the token budget cut."""
         budget = self.settings.max_post_tokens * CHARS_PER_TOKEN
         cut = max(0, len(post.body) - budget)
-        text = PostText(post.title, post.description, post.body[:budget])
+        return self.prompts_for_text(PostText(post.title, post.description, post.body[:budget]), terms), cut
+
+    def prompts_for_text(self, text: PostText, terms: Sequence[Term]) -> list[Prompt]:
+        """One prompt per even chunk of terms of one type."""
         prompts = []
         for term_type in dict.fromkeys(t.type for t in terms):
             of_type = [t for t in terms if t.type == term_type]
@@ -106,7 +113,7 @@ class Classifier:
             count = -(-len(of_type) // self.settings.chunk_size)
             size = -(-len(of_type) // count)
             prompts += [build_prompt(self.templates, of_type[i : i + size], text) for i in range(0, len(of_type), size)]
-        return prompts, cut
+        return prompts
 
     def split_cached(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], list[Term]]:
         """Judgements still valid for this post, term, prompt and model; and the terms that need asking."""
@@ -193,7 +200,7 @@ class Classifier:
     ) -> tuple[Classification, str | None, Record]:
         wanted_types = [t for t in self.taxonomy.types() if not types or t in types]
         terms = self.terms_of(types)
-        judgements, usage, hits, cut = self.judge(post, terms, record)
+        judgements, usage, hits, cut, llm_seconds = self.judge(post, terms, record)
         decisions: list[Decision] = []
         changes: dict[str, list[str] | str] = {}
         assigned = {k: v for k, v in record.assigned.items() if k not in wanted_types}
@@ -245,7 +252,14 @@ class Classifier:
         shared = new_record.model_dump(
             include={"post", "content_hash", "assigned", "rejected", "judgements", "usage", "truncated_chars"}
         )
-        result = Classification(**shared, decisions=decisions, cached_terms=hits, human_only=post.human_only, diff=diff)
+        result = Classification(
+            **shared,
+            decisions=decisions,
+            cached_terms=hits,
+            llm_seconds=round(llm_seconds, 4),
+            human_only=post.human_only,
+            diff=diff,
+        )
         return result, new_text, new_record
 
 

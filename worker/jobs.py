@@ -19,7 +19,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.classifier import make_classifier
+from worker.classifier import Classifier, make_classifier
 from worker.errors import OutsideContentRoot, TaggerError, kind_of
 from worker.logs import redact, secrets_of
 from worker.settings import Settings
@@ -161,14 +161,50 @@ def lease(redis: Redis, settings: Settings, job_id: str) -> Iterator[None]:
         redis.delete(key)
 
 
+def _signature(settings: Settings) -> tuple[tuple[str, int, int], ...]:
+    """What, on disk, a built classifier depends on: term files and prompt templates."""
+    from worker.prompts import DEFAULT_DIR
+
+    files = [*settings.taxonomy_dir.rglob("*.md"), *(settings.prompts_dir or DEFAULT_DIR).glob("*.md")]
+    return tuple(sorted((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
+
+
+@dataclass
+class WorkerContext:
+    """Built once per worker process and reused by its jobs: settings and a ready classifier."""
+
+    settings: Settings
+    classifier: Classifier
+    signature: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def build(cls, redis: Redis) -> WorkerContext:
+        """Read settings, taxonomy and templates, and set up the provider."""
+        settings = Settings()
+        return cls(settings, make_classifier(settings, RedisThrottle(settings, redis)), _signature(settings))
+
+    def fresh(self, redis: Redis) -> WorkerContext:
+        """This context, or a rebuilt one when a term file or template changed on disk."""
+        return self if _signature(self.settings) == self.signature else WorkerContext.build(redis)
+
+
+class WorkerState:
+    """The worker process's context, built before its first job."""
+
+    # Process state on purpose: RQ calls a job function by import path, so this is how a classifier built
+    # once (taxonomy, SSL context, the SDK's per-model classes, open connections) reaches every job.
+    context: WorkerContext | None = None
+
+
 def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any]:
     """The RQ job: classify one post below the content root and write it back."""
     from rq import get_current_job
 
-    settings = Settings()
     job = get_current_job()
     assert job is not None and job.connection is not None
     redis: Redis = job.connection
+    context = WorkerState.context = (WorkerState.context or WorkerContext.build(redis)).fresh(redis)
+    settings = context.settings
     job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
     job.save_meta()
     started = time.monotonic()
@@ -176,7 +212,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     bound.info("started")
     with lease(redis, settings, job.id):
         path = settings.content_root() / confine(relative, settings, from_cwd=False)
-        result = make_classifier(settings, RedisThrottle(settings, redis)).classify(path, types=types)
+        result = context.classifier.classify(path, types=types)
     usage = result.usage
     minute = int(time.time() // 60)
     with redis.pipeline() as pipe:
@@ -190,7 +226,8 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
         input_tokens=usage.input_tokens,
         cached_tokens=usage.cached_tokens,
         output_tokens=usage.output_tokens,
-        duration=round(time.monotonic() - started, 3),
+        duration=round(time.monotonic() - started, 4),
+        llm_seconds=result.llm_seconds,
     )
     _rerun_if_edited(redis, settings, job)
     return {
@@ -257,7 +294,10 @@ def recover_abandoned(settings: Settings, redis: Redis) -> list[str]:
                 abandoned=abandoned, kind="abandoned", error="worker died while running the job", failed_at=time.time()
             )
             job.save_meta()
-            registry.remove(job)
+            entries = [e.decode() for e in redis.zrange(registry.key, 0, -1) if isinstance(e, bytes)]
+            stale = [e for e in entries if e.startswith(f"{job_id}:")]  # entries are "<job id>:<execution id>"
+            if stale:
+                redis.zrem(registry.key, *stale)
             if abandoned <= settings.abandoned_requeues:
                 queue.enqueue_job(job)
                 log.warning("retried", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)

@@ -132,6 +132,7 @@ class Classification(BaseModel):
     rejected: dict[str, list[str]]
     usage: Usage
     cached_terms: int
+    llm_seconds: float = 0.0
     truncated_chars: int = 0
     written: bool = False
     human_only: bool = False

@@ -15,9 +15,19 @@ from typing import Any
 from worker import backfill as backfill_lib
 from worker import oncall
 from worker.errors import TaggerError
-from worker.jobs import PRIORITIES, confine, connect, enqueue_posts, queues, recover_abandoned
+from worker.jobs import (
+    PRIORITIES,
+    WorkerContext,
+    WorkerState,
+    confine,
+    connect,
+    enqueue_posts,
+    queues,
+    recover_abandoned,
+)
 from worker.logs import configure
 from worker.settings import Settings
+from worker.throttle import RedisThrottle
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -112,7 +122,7 @@ def cmd_work(args: argparse.Namespace) -> int:
             for child in children:
                 child.terminate()
             return max(child.wait() for child in children)
-    from rq import Worker
+    from rq import SimpleWorker
     from rq.serializers import JSONSerializer
 
     redis = connect(settings)
@@ -125,7 +135,10 @@ def cmd_work(args: argparse.Namespace) -> int:
             recover_abandoned(settings, redis)
 
     threading.Thread(target=reaper, daemon=True).start()
-    worker = Worker(selected, connection=redis, serializer=JSONSerializer)
+    WorkerState.context = WorkerContext.build(redis)
+    # Jobs run in this process (no fork per job): connections and the classifier stay warm. A worker that
+    # dies mid-job loses nothing: its lease lapses and the job is requeued.
+    worker = SimpleWorker(selected, connection=redis, serializer=JSONSerializer)
     try:
         worker.work(burst=args.burst, with_scheduler=True)
     finally:
@@ -200,6 +213,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Lift the shared pause that quota exhaustion or 429s put on every worker."""
+    settings = Settings()
+    lifted = RedisThrottle(settings, connect(settings)).resume()
+    print("resumed: workers may call the LLM again" if lifted else "nothing to do: not paused")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register the queue subcommands on the main parser."""
     enqueue = sub.add_parser("enqueue", help="enqueue posts for the workers")
@@ -237,3 +258,6 @@ def add_commands(sub: Any) -> None:
     status = sub.add_parser("status", help="queues, workers, failures, throughput")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    resume = sub.add_parser("resume", help="lift the shared pause after quota exhaustion or 429s")
+    resume.set_defaults(func=cmd_resume)

@@ -88,6 +88,10 @@ class RedisThrottle:
         self.redis.set(self.pause_key, reason, px=ms)
         log.warning("paused", reason=reason, seconds=round(seconds, 2))
 
+    def resume(self) -> bool:
+        """Lift the shared pause now (e.g. after topping up quota); True when there was one."""
+        return bool(self.redis.delete(self.pause_key))
+
     def reason(self) -> str | None:
         """Why workers are paused now, or None."""
         value = self.redis.get(self.pause_key)

@@ -1,0 +1,124 @@
+"""Throughput benchmark: N posts through W real worker processes against the fake server.
+
+Prints posts/s against the ideal for the fake latency (a post's calls run in parallel, so a post costs one
+round trip per worker), measured from the first job's start to the last job's end in the workers' own
+JSON logs (process start-up is reported apart); and, with latency 0, the time per job outside LLM calls.
+Usage: .venv/bin/python benchmarks/throughput.py [--posts 120] [--workers 4] [--latency 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._support import REPO, delete_prefix, redis_url
+from worker.fakellm import FakeLLM
+
+
+def make_site(posts: int) -> Path:
+    """A scratch content folder with `posts` copies of the demo posts that tagger may write."""
+    root = Path(tempfile.mkdtemp(prefix="tagger-tp-"))
+    demo = [p for p in sorted((REPO / "examples" / "site").rglob("*.md")) if "Human" not in p.read_text()]
+    for n in range(posts):
+        source = demo[n % len(demo)]
+        shutil.copyfile(source, root / f"{n:05d}-{source.name}")
+    return root
+
+
+@dataclass
+class Run:
+    """What one run of the workers showed."""
+
+    wall: float
+    busy: float
+    job_seconds: list[float]
+    llm_seconds: list[float]
+
+
+def run(url: str, posts: int, workers: int, latency: float) -> Run:
+    """Enqueue `posts` posts, run `workers` burst workers, read their job events."""
+    fake = FakeLLM(latency=latency).start()
+    site = make_site(posts)
+    prefix = f"tp{os.getpid()}{int(latency * 1000)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_", "REDIS_"))}
+    env.update(
+        REDIS_URL=url,
+        RQ_KEY_PREFIX=f"rq{prefix}",
+        TAGGER_REDIS_PREFIX=prefix,
+        TAGGER_PROVIDER="openai",
+        OPENAI_BASE_URL=fake.base_url,
+        OPENAI_API_KEY="sk-bench",
+        TAGGER_MODEL="bench",
+        TAGGER_TAXONOMY_DIR=str(REPO / "categories"),
+        TAGGER_CONTENT_DIR=str(site),
+        TAGGER_LOG_FORMAT="json",
+    )
+    tagger = [sys.executable, "-m", "worker"]
+    try:
+        subprocess.run([*tagger, "backfill", str(site)], env=env, check=True, capture_output=True)
+        started = time.monotonic()
+        work = subprocess.run(
+            [*tagger, "work", "--burst", "--processes", str(workers)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.monotonic() - started
+        events = [json.loads(line) for line in work.stderr.splitlines() if line.startswith("{")]
+        starts = [datetime.fromisoformat(e["timestamp"]) for e in events if e["event"] == "started"]
+        ends = [e for e in events if e["event"] in ("written", "skipped")]
+        if len(ends) != posts:
+            raise SystemExit(f"only {len(ends)} of {posts} posts were classified")
+        last = max(datetime.fromisoformat(e["timestamp"]) for e in ends)
+        return Run(
+            wall, (last - min(starts)).total_seconds(), [e["duration"] for e in ends], [e["llm_seconds"] for e in ends]
+        )
+    finally:
+        fake.stop()
+        delete_prefix(url, f"rq{prefix}:*", f"{prefix}:*")
+        shutil.rmtree(site, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--posts", type=int, default=120)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--latency", type=float, default=0.5)
+    args = parser.parse_args()
+    with redis_url() as url:
+        slow = run(url, args.posts, args.workers, args.latency)
+        fast = run(url, args.posts, args.workers, 0.0)
+    ideal = args.workers / args.latency
+    measured = args.posts / slow.busy
+    job = statistics.median(fast.job_seconds)
+    outside = statistics.median(j - w for j, w in zip(fast.job_seconds, fast.llm_seconds, strict=True))
+    print(f"posts {args.posts}, workers {args.workers}, fake latency {args.latency}s, 3 calls per post in parallel")
+    print(
+        f"throughput: {measured:.2f} posts/s against an ideal of {ideal:.2f} posts/s = {measured / ideal:.0%} "
+        f"(first job start to last job end; {slow.wall:.1f}s with process start-up)"
+    )
+    print(
+        f"latency {args.latency}: median job {statistics.median(slow.job_seconds) * 1000:.0f} ms, "
+        f"median time in LLM calls {statistics.median(slow.llm_seconds) * 1000:.0f} ms"
+    )
+    print(
+        f"latency 0: median job {job * 1000:.0f} ms, of which outside LLM calls {outside * 1000:.0f} ms "
+        f"= {outside / args.latency:.0%} of one {args.latency}s round trip"
+    )
+
+
+if __name__ == "__main__":
+    main()
