@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker.backfill import estimate, plan
-from worker.classifier import make_classifier
+from worker.classifier import Classifier, make_classifier
 from worker.fakellm import FakeLLM, asked_names
 from worker.records import load_record
 from worker.settings import Settings
@@ -53,3 +53,20 @@ def test_shortlist_skips_hopeless_terms_and_caches_them(
     requests = fake_llm.counts["requests"]
     classifier.classify(post)
     assert fake_llm.counts["requests"] == requests
+
+
+def test_a_posts_calls_run_in_parallel_within_the_bound(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
+) -> None:
+    fake_llm.latency = 0.4
+    classifier = make_classifier(make_settings(TAGGER_CONCURRENCY=2))
+    classifier.classify(site / "site" / "posts" / "limiting-wip.md")
+    assert fake_llm.max_in_flight == 2  # three calls, at most two at once
+
+
+def test_cached_prefix_tokens_are_recorded(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:
+    first = classifier.classify(site / "site" / "posts" / "limiting-wip.md")
+    second = classifier.classify(site / "site" / "posts" / "shipping-daily.md")
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens > 0  # same rubric and definitions: the provider's prefix cache served them
+    assert load_record(site / "site" / "posts" / "shipping-daily.md").usage.cached_tokens == second.usage.cached_tokens

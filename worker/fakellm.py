@@ -78,6 +78,8 @@ class FakeLLM:
         self.retry_after = "1"
         self.timeout_sleep = 3.0
         self.success_headers: dict[str, str] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.requests: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self._seen_prefixes: set[str] = set()
@@ -123,6 +125,16 @@ class FakeLLM:
 
     def respond(self, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
         """Status, headers and JSON body for one chat-completions request."""
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return self._respond(body)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _respond(self, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
         fault = self._next_fault()
         with self._lock:
             self.requests.append(body)
