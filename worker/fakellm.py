@@ -123,18 +123,18 @@ class FakeLLM:
                 return self._random.choice(self.fault_mix)
             return None
 
-    def respond(self, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    def respond(self, body: dict[str, Any], authorization: str = "") -> tuple[int, dict[str, str], dict[str, Any]]:
         """Status, headers and JSON body for one chat-completions request."""
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            return self._respond(body)
+            return self._respond(body, authorization)
         finally:
             with self._lock:
                 self.in_flight -= 1
 
-    def _respond(self, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    def _respond(self, body: dict[str, Any], authorization: str) -> tuple[int, dict[str, str], dict[str, Any]]:
         fault = self._next_fault()
         with self._lock:
             self.requests.append(body)
@@ -147,7 +147,8 @@ class FakeLLM:
             "rate_limit": (429, "Rate limit reached for requests", "rate_limit_exceeded"),
             "quota": (429, "You exceeded your current quota", "insufficient_quota"),
             "server_error": (500, "The server had an error while processing your request", "server_error"),
-            "auth": (401, "Incorrect API key provided", "invalid_api_key"),
+            # Echoes the key it was sent, as careless servers do: tagger must redact it wherever it goes.
+            "auth": (401, f"Incorrect API key provided: {authorization.removeprefix('Bearer ')}", "invalid_api_key"),
         }
         if fault in errors:
             status, message, code = errors[fault]
@@ -227,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.path.rstrip("/").endswith("/chat/completions"):
             status, payload = 404, {"error": {"message": "not found", "type": "not_found", "code": None}}
         else:
-            status, headers, payload = self.fake.respond(body)
+            status, headers, payload = self.fake.respond(body, self.headers.get("authorization", ""))
         data = json.dumps(payload).encode()
         try:
             self.send_response(status)

@@ -14,7 +14,8 @@ from typing import Any
 
 import structlog
 from redis import Redis
-from rq import Callback, Queue, Retry
+from rq import Callback, Queue, Retry, SimpleWorker
+from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -29,6 +30,10 @@ log = structlog.get_logger("tagger.jobs")
 PRIORITIES = ("high", "default", "low")
 WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 RAW_REPLY_CHARS = 20_000
+
+
+JOB_FUNCTION = "worker.jobs.classify_job"
+FAILURE_CALLBACK = "worker.jobs.on_failure"
 
 
 def connect(settings: Settings) -> Redis:
@@ -127,7 +132,7 @@ def enqueue_posts(
 def job_data(queue: Queue, relative: str, job_id: str, settings: Settings, types: Sequence[str] | None = None) -> Any:
     """RQ job data for classifying one post: JSON args, retries, failure callback, timeout."""
     return Queue.prepare_data(
-        "worker.jobs.classify_job",
+        JOB_FUNCTION,
         args=[relative, list(types) if types else None],
         job_id=job_id,
         timeout=settings.job_timeout,
@@ -136,7 +141,7 @@ def job_data(queue: Queue, relative: str, job_id: str, settings: Settings, types
         description=f"classify {relative}",
         meta={"post": relative, "attempts": 0, "types": list(types) if types else None},
         retry=Retry(max=settings.job_retries, interval=settings.job_retry_delays) if settings.job_retries else None,
-        on_failure=Callback("worker.jobs.on_failure"),
+        on_failure=Callback(FAILURE_CALLBACK),
     )
 
 
@@ -307,3 +312,36 @@ def recover_abandoned(settings: Settings, redis: Redis) -> list[str]:
                 log.warning("failed", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
             recovered.append(job_id)
     return recovered
+
+
+def refusal(job: Job) -> str | None:
+    """Why a job found on tagger's queues must not run, or None: only tagger's own job, in JSON."""
+    try:
+        name = job.func_name
+    except DeserializationError:
+        return "job data is not JSON (a pickled or foreign payload); not run"
+    if name != JOB_FUNCTION:
+        return f"job calls {name!r}, not {JOB_FUNCTION}; not run"
+    callbacks = {job._success_callback_name, job._failure_callback_name, job._stopped_callback_name}
+    foreign = sorted(str(c) for c in callbacks if c is not None and c != FAILURE_CALLBACK)
+    if foreign:
+        return f"job names foreign callbacks {foreign}; not run"
+    return None
+
+
+class TaggerWorker(SimpleWorker):
+    """Runs jobs in this process (connections and classifier stay warm) and refuses anything not tagger's."""
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run the job, unless it is not tagger's own: then fail it without running any of its code."""
+        problem = refusal(job)
+        if problem is None:
+            super().execute_job(job, queue)
+            return
+        # Callbacks are cleared first: a foreign job's failure callback is code too.
+        job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
+        job.meta = {"kind": "refused", "error": problem, "failed_at": time.time(), "attempts": 0}
+        job.save_meta()
+        job.set_status(JobStatus.FAILED)
+        FailedJobRegistry(queue=queue).add(job, exc_string=f"refused: {problem}")
+        log.error("refused", job_id=job.id, reason=problem)

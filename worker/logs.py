@@ -56,3 +56,24 @@ def configure(settings: Settings, stream: Any = None, quiet: bool = False) -> No
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=stream, format="%(name)s %(levelname)s %(message)s")
+    if secrets:
+        _redact_stdlib_records(secrets)
+
+
+def _redact_stdlib_records(secrets: list[str]) -> None:
+    """Redact secrets from every stdlib log record (RQ's own logs and tracebacks included) when it is made."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "tagger_redacts", False):
+        return
+    formatter = logging.Formatter()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.msg, record.args = redact(record.getMessage(), secrets), None
+        if record.exc_info:
+            record.exc_text = redact(formatter.formatException(record.exc_info), secrets)
+            record.exc_info = None
+        return record
+
+    factory.tagger_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

@@ -28,18 +28,22 @@ class Failure:
     attempts: int
     failed_at: float
     message: str
-    job: Job
+    job: Job | None  # None when the job's data cannot be read (planted or damaged)
 
 
 def failures(settings: Settings, redis: Redis, kind: str | None = None) -> list[Failure]:
     """Every failed job, newest first, optionally of one kind."""
     found = []
     for queue in queues(settings, redis):
-        ids = FailedJobRegistry(queue=queue).get_job_ids()
-        for job in Job.fetch_many(ids, connection=redis, serializer=JSONSerializer):
-            if job is None:
+        for job_id in FailedJobRegistry(queue=queue).get_job_ids():
+            try:
+                job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+                meta = job.meta
+            except Exception as exc:  # a planted or damaged job must not break the listing
+                found.append(
+                    Failure(job_id, queue.name, "?", "unreadable", 0, 0.0, f"job cannot be read: {exc!r}", None)
+                )
                 continue
-            meta = job.meta
             failure = Failure(
                 job_id=job.id,
                 queue=queue.name,
@@ -87,7 +91,7 @@ def retry(settings: Settings, redis: Redis, job_ids: list[str] | None = None, ki
     wanted = set(job_ids or [])
     done = []
     for failure in failures(settings, redis, kind):
-        if job_ids is not None and failure.job_id not in wanted:
+        if (job_ids is not None and failure.job_id not in wanted) or failure.job is None:
             continue
         job = failure.job
         job.meta.update(kind=None, error=None, raw_reply=None, traceback=None, abandoned=0)
@@ -102,9 +106,8 @@ def purge(settings: Settings, redis: Redis) -> int:
     """Delete every failed job; returns how many."""
     count = 0
     for failure in failures(settings, redis):
-        FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).remove(
-            failure.job, delete_job=True
-        )
+        FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).remove(failure.job_id)
+        redis.delete(Job.key_for(failure.job_id), f"{Job.key_for(failure.job_id)}:dependents")
         count += 1
     return count
 

@@ -27,6 +27,7 @@ from worker.errors import (
     Truncated,
 )
 from worker.judgements import ReplyBase, TermScores, Usage, missing_or_repeated, reply_model
+from worker.logs import redact, secrets_of
 from worker.prompts import Prompt, Templates, estimate_tokens, reask_message
 from worker.settings import Settings
 from worker.throttle import NoThrottle, Throttle
@@ -328,7 +329,9 @@ class OpenAIProvider:
 
     def _translate(self, exc: openai.APIError) -> ProviderError:
         status = getattr(exc, "status_code", None)
-        detail = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {exc.message[:300]}"
+        # Some servers echo the key they were sent in their error message.
+        message = redact(exc.message, secrets_of(self.settings))
+        detail = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {message[:300]}"
         if _is_quota(exc):
             return QuotaExhausted(f"provider quota exhausted: {detail}")
         if isinstance(exc, openai.RateLimitError):

@@ -17,6 +17,7 @@ from worker import oncall
 from worker.errors import TaggerError
 from worker.jobs import (
     PRIORITIES,
+    TaggerWorker,
     WorkerContext,
     WorkerState,
     confine,
@@ -122,7 +123,6 @@ def cmd_work(args: argparse.Namespace) -> int:
             for child in children:
                 child.terminate()
             return max(child.wait() for child in children)
-    from rq import SimpleWorker
     from rq.serializers import JSONSerializer
 
     redis = connect(settings)
@@ -138,7 +138,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     WorkerState.context = WorkerContext.build(redis)
     # Jobs run in this process (no fork per job): connections and the classifier stay warm. A worker that
     # dies mid-job loses nothing: its lease lapses and the job is requeued.
-    worker = SimpleWorker(selected, connection=redis, serializer=JSONSerializer)
+    worker = TaggerWorker(selected, connection=redis, serializer=JSONSerializer)
     try:
         worker.work(burst=args.burst, with_scheduler=True)
     finally:
