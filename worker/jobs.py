@@ -17,7 +17,7 @@ from redis import Redis
 from rq import Callback, Queue, Retry, SimpleWorker
 from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from worker.classifier import Classifier, make_classifier
@@ -281,6 +281,21 @@ def on_failure(job: Job, connection: Redis, exc_type: Any, value: BaseException,
     )
 
 
+def promote_overdue(settings: Settings, redis: Redis, grace: float = 5.0) -> list[str]:
+    """Enqueue delayed retries that are overdue: RQ's scheduler may be gone with a killed worker for a while."""
+    promoted = []
+    for queue in queues(settings, redis):
+        registry = ScheduledJobRegistry(queue=queue)
+        for job_id in registry.get_jobs_to_schedule(int(time.time() - grace)):
+            if not redis.zrem(registry.key, job_id):
+                continue  # another worker or the scheduler took it
+            job = queue.fetch_job(job_id)
+            if job is not None:
+                queue.enqueue_job(job)
+                promoted.append(job_id)
+    return promoted
+
+
 def recover_abandoned(settings: Settings, redis: Redis) -> list[str]:
     """Requeue started jobs whose lease lapsed (worker killed); fail them as `abandoned` after a few times."""
     recovered = []
@@ -340,7 +355,7 @@ class TaggerWorker(SimpleWorker):
             return
         # Callbacks are cleared first: a foreign job's failure callback is code too.
         job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
-        job.meta = {"kind": "refused", "error": problem, "failed_at": time.time(), "attempts": 0}
+        job.meta = {"kind": "foreign_job", "error": problem, "failed_at": time.time(), "attempts": 0}
         job.save_meta()
         job.set_status(JobStatus.FAILED)
         FailedJobRegistry(queue=queue).add(job, exc_string=f"refused: {problem}")

@@ -23,6 +23,7 @@ from worker.jobs import (
     confine,
     connect,
     enqueue_posts,
+    promote_overdue,
     queues,
     recover_abandoned,
 )
@@ -133,6 +134,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     def reaper() -> None:
         while not stop.wait(max(0.5, settings.lease_seconds / 2)):
             recover_abandoned(settings, redis)
+            promote_overdue(settings, redis)
 
     threading.Thread(target=reaper, daemon=True).start()
     WorkerState.context = WorkerContext.build(redis)

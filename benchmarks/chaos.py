@@ -1,0 +1,286 @@
+"""Chaos run: posts through real workers while the fake LLM injects faults, workers are SIGKILLed at random
+and a writer edits posts; then checks that nothing was lost or corrupted.
+
+Usage: .venv/bin/python benchmarks/chaos.py [--posts 300] [--workers 4] [--fault-rate 0.2] [--kills 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis as redis_lib
+from rq import Queue, Worker
+from rq.defaults import RQ_KEY_PREFIX
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from benchmarks._support import REPO, delete_prefix, redis_url
+from worker.fakellm import FakeLLM
+from worker.posts import ORIGIN_KEY, read_post
+
+FAULT_MIX = ("rate_limit", "server_error", "timeout", "broken_json", "schema_invalid", "refusal")
+OWNED_TYPES = ("categories", "tags", "concepts")
+OWNED_LINE = re.compile(rf"^(\s*-(\s|$)|({'|'.join((*OWNED_TYPES, ORIGIN_KEY))})\s*[:=]|\s*(\".*\",?|\])\s*$)")
+EDIT = "\n\nA late paragraph from the editor, written while tagger was at work.\n"
+
+
+@dataclass
+class Report:
+    """The figures a chaos run prints; `lost` and `corrupted` must be 0."""
+
+    posts: int = 0
+    faults: int = 0
+    kills: int = 0
+    retries: int = 0
+    recovered: int = 0
+    edits: int = 0
+    failed_before_retry: dict[str, int] = field(default_factory=dict)
+    lost: list[str] = field(default_factory=list)
+    corrupted: list[str] = field(default_factory=list)
+    stuck_started: int = 0
+
+    def lines(self) -> list[str]:
+        """Human-readable figures."""
+        return [
+            f"posts {self.posts}, faults injected {self.faults}, workers killed {self.kills}, "
+            f"jobs recovered from killed workers {self.recovered}, job re-runs {self.retries}, "
+            f"concurrent edits {self.edits}",
+            f"failed before `failed retry --all`: {self.failed_before_retry or 'none'}",
+            f"lost {len(self.lost)}, corrupted {len(self.corrupted)}, stuck in started {self.stuck_started}",
+            *[f"  lost: {p}" for p in self.lost[:10]],
+            *[f"  corrupted: {p}" for p in self.corrupted[:10]],
+        ]
+
+
+def make_content(root: Path, posts: int) -> None:
+    """`posts` copies of the demo posts (one of them Human-only) in a scratch content folder."""
+    demo = sorted((REPO / "examples" / "site").rglob("*.md"))
+    for n in range(posts):
+        source = demo[n % len(demo)]
+        shutil.copyfile(source, root / f"{n:04d}-{source.name}")
+
+
+def expected_terms(content: Path, env: dict[str, str]) -> dict[str, dict[str, list[str]]]:
+    """What a clean run (no faults, no kills) assigns: classify a copy inline."""
+    clean = Path(tempfile.mkdtemp(prefix="tagger-clean-"))
+    shutil.copytree(content, clean, dirs_exist_ok=True)
+    fake = FakeLLM().start()
+    try:
+        run_env = {**env, "OPENAI_BASE_URL": fake.base_url, "TAGGER_CONTENT_DIR": str(clean)}
+        subprocess.run(
+            [sys.executable, "-m", "worker", "backfill", "--inline", str(clean)],
+            env=run_env,
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        fake.stop()
+    result = {p.name: {t: read_post(p).terms(t) for t in OWNED_TYPES} for p in clean.glob("*.md")}
+    shutil.rmtree(clean, ignore_errors=True)
+    return result
+
+
+def check_post(path: Path, original: bytes, edited: bool, expected: dict[str, list[str]]) -> str | None:
+    """Why a post is corrupted or wrongly classified, or None."""
+    try:
+        post = read_post(path)
+    except Exception as exc:
+        return f"does not parse: {exc}"
+    old = original.decode("utf-8")
+    new = path.read_text(encoding="utf-8")
+    old_body = read_post_body(old)
+    if post.body != old_body + (EDIT if edited else ""):
+        return "body differs from the input and the writer's edit"
+    old_head, new_head = old[: len(old) - len(old_body)], new[: len(new) - len(post.body)]
+    removed = [line for line in old_head.splitlines() if line not in new_head.splitlines()]
+    added = [line for line in new_head.splitlines() if line not in old_head.splitlines()]
+    if any(not OWNED_LINE.match(line) for line in removed + added):
+        return f"non-owned front-matter lines changed: {[x for x in removed + added if not OWNED_LINE.match(x)]}"
+    got = {t: post.terms(t) for t in OWNED_TYPES}
+    if got != expected:
+        return f"classified {got}, a clean run gives {expected}"
+    return None
+
+
+def read_post_body(text: str) -> str:
+    """The body of a post's text (what follows its front matter)."""
+    for opener, closer in (("---", r"^---[ \t]*\r?\n"), ("+++", r"^\+\+\+[ \t]*\r?\n")):
+        if text.startswith(opener):
+            match = re.compile(closer, re.M).search(text, len(opener) + 1)
+            return text[match.end() :] if match else ""
+    return text
+
+
+def run(url: str, posts: int, workers: int, fault_rate: float, kills: int, limit: float, seed: int = 7) -> Report:
+    """One chaos run; returns its figures."""
+    rnd = random.Random(seed)
+    content = Path(tempfile.mkdtemp(prefix="tagger-chaos-"))
+    make_content(content, posts)
+    originals = {p.name: p.read_bytes() for p in content.glob("*.md")}
+    prefix = f"chaos{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_", "REDIS_"))}
+    env.update(
+        REDIS_URL=url,
+        RQ_KEY_PREFIX=RQ_KEY_PREFIX,  # this process reads the workers' RQ keys: same prefix
+        TAGGER_REDIS_PREFIX=prefix,
+        TAGGER_PROVIDER="openai",
+        OPENAI_API_KEY="sk-chaos",
+        TAGGER_MODEL="chaos",
+        TAGGER_TAXONOMY_DIR=str(REPO / "categories"),
+        TAGGER_CONTENT_DIR=str(content),
+        TAGGER_REQUEST_TIMEOUT="1",
+        TAGGER_RETRY_ATTEMPTS="3",
+        TAGGER_RETRY_DEADLINE="10",
+        TAGGER_RETRY_MAX_WAIT="0.5",
+        TAGGER_JOB_RETRIES="4",
+        TAGGER_JOB_RETRY_DELAYS="[1]",
+        TAGGER_LEASE_SECONDS="2",
+        TAGGER_ABANDONED_REQUEUES="10",
+        TAGGER_LOG_LEVEL="WARNING",
+    )
+    expected = expected_terms(content, env)
+    fake = FakeLLM(latency=0.3, seed=seed).start()
+    fake.fault_rate, fake.fault_mix, fake.retry_after, fake.timeout_sleep = fault_rate, FAULT_MIX, "0.2", 1.5
+    env["OPENAI_BASE_URL"] = fake.base_url
+    report = Report(posts=posts)
+    tagger = [sys.executable, "-m", "worker"]
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [*tagger, "work"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+
+    pool = [start_worker() for _ in range(workers)]
+    edited: set[str] = set()
+    stop = threading.Event()
+
+    def writer() -> None:
+        for path in rnd.sample(sorted(content.glob("*.md")), k=max(1, posts // 10)):
+            if stop.wait(rnd.uniform(0.05, 0.6)):
+                return
+            with path.open("a", encoding="utf-8") as handle:  # a person's editor appending, not atomic
+                handle.write(EDIT)
+            edited.add(path.name)
+
+    try:
+        subprocess.run([*tagger, "backfill", str(content)], env=env, check=True, capture_output=True)
+        client = redis_lib.Redis.from_url(url)
+        queue = Queue(f"{prefix}-low", connection=client, serializer=JSONSerializer)  # where backfill enqueues
+        writing = threading.Thread(target=writer)
+        writing.start()
+        deadline = time.monotonic() + limit
+        next_kill = time.monotonic() + rnd.uniform(0.2, 1.0)
+        while time.monotonic() < deadline and report.kills < kills:
+            busy = {w.pid for w in Worker.all(connection=client, queue=queue) if w.get_current_job_id()}
+            victims = [w for w in pool if w.pid in busy]
+            if time.monotonic() >= next_kill and victims:
+                victim = rnd.choice(victims)  # a worker in the middle of a job
+                pool.remove(victim)
+                os.killpg(victim.pid, signal.SIGKILL)
+                victim.wait()
+                report.kills += 1
+                pool.append(start_worker())
+                next_kill = time.monotonic() + rnd.uniform(0.2, 1.0)
+            time.sleep(0.05)
+        writing.join()
+        report.edits = len(edited)
+        _wait_settled(env, deadline)
+        failed = json.loads(
+            subprocess.run([*tagger, "status", "--json"], env=env, capture_output=True, text=True).stdout
+        )["failed_by_kind"]
+        report.failed_before_retry = failed
+        fake.fault_rate = 0.0
+        subprocess.run([*tagger, "resume"], env=env, capture_output=True)
+        subprocess.run([*tagger, "failed", "retry", "--all"], env=env, capture_output=True)
+        # Posts edited after their last pass were enqueued again by nobody: a backfill picks them up.
+        subprocess.run([*tagger, "backfill", str(content)], env=env, capture_output=True)
+        _wait_settled(env, time.monotonic() + limit)
+    finally:
+        stop.set()
+        for worker in pool:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGTERM)
+        for worker in pool:
+            worker.wait(timeout=60)
+        fake.stop()
+    report.faults = sum(fake.counts[f] for f in FAULT_MIX)
+    job_ids = [k.decode().split(":")[-1] for k in client.scan_iter(f"{RQ_KEY_PREFIX}:job:post-*")]
+    ours = [
+        j
+        for j in Job.fetch_many(job_ids, connection=client, serializer=JSONSerializer)
+        if j is not None and j.origin.startswith(f"{prefix}-")
+    ]
+    for job in ours:
+        if job is not None:
+            report.retries += max(0, int(job.meta.get("attempts", 1)) - 1)
+            report.recovered += int(job.meta.get("abandoned", 0))
+    for priority in ("high", "default", "low"):
+        queue = Queue(f"{prefix}-{priority}", connection=client, serializer=JSONSerializer)
+        report.stuck_started += StartedJobRegistry(queue=queue).count
+    stale = subprocess.run(
+        [*tagger, "backfill", "--estimate", str(content)], env=env, capture_output=True, text=True
+    ).stdout
+    for name, original in originals.items():
+        path = content / name
+        problem = check_post(path, original, name in edited, expected[name])
+        if problem:
+            report.corrupted.append(f"{name}: {problem}")
+    match = re.search(r"(\d+) to classify", stale)
+    if match and int(match.group(1)):
+        report.lost.append(f"{match.group(1)} posts still need classifying: {stale.splitlines()[0]}")
+    for job in ours:
+        job.delete()
+    delete_prefix(url, f"{RQ_KEY_PREFIX}:*{prefix}-*", f"{prefix}:*")
+    shutil.rmtree(content, ignore_errors=True)
+    return report
+
+
+def _wait_settled(env: dict[str, str], deadline: float) -> None:
+    """Wait until nothing is queued, scheduled or running (or the deadline passes)."""
+    tagger = [sys.executable, "-m", "worker"]
+    quiet = 0
+    while time.monotonic() < deadline:
+        status = json.loads(
+            subprocess.run([*tagger, "status", "--json"], env=env, capture_output=True, text=True).stdout
+        )
+        busy = sum(q["queued"] + q["running"] + q["scheduled"] for q in status["queues"].values())
+        quiet = quiet + 1 if busy == 0 else 0
+        if quiet >= 2:
+            return
+        time.sleep(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--posts", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--fault-rate", type=float, default=0.2)
+    parser.add_argument("--kills", type=int, default=8)
+    parser.add_argument("--limit", type=float, default=600.0, help="seconds allowed for each phase")
+    args = parser.parse_args()
+    with redis_url() as url:
+        report = run(url, args.posts, args.workers, args.fault_rate, args.kills, args.limit)
+    print("\n".join(report.lines()))
+    if report.lost or report.corrupted or report.stuck_started:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
