@@ -27,5 +27,11 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cost.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/rerun.py
+	$(BIN)/python benchmarks/chaos.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
