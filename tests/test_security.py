@@ -106,7 +106,7 @@ def test_api_key_is_redacted_from_errors_logs_and_job_data(
 
 
 def test_tls_redis_urls_are_accepted(make_settings: object) -> None:
-    from worker.jobs import connect
+    from worker.queues import connect
     from worker.settings import Settings
 
     settings = Settings(_env_file=None, REDIS_URL="rediss://:secret@127.0.0.1:6390/0")  # type: ignore[call-arg]

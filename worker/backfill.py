@@ -18,6 +18,7 @@ from worker.posts import read_post
 from worker.prompts import estimate_tokens
 from worker.records import load_record
 from worker.settings import Settings
+from worker.workers import recover_abandoned
 
 Progress = Callable[[int, int, int, float, int], None]
 
@@ -151,8 +152,6 @@ def follow(
     settings: Settings, redis: Redis, job_ids: list[str], progress: Progress | None = None, poll: float = 0.5
 ) -> Summary:
     """Wait until every job finished or failed for good, reporting progress."""
-    from worker.jobs import recover_abandoned
-
     summary = Summary()
     started = time.monotonic()
     pending = set(job_ids)

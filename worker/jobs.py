@@ -1,54 +1,31 @@
-"""Jobs on the queue: producers, the job function, failure policy and recovery of abandoned jobs."""
+"""Jobs: producers enqueue one job per post; the job classifies it; failures are recorded for on-call."""
 
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 from redis import Redis
-from rq import Callback, Queue, Retry, SimpleWorker
-from rq.exceptions import DeserializationError
+from rq import Callback, Queue, Retry
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.classifier import Classifier, make_classifier
 from worker.errors import OutsideContentRoot, TaggerError, kind_of
 from worker.logs import redact, secrets_of
+from worker.queues import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues, redis_key
 from worker.settings import Settings
-from worker.throttle import RedisThrottle
+from worker.workers import WorkerContext, WorkerState, lease
 
 log = structlog.get_logger("tagger.jobs")
-PRIORITIES = ("high", "default", "low")
 WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 RAW_REPLY_CHARS = 20_000
-
-
-JOB_FUNCTION = "worker.jobs.classify_job"
-FAILURE_CALLBACK = "worker.jobs.on_failure"
-
-
-def connect(settings: Settings) -> Redis:
-    """A Redis connection for the configured URL (`rediss://` for TLS, password in the URL)."""
-    return Redis.from_url(settings.redis_url)
-
-
-def queue_names(settings: Settings) -> list[str]:
-    """Queue names in priority order."""
-    return [f"{settings.redis_prefix}-{p}" for p in PRIORITIES]
-
-
-def queues(settings: Settings, redis: Redis) -> list[Queue]:
-    """The queues, highest priority first, with RQ's JSON serializer (never pickle)."""
-    return [Queue(name, connection=redis, serializer=JSONSerializer) for name in queue_names(settings)]
 
 
 def confine(path: Path | str, settings: Settings, from_cwd: bool = True) -> str:
@@ -80,10 +57,6 @@ class Enqueued:
     action: str  # enqueued | already-queued | rerun-after-current
 
 
-def _key(settings: Settings, *parts: str) -> str:
-    return ":".join([settings.redis_prefix, *parts])
-
-
 def enqueue_posts(
     paths: Iterable[Path | str],
     settings: Settings,
@@ -107,7 +80,7 @@ def enqueue_posts(
         if status in WAITING:
             results.append(Enqueued(relative, job_id, "already-queued"))
         elif status == JobStatus.STARTED:
-            redis.set(_key(settings, "rerun", job_id), "1", ex=7 * 86400)
+            redis.set(redis_key(settings, "rerun", job_id), "1", ex=7 * 86400)
             results.append(Enqueued(relative, job_id, "rerun-after-current"))
         else:
             to_enqueue.append(job_data(queue, relative, job_id, settings, types))
@@ -145,62 +118,6 @@ def job_data(queue: Queue, relative: str, job_id: str, settings: Settings, types
     )
 
 
-@contextmanager
-def lease(redis: Redis, settings: Settings, job_id: str) -> Iterator[None]:
-    """Hold a renewed lease while the job runs: a job whose lease lapses was abandoned by a dead worker."""
-    key = _key(settings, "lease", job_id)
-    stop = threading.Event()
-    ttl = max(1, int(settings.lease_seconds))
-
-    def renew() -> None:
-        while not stop.wait(settings.lease_seconds / 3):
-            redis.set(key, "1", ex=ttl)
-
-    redis.set(key, "1", ex=ttl)
-    thread = threading.Thread(target=renew, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        redis.delete(key)
-
-
-def _signature(settings: Settings) -> tuple[tuple[str, int, int], ...]:
-    """What, on disk, a built classifier depends on: term files and prompt templates."""
-    from worker.prompts import DEFAULT_DIR
-
-    files = [*settings.taxonomy_dir.rglob("*.md"), *(settings.prompts_dir or DEFAULT_DIR).glob("*.md")]
-    return tuple(sorted((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
-
-
-@dataclass
-class WorkerContext:
-    """Built once per worker process and reused by its jobs: settings and a ready classifier."""
-
-    settings: Settings
-    classifier: Classifier
-    signature: tuple[tuple[str, int, int], ...]
-
-    @classmethod
-    def build(cls, redis: Redis) -> WorkerContext:
-        """Read settings, taxonomy and templates, and set up the provider."""
-        settings = Settings()
-        return cls(settings, make_classifier(settings, RedisThrottle(settings, redis)), _signature(settings))
-
-    def fresh(self, redis: Redis) -> WorkerContext:
-        """This context, or a rebuilt one when a term file or template changed on disk."""
-        return self if _signature(self.settings) == self.signature else WorkerContext.build(redis)
-
-
-class WorkerState:
-    """The worker process's context, built before its first job."""
-
-    # Process state on purpose: RQ calls a job function by import path, so this is how a classifier built
-    # once (taxonomy, SSL context, the SDK's per-model classes, open connections) reaches every job.
-    context: WorkerContext | None = None
-
-
 def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any]:
     """The RQ job: classify one post below the content root and write it back."""
     from rq import get_current_job
@@ -222,8 +139,8 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     minute = int(time.time() // 60)
     with redis.pipeline() as pipe:
         for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
-            pipe.incrby(_key(settings, "stats", name, str(minute)), amount)
-            pipe.expire(_key(settings, "stats", name, str(minute)), 3 * 3600)
+            pipe.incrby(redis_key(settings, "stats", name, str(minute)), amount)
+            pipe.expire(redis_key(settings, "stats", name, str(minute)), 3 * 3600)
         pipe.execute()
     bound.info(
         "written" if result.written else "skipped",
@@ -244,7 +161,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
 
 
 def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> None:
-    if redis.delete(_key(settings, "rerun", job.id)):
+    if redis.delete(redis_key(settings, "rerun", job.id)):
         # A producer asked again while this job ran: run once more after it, on the same queue.
         queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
         queue.enqueue_many([job_data(queue, job.meta["post"], job.id + "-again", settings, job.meta.get("types"))])
@@ -270,7 +187,7 @@ def on_failure(job: Job, connection: Redis, exc_type: Any, value: BaseException,
         transient=transient,
     )
     job.save_meta()
-    connection.delete(_key(settings, "lease", job.id))
+    connection.delete(redis_key(settings, "lease", job.id))
     log.warning(
         "failed" if not transient or not job.retries_left else "retried",
         job_id=job.id,
@@ -279,84 +196,3 @@ def on_failure(job: Job, connection: Redis, exc_type: Any, value: BaseException,
         kind=kind,
         error=job.meta["error"][:300],
     )
-
-
-def promote_overdue(settings: Settings, redis: Redis, grace: float = 5.0) -> list[str]:
-    """Enqueue delayed retries that are overdue: RQ's scheduler may be gone with a killed worker for a while."""
-    promoted = []
-    for queue in queues(settings, redis):
-        registry = ScheduledJobRegistry(queue=queue)
-        for job_id in registry.get_jobs_to_schedule(int(time.time() - grace)):
-            if not redis.zrem(registry.key, job_id):
-                continue  # another worker or the scheduler took it
-            job = queue.fetch_job(job_id)
-            if job is not None:
-                queue.enqueue_job(job)
-                promoted.append(job_id)
-    return promoted
-
-
-def recover_abandoned(settings: Settings, redis: Redis) -> list[str]:
-    """Requeue started jobs whose lease lapsed (worker killed); fail them as `abandoned` after a few times."""
-    recovered = []
-    for queue in queues(settings, redis):
-        registry = StartedJobRegistry(queue=queue)
-        for job_id in registry.get_job_ids(cleanup=False):
-            if redis.exists(_key(settings, "lease", job_id)):
-                continue
-            job = queue.fetch_job(job_id)
-            if job is None or job.get_status() != JobStatus.STARTED:
-                continue
-            if job.started_at and time.time() - job.started_at.timestamp() < settings.lease_seconds:
-                continue  # just started: the lease may not be set yet
-            abandoned = int(job.meta.get("abandoned", 0)) + 1
-            job.meta.update(
-                abandoned=abandoned, kind="abandoned", error="worker died while running the job", failed_at=time.time()
-            )
-            job.save_meta()
-            entries = [e.decode() for e in redis.zrange(registry.key, 0, -1) if isinstance(e, bytes)]
-            stale = [e for e in entries if e.startswith(f"{job_id}:")]  # entries are "<job id>:<execution id>"
-            if stale:
-                redis.zrem(registry.key, *stale)
-            if abandoned <= settings.abandoned_requeues:
-                queue.enqueue_job(job)
-                log.warning("retried", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
-            else:
-                job.set_status(JobStatus.FAILED)
-                FailedJobRegistry(queue=queue).add(job, exc_string="abandoned: worker died while running the job")
-                log.warning("failed", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
-            recovered.append(job_id)
-    return recovered
-
-
-def refusal(job: Job) -> str | None:
-    """Why a job found on tagger's queues must not run, or None: only tagger's own job, in JSON."""
-    try:
-        name = job.func_name
-    except DeserializationError:
-        return "job data is not JSON (a pickled or foreign payload); not run"
-    if name != JOB_FUNCTION:
-        return f"job calls {name!r}, not {JOB_FUNCTION}; not run"
-    callbacks = {job._success_callback_name, job._failure_callback_name, job._stopped_callback_name}
-    foreign = sorted(str(c) for c in callbacks if c is not None and c != FAILURE_CALLBACK)
-    if foreign:
-        return f"job names foreign callbacks {foreign}; not run"
-    return None
-
-
-class TaggerWorker(SimpleWorker):
-    """Runs jobs in this process (connections and classifier stay warm) and refuses anything not tagger's."""
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run the job, unless it is not tagger's own: then fail it without running any of its code."""
-        problem = refusal(job)
-        if problem is None:
-            super().execute_job(job, queue)
-            return
-        # Callbacks are cleared first: a foreign job's failure callback is code too.
-        job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
-        job.meta = {"kind": "foreign_job", "error": problem, "failed_at": time.time(), "attempts": 0}
-        job.save_meta()
-        job.set_status(JobStatus.FAILED)
-        FailedJobRegistry(queue=queue).add(job, exc_string=f"refused: {problem}")
-        log.error("refused", job_id=job.id, reason=problem)

@@ -12,9 +12,10 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.jobs import queue_names, queues, recover_abandoned
+from worker.queues import queue_names, queues
 from worker.settings import Settings
 from worker.throttle import RedisThrottle
+from worker.workers import recover_abandoned
 
 
 @dataclass(frozen=True)

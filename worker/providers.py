@@ -1,36 +1,18 @@
-"""Providers: a small protocol, the OpenAI-compatible provider and the offline baseline."""
+"""Providers: a small protocol, the offline baseline, and the choice between it and the OpenAI one."""
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-import openai
 import structlog
-from pydantic import ValidationError
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
-from tenacity.wait import wait_random_exponential
 
-from worker.errors import (
-    AuthError,
-    InvalidReply,
-    ProviderError,
-    ProviderTimeout,
-    ProviderUnavailable,
-    QuotaExhausted,
-    RateLimited,
-    Refused,
-    Truncated,
-)
-from worker.judgements import ReplyBase, TermScores, Usage, missing_or_repeated, reply_model
-from worker.logs import redact, secrets_of
-from worker.prompts import Prompt, Templates, estimate_tokens, reask_message
+from worker.judgements import TermScores, Usage
+from worker.prompts import Prompt, Templates
 from worker.settings import Settings
-from worker.throttle import NoThrottle, Throttle
+from worker.throttle import Throttle
 
 log = structlog.get_logger("tagger.providers")
 
@@ -179,207 +161,10 @@ class OfflineProvider:
         return Reply(judgements=judgements, usage=Usage(calls=1), raw="")
 
 
-# --- OpenAI-compatible ------------------------------------------------------------------------
-
-
-def _is_quota(exc: BaseException) -> bool:
-    return isinstance(exc, openai.RateLimitError) and (
-        exc.code == "insufficient_quota" or "insufficient_quota" in str(exc)
-    )
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, openai.RateLimitError):
-        return not _is_quota(exc)
-    return isinstance(exc, openai.APIConnectionError | openai.InternalServerError) or (
-        isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
-    )
-
-
-def _retry_after(exc: BaseException | None) -> float | None:
-    if not isinstance(exc, openai.APIStatusError):
-        return None
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                continue
-    return None
-
-
-def _content_of(raw_body: str) -> str:
-    """The assistant message's text inside a raw chat-completion body (or the body itself)."""
-    try:
-        message = json.loads(raw_body)["choices"][0]["message"]
-        return str(message.get("content") or message.get("refusal") or "")
-    except (ValueError, KeyError, IndexError, TypeError):
-        return raw_body
-
-
-class OpenAIProvider:
-    """Any OpenAI-compatible endpoint through the official SDK, with structured outputs."""
-
-    name = "openai"
-
-    def __init__(self, settings: Settings, templates: Templates, throttle: Throttle | None = None) -> None:
-        self.settings = settings
-        self.templates = templates
-        self.throttle: Throttle = throttle or NoThrottle()
-        self.model = settings.model
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "not-needed"
-        # The SDK's own retries are off so that tenacity alone decides, within one deadline.
-        self.client = openai.OpenAI(
-            api_key=key, base_url=settings.openai_base_url, max_retries=0, timeout=settings.request_timeout
-        )
-
-    def judge(self, prompt: Prompt) -> Reply:
-        """Ask once; if the reply is invalid, re-ask once with the error, then give up."""
-        model_cls = reply_model(prompt.names)
-        messages: list[dict[str, str]] = list(prompt.messages)
-        if self.settings.json_mode:
-            schema = json.dumps(model_cls.model_json_schema())
-            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\nJSON schema:\n{schema}"}
-        usage = Usage()
-        error = ""
-        raw = ""
-        for attempt in (1, 2):
-            raw, parsed, call_usage, error = self._call_with_retries(messages, model_cls)
-            usage = usage.add(call_usage)
-            if parsed is not None:
-                error = missing_or_repeated(parsed, prompt.names) or ""
-                if not error:
-                    return Reply(judgements=list(parsed.judgements), usage=usage, raw=raw)
-            log.warning("llm_invalid_reply", attempt=attempt, model=self.model, error=error[:300])
-            if attempt == 1:
-                messages += [{"role": "assistant", "content": raw}, reask_message(self.templates, error)]
-        raise InvalidReply(f"reply failed validation after one re-ask: {error[:500]}", raw_reply=raw)
-
-    def _call_with_retries(
-        self, messages: list[dict[str, str]], model_cls: type[ReplyBase]
-    ) -> tuple[str, ReplyBase | None, Usage, str]:
-        s = self.settings
-        backoff = wait_random_exponential(multiplier=0.5, max=s.retry_max_wait)
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            hinted = _retry_after(exc)
-            return min(s.retry_max_wait, hinted if hinted is not None else backoff(state))
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.info("llm_retry", attempt=state.attempt_number, model=self.model, error=type(exc).__name__)
-
-        retrying = Retrying(
-            retry=retry_if_exception(_is_transient),
-            wait=wait,
-            stop=stop_after_attempt(s.retry_attempts) | stop_after_delay(s.retry_deadline),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        deadline = time.monotonic() + s.retry_deadline
-        tokens = estimate_tokens("".join(m["content"] for m in messages))
-        try:
-            for attempt in retrying:
-                with attempt:
-                    self.throttle.wait(tokens, deadline)
-                    try:
-                        return self._call(messages, model_cls)
-                    except openai.APIStatusError as exc:
-                        self.throttle.observe(exc.status_code, exc.response.headers, quota=_is_quota(exc))
-                        raise
-        except openai.APIError as exc:
-            raise self._translate(exc) from exc
-        raise AssertionError("unreachable: tenacity either returns or raises")
-
-    def _call(
-        self, messages: list[dict[str, str]], model_cls: type[ReplyBase]
-    ) -> tuple[str, ReplyBase | None, Usage, str]:
-        """One HTTP request; returns (raw content, parsed or None, usage, validation error)."""
-        completions = self.client.chat.completions.with_raw_response
-        msgs: Any = messages
-        if self.settings.json_mode:
-            response: Any = completions.create(
-                model=self.model, messages=msgs, temperature=0, response_format={"type": "json_object"}
-            )
-        else:
-            response = completions.parse(model=self.model, messages=msgs, temperature=0, response_format=model_cls)
-        raw = _content_of(response.text)
-        self.throttle.observe(200, response.headers)
-        try:
-            completion = response.parse()
-        except openai.LengthFinishReasonError as exc:
-            raise Truncated("reply was cut off by the token limit", raw_reply=raw) from exc
-        except openai.ContentFilterFinishReasonError as exc:
-            raise Refused("reply was blocked by the provider's content filter", raw_reply=raw) from exc
-        except ValidationError as exc:
-            return raw, None, _usage_of_body(response.text), _short_validation(exc)
-        usage = _usage(completion)
-        message = completion.choices[0].message
-        if getattr(message, "refusal", None):
-            raise Refused(f"model refused: {str(message.refusal)[:300]}", raw_reply=raw)
-        if not self.settings.json_mode:
-            return raw, message.parsed, usage, "" if message.parsed else "empty reply"
-        try:
-            return raw, model_cls.model_validate_json(message.content or ""), usage, ""
-        except ValidationError as exc:
-            return raw, None, usage, _short_validation(exc)
-
-    def _translate(self, exc: openai.APIError) -> ProviderError:
-        status = getattr(exc, "status_code", None)
-        # Some servers echo the key they were sent in their error message.
-        message = redact(exc.message, secrets_of(self.settings))
-        detail = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {message[:300]}"
-        if _is_quota(exc):
-            return QuotaExhausted(f"provider quota exhausted: {detail}")
-        if isinstance(exc, openai.RateLimitError):
-            return RateLimited(f"still rate limited after {self.settings.retry_attempts} attempts: {detail}")
-        if isinstance(exc, openai.APITimeoutError):
-            return ProviderTimeout(f"requests kept timing out after {self.settings.request_timeout}s: {detail}")
-        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-            return AuthError(f"provider rejected the credentials: {detail}")
-        if _is_transient(exc):
-            return ProviderUnavailable(f"provider unavailable: {detail}")
-        return ProviderError(f"provider error: {detail}")
-
-
-def _short_validation(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:8])
-
-
-def _usage(completion: Any) -> Usage:
-    u = getattr(completion, "usage", None)
-    if u is None:
-        return Usage(calls=1)
-    details = getattr(u, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None) or 0
-    return Usage(
-        calls=1,
-        input_tokens=u.prompt_tokens or 0,
-        cached_tokens=cached,
-        output_tokens=u.completion_tokens or 0,
-    )
-
-
-def _usage_of_body(body: str) -> Usage:
-    """Usage from a raw completion body, for replies the SDK could not parse."""
-    try:
-        usage = json.loads(body).get("usage") or {}
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        return Usage(
-            calls=1,
-            input_tokens=usage.get("prompt_tokens") or 0,
-            cached_tokens=cached,
-            output_tokens=usage.get("completion_tokens") or 0,
-        )
-    except (ValueError, AttributeError, TypeError):
-        return Usage(calls=1)
-
-
 def make_provider(settings: Settings, templates: Templates, throttle: Throttle | None = None) -> Provider:
     """The provider the settings ask for."""
     if settings.provider == "openai":
+        from worker.openai_provider import OpenAIProvider  # the SDK is only imported when it is used
+
         return OpenAIProvider(settings, templates, throttle)
     return OfflineProvider()

@@ -6,7 +6,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,21 +14,12 @@ from typing import Any
 from worker import backfill as backfill_lib
 from worker import oncall
 from worker.errors import TaggerError
-from worker.jobs import (
-    PRIORITIES,
-    TaggerWorker,
-    WorkerContext,
-    WorkerState,
-    confine,
-    connect,
-    enqueue_posts,
-    promote_overdue,
-    queues,
-    recover_abandoned,
-)
+from worker.jobs import confine, enqueue_posts
 from worker.logs import configure
+from worker.queues import PRIORITIES, connect
 from worker.settings import Settings
 from worker.throttle import RedisThrottle
+from worker.workers import run_worker
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -116,7 +106,16 @@ def cmd_work(args: argparse.Namespace) -> int:
     settings = Settings()
     configure(settings)
     if args.processes > 1:
-        command = [sys.executable, "-m", "worker", "work", "--processes", "1", *(["--burst"] if args.burst else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "worker",
+            "work",
+            "--processes",
+            "1",
+            *(["--burst"] if args.burst else []),
+            *(["--queues", *args.queues] if args.queues else []),
+        ]
         children = [subprocess.Popen(command) for _ in range(args.processes)]
         try:
             return max(child.wait() for child in children)
@@ -124,27 +123,7 @@ def cmd_work(args: argparse.Namespace) -> int:
             for child in children:
                 child.terminate()
             return max(child.wait() for child in children)
-    from rq.serializers import JSONSerializer
-
-    redis = connect(settings)
-    names = set(args.queues or PRIORITIES)
-    selected = [q for q in queues(settings, redis) if q.name.rsplit("-", 1)[-1] in names]
-    stop = threading.Event()
-
-    def reaper() -> None:
-        while not stop.wait(max(0.5, settings.lease_seconds / 2)):
-            recover_abandoned(settings, redis)
-            promote_overdue(settings, redis)
-
-    threading.Thread(target=reaper, daemon=True).start()
-    WorkerState.context = WorkerContext.build(redis)
-    # Jobs run in this process (no fork per job): connections and the classifier stay warm. A worker that
-    # dies mid-job loses nothing: its lease lapses and the job is requeued.
-    worker = TaggerWorker(selected, connection=redis, serializer=JSONSerializer)
-    try:
-        worker.work(burst=args.burst, with_scheduler=True)
-    finally:
-        stop.set()
+    run_worker(settings, connect(settings), args.queues or PRIORITIES, burst=args.burst)
     return 0
 
 
