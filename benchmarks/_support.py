@@ -13,6 +13,9 @@ from pathlib import Path
 
 import redis
 
+from worker.fakellm import FakeLLM
+from worker.settings import Settings
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus" / "nkdagility"
 
@@ -68,3 +71,18 @@ def delete_prefix(url: str, *patterns: str) -> None:
     for pattern in patterns:
         for key in client.scan_iter(pattern, count=1000):
             client.delete(key)
+
+
+def fake_settings(fake: FakeLLM, taxonomy: Path, **overrides: object) -> Settings:
+    """Settings that send every call to the fake server, quiet logs, and `overrides` (env names)."""
+    values: dict[str, object] = {
+        "TAGGER_PROVIDER": "openai",
+        "OPENAI_BASE_URL": fake.base_url,
+        "OPENAI_API_KEY": "sk-bench",
+        "TAGGER_MODEL": "bench",
+        "TAGGER_TAXONOMY_DIR": str(taxonomy),
+        "TAGGER_CONCURRENCY": 8,
+        "TAGGER_LOG_LEVEL": "WARNING",
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]

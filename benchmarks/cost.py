@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import need_corpus, scratch_posts
+from benchmarks._support import fake_settings, need_corpus, scratch_posts
 from worker.classifier import make_classifier
 from worker.fakellm import FakeLLM
 from worker.logs import configure
@@ -24,17 +24,7 @@ def run(
 ) -> tuple[dict[str, int], list[set[tuple[str, str]]]]:
     """Classify (dry run) every post; return the server's counters and the terms the LLM judged per post."""
     before = dict(fake.counts)
-    settings = Settings(
-        _env_file=None,
-        TAGGER_PROVIDER="openai",
-        OPENAI_BASE_URL=fake.base_url,  # type: ignore[call-arg]
-        OPENAI_API_KEY="sk-bench",
-        TAGGER_MODEL="bench",
-        TAGGER_TAXONOMY_DIR=str(taxonomy),
-        TAGGER_CHUNK_SIZE=chunk_size,
-        TAGGER_CONCURRENCY=8,
-        TAGGER_SHORTLIST_MIN=shortlist,
-    )
+    settings = fake_settings(fake, taxonomy, TAGGER_CHUNK_SIZE=chunk_size, TAGGER_SHORTLIST_MIN=shortlist)
     classifier = make_classifier(settings)
     judged = []
     for path in posts:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import need_corpus, scratch_posts
+from benchmarks._support import fake_settings, need_corpus, scratch_posts
 from worker.backfill import plan, run_inline
 from worker.fakellm import FakeLLM
 from worker.logs import configure
-from worker.settings import Settings
 
 
 def main() -> None:
@@ -27,17 +26,7 @@ def main() -> None:
     corpus = need_corpus()
     content = scratch_posts(corpus / "posts", copies=args.copies)
     fake = FakeLLM().start()
-    settings = Settings(
-        _env_file=None,
-        TAGGER_PROVIDER="openai",
-        OPENAI_BASE_URL=fake.base_url,  # type: ignore[call-arg]
-        OPENAI_API_KEY="sk-bench",
-        TAGGER_MODEL="bench",
-        TAGGER_TAXONOMY_DIR=str(corpus / "taxonomy"),
-        TAGGER_CONTENT_DIR=str(content),
-        TAGGER_LOG_LEVEL="WARNING",
-        TAGGER_CONCURRENCY=8,
-    )
+    settings = fake_settings(fake, corpus / "taxonomy", TAGGER_CONTENT_DIR=str(content))
     configure(settings)
     try:
         first = plan(settings)
