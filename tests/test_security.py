@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
+import shutil
+import socket
 import subprocess
 import sys
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
 from worker.fakellm import FakeLLM
+from worker.posts import read_post
 
 pytestmark = pytest.mark.redis
 
@@ -105,13 +109,80 @@ def test_api_key_is_redacted_from_errors_logs_and_job_data(
         assert key not in text
 
 
-def test_tls_redis_urls_are_accepted(make_settings: object) -> None:
-    from worker.queues import connect
-    from worker.settings import Settings
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server speaking only TLS, with a password, on a free port; its rediss:// URL."""
+    if not shutil.which("openssl") or not shutil.which("redis-server"):
+        pytest.skip("openssl or redis-server is not on PATH")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret",
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    for _ in range(50):
+        try:
+            redis_lib.Redis.from_url(url).ping()
+            break
+        except redis_lib.RedisError:
+            if server.poll() is not None:
+                pytest.skip("this redis-server was built without TLS")
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait()
 
-    settings = Settings(_env_file=None, REDIS_URL="rediss://:secret@127.0.0.1:6390/0")  # type: ignore[call-arg]
-    client = connect(settings)
-    kwargs = client.connection_pool.connection_kwargs
-    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
-    assert kwargs["password"] == "secret"
-    assert json.dumps(kwargs["port"]) == "6390"
+
+def test_queue_works_over_tls_with_a_password(queue_env: dict[str, str], tls_redis: str, site: Path) -> None:
+    env = {**queue_env, "REDIS_URL": tls_redis}
+    wip = site / "site" / "posts" / "limiting-wip.md"
+    assert tagger(env, "enqueue", str(wip)).returncode == 0
+    work = tagger(env, "work", "--burst")
+    assert work.returncode == 0, work.stderr[-2000:]
+    assert "Kanban" in read_post(wip).terms("tags")
+    assert "s3cret" not in work.stderr
+    plain = {**env, "REDIS_URL": tls_redis.replace("rediss://", "redis://")}
+    assert tagger(plain, "status").returncode != 0  # the server speaks nothing but TLS

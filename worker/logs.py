@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import urlparse
 
 import structlog
 
@@ -23,9 +24,9 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """The values that must never be printed."""
+    """The values that must never be printed: the API key and the Redis password."""
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
-    return [key] if key else []
+    return [s for s in (key, urlparse(settings.redis_url).password or "") if s]
 
 
 def configure(settings: Settings, stream: Any = None, quiet: bool = False) -> None:
