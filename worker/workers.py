@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
-from redis import Redis
+from redis import Redis, RedisError
 from rq import Queue, SimpleWorker
 from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
@@ -33,7 +33,10 @@ def lease(redis: Redis, settings: Settings, job_id: str) -> Iterator[None]:
 
     def renew() -> None:
         while not stop.wait(settings.lease_seconds / 3):
-            redis.set(key, "1", ex=ttl)
+            try:
+                redis.set(key, "1", ex=ttl)
+            except RedisError:
+                log.warning("lease_renewal_failed", job_id=job_id)  # keep trying: a lapsed lease means a rerun
 
     redis.set(key, "1", ex=ttl)
     thread = threading.Thread(target=renew, daemon=True)
@@ -108,15 +111,15 @@ def recover_abandoned(settings: Settings, redis: Redis) -> list[str]:
                 continue
             if job.started_at and time.time() - job.started_at.timestamp() < settings.lease_seconds:
                 continue  # just started: the lease may not be set yet
+            entries = [e.decode() for e in redis.zrange(registry.key, 0, -1) if isinstance(e, bytes)]
+            stale = [e for e in entries if e.startswith(f"{job_id}:")]  # entries are "<job id>:<execution id>"
+            if not stale or not redis.zrem(registry.key, *stale):
+                continue  # another worker's reaper claimed it first
             abandoned = int(job.meta.get("abandoned", 0)) + 1
             job.meta.update(
                 abandoned=abandoned, kind="abandoned", error="worker died while running the job", failed_at=time.time()
             )
             job.save_meta()
-            entries = [e.decode() for e in redis.zrange(registry.key, 0, -1) if isinstance(e, bytes)]
-            stale = [e for e in entries if e.startswith(f"{job_id}:")]  # entries are "<job id>:<execution id>"
-            if stale:
-                redis.zrem(registry.key, *stale)
             if abandoned <= settings.abandoned_requeues:
                 queue.enqueue_job(job)
                 log.warning("retried", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
