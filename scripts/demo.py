@@ -20,9 +20,11 @@ def main() -> int:
     shutil.copytree(REPO / "examples" / "site", site)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_", "REDIS_"))}
     env.update(TAGGER_TAXONOMY_DIR=str(REPO / "categories"), TAGGER_CONTENT_DIR=str(site))
-    print(f"demo: classifying a scratch copy of examples/site in {site}\n", flush=True)
+    print(f"demo: backfilling a scratch copy of examples/site in {site} (in-process, no Redis)\n", flush=True)
+    code = subprocess.call([sys.executable, "-m", "worker", "backfill", "--inline", str(site)], env=env, cwd=scratch)
+    print("\ndemo: what it decided (read back from the result records: no new calls)\n", flush=True)
     posts = sorted(str(p) for p in site.rglob("*.md"))
-    code = subprocess.call([sys.executable, "-m", "worker", "classify", *posts], env=env, cwd=scratch)
+    subprocess.call([sys.executable, "-m", "worker", "classify", *posts], env=env, cwd=scratch)
     print("\ndemo: the diff tagger wrote (only owned front-matter keys change):\n")
     for post in sorted(site.rglob("*.md")):
         original = REPO / "examples" / "site" / post.relative_to(site)

@@ -206,3 +206,16 @@ def test_stdin_producer_and_backfill_wait(queue_env: dict[str, str], site: Path)
     assert waited.returncode == 0, waited.stdout + waited.stderr
     assert "3 done, 0 failed" in waited.stdout
     assert "Continuous Delivery" in read_post(posts(site) / "shipping-daily.md").terms("tags")
+
+
+def test_changed_since_enqueues_exactly_what_a_push_changed(queue_env: dict[str, str], site: Path) -> None:
+    content = site / "site"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=content, check=True)
+    subprocess.run([*git, "add", "."], cwd=content, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=content, check=True)
+    edited = posts(site) / "shipping-daily.md"
+    edited.write_text(edited.read_text(encoding="utf-8") + "\nMore.\n", encoding="utf-8")
+    run = tagger(queue_env, "enqueue", "--changed-since", "HEAD")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("enqueued") == 1 and "posts/shipping-daily.md" in run.stdout

@@ -12,13 +12,9 @@ from worker.classifier import make_classifier
 from worker.errors import TaggerError
 from worker.judgements import Classification
 from worker.logs import configure, redact, secrets_of
+from worker.providers import OFFLINE_NOTE
 from worker.settings import Settings
 from worker.taxonomy import load_taxonomy
-
-OFFLINE_NOTE = (
-    "tagger: using the offline provider: a rough word-overlap baseline, not an LLM "
-    "(set OPENAI_API_KEY or OPENAI_BASE_URL, or TAGGER_PROVIDER, to use a model)"
-)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -17,6 +17,12 @@ from worker.throttle import Throttle
 log = structlog.get_logger("tagger.providers")
 
 
+OFFLINE_NOTE = (
+    "tagger: using the offline provider: a rough word-overlap baseline, not an LLM "
+    "(set OPENAI_API_KEY or OPENAI_BASE_URL, or TAGGER_PROVIDER, to use a model)"
+)
+
+
 @dataclass(frozen=True)
 class Reply:
     """Validated judgements for every term a prompt asked about."""

@@ -16,6 +16,7 @@ from worker import oncall
 from worker.errors import TaggerError
 from worker.jobs import confine, enqueue_posts
 from worker.logs import configure
+from worker.providers import OFFLINE_NOTE
 from worker.queues import PRIORITIES, connect
 from worker.settings import Settings
 from worker.throttle import RedisThrottle
@@ -65,10 +66,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         )
         return 0
     if args.inline:
+        if settings.provider == "offline":
+            print(OFFLINE_NOTE, file=sys.stderr)
         summary = backfill_lib.run_inline(settings, plan.todo, progress=_progress, types=args.type)
         print(
             f"\nbackfill: {summary.done} done, {summary.written} written, {len(summary.failed)} failed, "
-            f"{summary.calls} LLM calls, {summary.tokens} tokens"
+            f"{summary.calls} provider calls, {summary.tokens} tokens"
         )
         for line in summary.failed:
             print(f"FAILED {line}", file=sys.stderr)
@@ -89,13 +92,18 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _progress(done: int, failed: int, total: int, started: float, tokens: int) -> None:
+    finished = done + failed
+    # On a terminal the bar redraws in place; in a log (cron, CI) it prints a line every tenth of the way.
+    if not sys.stdout.isatty() and finished != total and finished * 10 // total == (finished - 1) * 10 // total:
+        return
     elapsed = max(time.monotonic() - started, 1e-6)
     rate = (done + failed) / elapsed
     eta = (total - done - failed) / rate if rate else 0
     width = 30
     filled = int(width * (done + failed) / max(total, 1))
     sys.stdout.write(
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, {failed} failed, "
+        ("\r" if sys.stdout.isatty() else "\n")
+        + f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, {failed} failed, "
         f"{rate:.1f}/s, ETA {eta:.0f}s, {tokens} tokens "
     )
     sys.stdout.flush()
