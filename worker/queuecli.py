@@ -138,6 +138,7 @@ def cmd_work(args: argparse.Namespace) -> int:
 def cmd_failed(args: argparse.Namespace) -> int:
     """List, show, retry or purge failed jobs."""
     settings = Settings()
+    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table or JSON
     redis = connect(settings)
     if args.action == "list":
         rows = oncall.failures(settings, redis, args.error)
@@ -181,6 +182,7 @@ def cmd_failed(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print queue depths, workers, failures by kind, throughput and tokens."""
     settings = Settings()
+    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table or JSON
     info = oncall.status(settings, connect(settings))
     if args.json:
         print(json.dumps(info, indent=1))
@@ -205,6 +207,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     """Lift the shared pause that quota exhaustion or 429s put on every worker."""
     settings = Settings()
+    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table or JSON
     lifted = RedisThrottle(settings, connect(settings)).resume()
     print("resumed: workers may call the LLM again" if lifted else "nothing to do: not paused")
     return 0
