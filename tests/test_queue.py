@@ -42,7 +42,7 @@ def test_enqueue_then_burst_worker_writes_posts_with_json_jobs(
     data = redis.hget(f"{os.environ['RQ_KEY_PREFIX']}:job:{job_id}", "data")
     assert data is not None
     decoded = json.loads(zlib.decompress(data))
-    assert decoded[0] == "worker.jobs.classify_job" and decoded[2] == ["posts/limiting-wip.md", None]
+    assert decoded[0] == "worker.queue.jobs.classify_job" and decoded[2] == ["posts/limiting-wip.md", None]
     again = tagger(queue_env, "enqueue", str(wip))
     assert "already-queued" in again.stdout
     work = tagger(queue_env, "work", "--burst")

@@ -47,7 +47,7 @@ def test_planted_pickle_payload_is_refused_not_executed(
 ) -> None:
     marker = tmp_path / "pwned"
     q = queue(queue_env, redis)
-    job = q.enqueue("worker.jobs.classify_job", "posts/limiting-wip.md", job_id="planted")
+    job = q.enqueue("worker.queue.jobs.classify_job", "posts/limiting-wip.md", job_id="planted")
     prefix = os.environ["RQ_KEY_PREFIX"]
     redis.hset(f"{prefix}:job:{job.id}", "data", zlib.compress(pickle.dumps(Exploit(marker))))
     work = tagger(queue_env, "work", "--burst")
@@ -65,7 +65,7 @@ def test_a_foreign_function_on_the_queue_is_refused(
     queue(queue_env, redis).enqueue("os.system", f"touch {marker}", job_id="foreign")
     assert tagger(queue_env, "work", "--burst").returncode == 0
     assert not marker.exists()
-    assert "not worker.jobs.classify_job" in tagger(queue_env, "failed", "show", "foreign").stdout
+    assert "not worker.queue.jobs.classify_job" in tagger(queue_env, "failed", "show", "foreign").stdout
 
 
 def test_a_job_path_outside_the_root_is_refused_by_the_worker(
@@ -75,11 +75,11 @@ def test_a_job_path_outside_the_root_is_refused_by_the_worker(
     outside.write_text("---\ntitle: Kanban outside\n---\nKanban\n", encoding="utf-8")
     before = outside.read_bytes()
     queue(queue_env, redis).enqueue(
-        "worker.jobs.classify_job",
+        "worker.queue.jobs.classify_job",
         "../outside.md",
         None,
         job_id="escape",
-        on_failure=Callback("worker.jobs.on_failure"),
+        on_failure=Callback("worker.queue.jobs.on_failure"),
     )
     assert tagger(queue_env, "work", "--burst").returncode == 0
     assert outside.read_bytes() == before

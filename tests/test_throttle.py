@@ -13,8 +13,8 @@ import redis as redis_lib
 from worker.classifier import make_classifier
 from worker.errors import QuotaExhausted, RateLimited
 from worker.fakellm import FakeLLM
+from worker.queue.throttle import RedisThrottle, _seconds
 from worker.settings import Settings
-from worker.throttle import RedisThrottle, _seconds
 
 pytestmark = pytest.mark.redis
 

@@ -16,9 +16,9 @@ from worker.classifier import make_classifier
 from worker.errors import TaggerError
 from worker.posts import read_post
 from worker.prompts import estimate_tokens
+from worker.queue.recovery import recover_abandoned
 from worker.records import load_record
 from worker.settings import Settings
-from worker.workers import recover_abandoned
 
 Progress = Callable[[int, int, int, float, int], None]
 

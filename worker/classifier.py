@@ -18,10 +18,10 @@ from worker.judgements import Classification, Decision, Judgement, TermScores, U
 from worker.posts import ORIGIN_KEY, Post, read_post, render_changes, write_atomic
 from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt
 from worker.providers import OfflineProvider, Provider
+from worker.providers.base import Throttle
 from worker.records import Record, load_record, save_record
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, Term
-from worker.throttle import Throttle
 
 log = structlog.get_logger("tagger.classifier")
 CHANGED_POST_PASSES = 3

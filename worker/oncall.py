@@ -12,10 +12,10 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.queues import queue_names, queues
+from worker.queue.keys import queue_names, queues
+from worker.queue.recovery import recover_abandoned
+from worker.queue.throttle import RedisThrottle
 from worker.settings import Settings
-from worker.throttle import RedisThrottle
-from worker.workers import recover_abandoned
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from rq.serializers import JSONSerializer
 
 from worker.errors import OutsideContentRoot, TaggerError, kind_of
 from worker.logs import redact, secrets_of
-from worker.queues import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues, redis_key
+from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues, redis_key
+from worker.queue.workers import WorkerContext, WorkerState, lease
 from worker.settings import Settings
-from worker.workers import WorkerContext, WorkerState, lease
 
 log = structlog.get_logger("tagger.jobs")
 WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dir", nargs="?")
     check.set_defaults(func=cmd_taxonomy_check)
 
-    from worker import queuecli
+    from worker.cli import queue as queuecli
 
     queuecli.add_commands(sub)
     return parser

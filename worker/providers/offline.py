@@ -1,49 +1,19 @@
-"""Providers: a small protocol, the offline baseline, and the choice between it and the OpenAI one."""
+"""The offline provider: a deterministic word-overlap baseline, not an LLM."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
-from typing import Protocol
-
-import structlog
 
 from worker.judgements import TermScores, Usage
-from worker.prompts import Prompt, Templates
-from worker.settings import Settings
-from worker.throttle import Throttle
-
-log = structlog.get_logger("tagger.providers")
-
+from worker.prompts import Prompt
+from worker.providers.base import Reply
 
 OFFLINE_NOTE = (
     "tagger: using the offline provider: a rough word-overlap baseline, not an LLM "
     "(set OPENAI_API_KEY or OPENAI_BASE_URL, or TAGGER_PROVIDER, to use a model)"
 )
 
-
-@dataclass(frozen=True)
-class Reply:
-    """Validated judgements for every term a prompt asked about."""
-
-    judgements: list[TermScores]
-    usage: Usage
-    raw: str
-
-
-class Provider(Protocol):
-    """Anything that judges a prompt's terms for its post."""
-
-    name: str
-    model: str
-
-    def judge(self, prompt: Prompt) -> Reply:
-        """Return one validated judgement per term in `prompt.names`."""
-        ...
-
-
-# --- offline baseline -------------------------------------------------------------------------
 
 _WORD = re.compile(r"[a-z][a-z0-9+#-]{2,}")
 _STOP = frozenset(
@@ -165,12 +135,3 @@ class OfflineProvider:
                 )
             )
         return Reply(judgements=judgements, usage=Usage(calls=1), raw="")
-
-
-def make_provider(settings: Settings, templates: Templates, throttle: Throttle | None = None) -> Provider:
-    """The provider the settings ask for."""
-    if settings.provider == "openai":
-        from worker.openai_provider import OpenAIProvider  # the SDK is only imported when it is used
-
-        return OpenAIProvider(settings, templates, throttle)
-    return OfflineProvider()

@@ -26,9 +26,8 @@ from worker.errors import (
 from worker.judgements import ReplyBase, Usage, missing_or_repeated, reply_model
 from worker.logs import redact, secrets_of
 from worker.prompts import Prompt, Templates, estimate_tokens, reask_message
-from worker.providers import Reply
+from worker.providers.base import NoThrottle, Reply, Throttle
 from worker.settings import Settings
-from worker.throttle import NoThrottle, Throttle
 
 log = structlog.get_logger("tagger.openai")
 

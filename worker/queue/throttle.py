@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Protocol
 
 import structlog
 from limits import RateLimitItemPerMinute
@@ -16,28 +15,6 @@ from worker.errors import RateLimited
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.throttle")
-
-
-class Throttle(Protocol):
-    """Called around every LLM request."""
-
-    def wait(self, tokens: int, deadline: float) -> None:
-        """Block until a request of `tokens` may go out, or raise RateLimited past `deadline` (monotonic)."""
-        ...
-
-    def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
-        """Learn from a response: remaining limits, Retry-After, exhausted quota."""
-        ...
-
-
-class NoThrottle:
-    """No shared limits (inline runs, tests of the provider alone)."""
-
-    def wait(self, tokens: int, deadline: float) -> None:
-        """Never waits."""
-
-    def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
-        """Ignores responses."""
 
 
 def _seconds(value: str | None) -> float | None:

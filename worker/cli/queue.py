@@ -14,13 +14,13 @@ from typing import Any
 from worker import backfill as backfill_lib
 from worker import oncall
 from worker.errors import TaggerError
-from worker.jobs import confine, enqueue_posts
 from worker.logs import configure
 from worker.providers import OFFLINE_NOTE
-from worker.queues import PRIORITIES, connect
+from worker.queue.jobs import confine, enqueue_posts
+from worker.queue.keys import PRIORITIES, connect
+from worker.queue.throttle import RedisThrottle
+from worker.queue.workers import run_worker
 from worker.settings import Settings
-from worker.throttle import RedisThrottle
-from worker.workers import run_worker
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:

@@ -10,8 +10,8 @@ from worker.settings import Settings
 
 PRIORITIES = ("high", "default", "low")
 # The only function and callback a tagger worker runs; anything else found on the queues is refused.
-JOB_FUNCTION = "worker.jobs.classify_job"
-FAILURE_CALLBACK = "worker.jobs.on_failure"
+JOB_FUNCTION = "worker.queue.jobs.classify_job"
+FAILURE_CALLBACK = "worker.queue.jobs.on_failure"
 
 
 def connect(settings: Settings) -> Redis:

@@ -1,0 +1,52 @@
+"""The provider contract: what a provider is given, what it returns, and the throttle around its calls."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker.judgements import TermScores, Usage
+from worker.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Validated judgements for every term a prompt asked about."""
+
+    judgements: list[TermScores]
+    usage: Usage
+    raw: str
+
+
+class Provider(Protocol):
+    """Anything that judges a prompt's terms for its post."""
+
+    name: str
+    model: str
+
+    def judge(self, prompt: Prompt) -> Reply:
+        """Return one validated judgement per term in `prompt.names`."""
+        ...
+
+
+class Throttle(Protocol):
+    """Called around every LLM request."""
+
+    def wait(self, tokens: int, deadline: float) -> None:
+        """Block until a request of `tokens` may go out, or raise RateLimited past `deadline` (monotonic)."""
+        ...
+
+    def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
+        """Learn from a response: remaining limits, Retry-After, exhausted quota."""
+        ...
+
+
+class NoThrottle:
+    """No shared limits (inline runs, tests of the provider alone)."""
+
+    def wait(self, tokens: int, deadline: float) -> None:
+        """Never waits."""
+
+    def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
+        """Ignores responses."""

@@ -1,0 +1,1 @@
+"""Redis + RQ: key names, the job, the worker, recovery of dead workers' jobs, shared rate limits."""
