@@ -52,6 +52,12 @@ class TaxonomyError(TaggerError):
     kind = "taxonomy"
 
 
+class TemplateUnreadable(TaggerError):
+    """A prompt template is missing or unreadable (TAGGER_PROMPTS_DIR or the installed package)."""
+
+    kind = "templates"
+
+
 class ProviderError(TaggerError):
     """The LLM provider failed in a way that retrying will not fix (e.g. a 400)."""
 

@@ -1,4 +1,4 @@
-"""Prompt templates from `prompts/`, versioned by their hash, static parts first."""
+"""Prompt templates, shipped as package data (`worker.templates`), versioned by their hash, static parts first."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Template
 
+from worker.errors import TemplateUnreadable
 from worker.taxonomy import Term
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# The repository's top-level prompts/ folder, installed as this package (pyproject.toml maps it): one copy.
+TEMPLATE_PACKAGE = "worker.templates"
 TEMPLATES = ("system", "term", "post", "reask")
 SCOPE_CHARS = 160
 TOPIC_CHARS = 60
@@ -57,10 +61,30 @@ def estimate_tokens(text: str) -> int:
     return len(text) // CHARS_PER_TOKEN + 1
 
 
+def template_files(folder: Path | None = None) -> dict[str, Traversable]:
+    """Where each template is read from: `folder` (TAGGER_PROMPTS_DIR) if given, else the installed package."""
+    source: Traversable = folder if folder is not None else resources.files(TEMPLATE_PACKAGE)
+    return {name: source / f"{name}.md" for name in TEMPLATES}
+
+
+def template_paths(folder: Path | None = None) -> list[Path]:
+    """The template files as paths on disk, to notice edits (none when the package is inside a zip)."""
+    return [f for f in template_files(folder).values() if isinstance(f, Path)]
+
+
 def load_templates(folder: Path | None = None) -> Templates:
     """Read the templates; the version changes whenever any of them does."""
-    folder = folder or DEFAULT_DIR
-    texts = {name: (folder / f"{name}.md").read_text(encoding="utf-8") for name in TEMPLATES}
+    texts: dict[str, str] = {}
+    for name, file in template_files(folder).items():
+        try:
+            texts[name] = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            needed = ", ".join(f"{n}.md" for n in TEMPLATES)
+            origin = "TAGGER_PROMPTS_DIR" if folder is not None else f"the installed package {TEMPLATE_PACKAGE}"
+            raise TemplateUnreadable(
+                f"prompt template unreadable: {reason} (from {origin}, which needs {needed})", path=str(file)
+            ) from exc
     digest = hashlib.sha256("\x1e".join(texts[n] for n in TEMPLATES).encode("utf-8")).hexdigest()[:12]
     return Templates(**{n: Template(t) for n, t in texts.items()}, version=f"p-{digest}")
 

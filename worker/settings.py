@@ -61,8 +61,14 @@ class Weights(BaseModel):
 class Settings(BaseSettings):
     """Everything tagger can be told; see `.env.example` for each setting."""
 
+    # An empty value (`TAGGER_PROVIDER=` as in .env.example, or an EnvironmentFile made from it) means unset.
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, populate_by_name=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
     )
 
     openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")

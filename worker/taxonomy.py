@@ -170,7 +170,11 @@ def _term_files(root: Path) -> Iterable[Path]:
 def load_taxonomy(root: Path, known_types: Iterable[str] = ()) -> Taxonomy:
     """Load every term file under `root`; problems are collected, unusable files skipped."""
     if not root.is_dir():
-        raise TaxonomyError(f"taxonomy folder does not exist: {root}", path=root)
+        raise TaxonomyError(
+            f"no taxonomy folder at {root.absolute()}: set TAGGER_TAXONOMY_DIR or give it on the command line"
+            " (the folder of term files, one markdown file per term)",
+            path=root,
+        )
     terms: list[Term] = []
     problems: list[str] = []
     seen: dict[tuple[str, str], str] = {}

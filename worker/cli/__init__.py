@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from worker import __version__
 from worker.classifier import make_classifier
 from worker.errors import TaggerError
 from worker.judgements import Classification
@@ -101,6 +102,7 @@ def cmd_taxonomy_check(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="tagger", description="LLM-backed taxonomy tagging for markdown posts")
+    parser.add_argument("--version", action="version", version=f"tagger {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     classify = sub.add_parser("classify", help="classify posts now and write the terms back")

@@ -51,9 +51,9 @@ def lease(redis: Redis, settings: Settings, job_id: str) -> Iterator[None]:
 
 def _signature(settings: Settings) -> tuple[tuple[str, int, int], ...]:
     """What, on disk, a built classifier depends on: term files and prompt templates."""
-    from worker.prompts import DEFAULT_DIR
+    from worker.prompts import template_paths
 
-    files = [*settings.taxonomy_dir.rglob("*.md"), *(settings.prompts_dir or DEFAULT_DIR).glob("*.md")]
+    files = [*settings.taxonomy_dir.rglob("*.md"), *template_paths(settings.prompts_dir)]
     return tuple(sorted((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
 
 
