@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.prompts import load_templates
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,8 +140,6 @@ def test_installed_package_is_imported_from_the_venv_not_the_repository(installe
     out = _clean(_run([installed.bin / "python", "-c", code], cwd=installed.site, env=installed.env)).split()
     venv = installed.bin.parent
     assert Path(out[0]).is_relative_to(venv) and Path(out[1]).is_relative_to(venv), out
-    from worker.prompts import load_templates
-
     assert out[2] == load_templates().version  # the same templates as prompts/, so the same cache keys
 
 
