@@ -195,3 +195,17 @@ def test_systemd_unit_verifies_against_the_installed_command(installed: Installe
     verify = _run(["systemd-analyze", "verify", local], cwd=tmp_path, env=installed.env)
     # verify exits 0 on unknown keys and bad values and only warns: any output is a finding.
     assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
+
+
+def test_pipx_install_of_the_wheel_gives_a_working_tagger(dist: Dist, installed: Installed, tmp_path: Path) -> None:
+    pipx = shutil.which("pipx")
+    if pipx is None:
+        pytest.skip("pipx not installed (Debian package pipx): `pipx install` is not tried, only pip into a venv")
+    env = {**installed.env, "PIPX_HOME": str(tmp_path / "pipx"), "PIPX_BIN_DIR": str(tmp_path / "bin")}
+    env["PATH"] = env["PATH"].split(os.pathsep, 1)[1]  # not the test's venv: pipx makes its own
+    result = _run([pipx, "install", dist.wheel], cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tagger = tmp_path / "bin" / "tagger"
+    assert _clean(_run([tagger, "--version"], cwd=installed.site, env=env)).strip() == f"tagger {VERSION}"
+    out = _clean(_run([tagger, "classify", "--dry-run", "posts/limiting-wip.md"], cwd=installed.site, env=env))
+    assert "posts/limiting-wip.md  [dry run;" in out
