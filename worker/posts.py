@@ -1,33 +1,63 @@
-"""Posts: read front matter, and write back only the keys tagger owns, atomically."""
+"""Posts: read front matter (bounded), and write back only the keys tagger owns, atomically."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
-import json
 import os
 import re
 import tempfile
+import time
 import tomllib
-from collections.abc import Mapping
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import tomlkit
+import tomlkit.items
 import yaml
 
 from worker.errors import BadPost, PostChanged, PostMissing
 
 ORIGIN_KEY = "ClassificationContentOrigin"
 MAX_POST_BYTES = 20 * 1024 * 1024
+MAX_FRONT_MATTER_BYTES = 256 * 1024
+# Like Hugo's "document contains excessive aliasing": past this many nodes once aliases are expanded, refuse.
+MAX_YAML_NODES = 10_000
+TEMP_SUFFIX = ".tagger-tmp"
+# A temp file older than this was left by a killed process: a live write takes seconds, not minutes.
+STALE_TEMP_SECONDS = 15 * 60
 Format = Literal["yaml", "toml", "none"]
+Change = list[str] | str | None  # a list of terms, a scalar, or None to remove a key tagger added
 
 _YAML_OPEN = re.compile(r"\A---[ \t]*\r?\n")
 _YAML_CLOSE = re.compile(r"^(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.M)
 _TOML_OPEN = re.compile(r"\A\+\+\+[ \t]*\r?\n")
 _TOML_CLOSE = re.compile(r"^\+\+\+[ \t]*(?:\r?\n|\Z)", re.M)
 _YAML_KEY = re.compile(r"""^(?P<key>"[^"]*"|'[^']*'|[^\s#:'"\-?&*!|>%@`{\[][^:#]*?)\s*:(?:[ \t]|\r?$)""")
-_TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"]*")\s*=""")
+_TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"]*"|'[^']*')[ \t]*=""")
+_TOML_TABLE = re.compile(r"^[ \t]*\[")
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)-(?:[ \t]+|\r?$)")
+# No-break, zero-width and other odd spaces people paste into front matter.
+_ODD_SPACE = re.compile("[\u00a0\u1680\u2000-\u200d\u2028\u2029\u202f\u205f\u2060\u3000\ufeff]")
+
+
+def normal_form(term: str) -> str:
+    """How terms are compared: Unicode NFC, case-folded, whitespace (no-break and zero-width too) collapsed."""
+    text = _ODD_SPACE.sub(" ", unicodedata.normalize("NFC", term))
+    return " ".join(text.casefold().split())
+
+
+def _scalar_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float | date | datetime):
+        return str(value)
+    return None
 
 
 @dataclass(frozen=True)
@@ -47,15 +77,21 @@ class Post:
 
     @property
     def title(self) -> str:
-        """The post's title, or its file name."""
-        title = self.meta.get("title")
-        return str(title) if title else self.path.stem
+        """The post's title (a scalar in the front matter), or its file name."""
+        title = _scalar_text(self.meta.get("title"))
+        return title if title and title.strip() else self.path.stem
 
     @property
     def description(self) -> str:
         """The post's description, if any."""
         value = self.meta.get("description")
-        return str(value) if isinstance(value, str) else ""
+        return value if isinstance(value, str) else ""
+
+    @property
+    def has_content(self) -> bool:
+        """False for an empty post, or one with no title and no body: nothing to classify."""
+        title = _scalar_text(self.meta.get("title"))
+        return bool((title and title.strip()) or self.body.strip())
 
     @property
     def content_hash(self) -> str:
@@ -64,20 +100,36 @@ class Post:
         return hashlib.sha256(judged.encode("utf-8")).hexdigest()[:16]
 
     @property
+    def file_hash(self) -> str:
+        """Hash of the file's exact bytes: tells whether a write tagger intended has landed."""
+        return file_hash(self.raw)
+
+    @property
     def human_only(self) -> bool:
         """True when the post says its classification is the people's: tagger never writes it."""
         return str(self.meta.get(ORIGIN_KEY, "")).strip().lower() == "human"
 
     def terms(self, term_type: str) -> list[str]:
-        """The titles listed under one classification key (a lone string counts as one)."""
+        """The titles listed under one classification key; a lone string is one term (as Hugo reads it).
+
+        Any other value (a boolean, a number, a mapping) is reported as BadPost and the post left as it is.
+        """
         value = self.meta.get(term_type)
         if value is None:
             return []
         if isinstance(value, str):
-            return [value.strip()] if value.strip() else []
+            return [value] if value.strip() else []
         if isinstance(value, list):
-            return [str(v) for v in value if v is not None and str(v).strip()]
-        raise BadPost(f"'{term_type}' is a {type(value).__name__}, not a list of terms", path=self.path)
+            return [text for v in value if (text := _scalar_text(v)) is not None and text.strip()]
+        raise BadPost(
+            f"'{term_type}' is a {type(value).__name__}, not a list of terms; the post is left as it is",
+            path=self.path,
+        )
+
+
+def file_hash(data: bytes) -> str:
+    """Short SHA-256 of a file's bytes."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _decode(path: Path, raw: bytes) -> tuple[str, bool]:
@@ -107,28 +159,80 @@ def _top_level_keys(header: str, pattern: re.Pattern[str]) -> list[str]:
     return [m.group("key").strip("\"'") for line in header.splitlines() if (m := pattern.match(line))]
 
 
+def _expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """Nodes in the document once every alias is expanded (stops counting past `limit`); -1 for a cycle."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = _children(node)
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            return -1
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _load_yaml(path: Path, header: str) -> Any:
+    """safe_load, refusing alias bombs and recursive aliases before anything is expanded."""
+    loader = yaml.SafeLoader(header)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_nodes(node, MAX_YAML_NODES)
+        if size < 0:
+            raise BadPost("front matter has a recursive alias", path=path)
+        if size > MAX_YAML_NODES:
+            raise BadPost(
+                f"front matter contains excessive aliasing (over {MAX_YAML_NODES} nodes once expanded)", path=path
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_header(path: Path, fmt: Format, header: str) -> dict[str, Any]:
     """Parse a front-matter header into a mapping, or raise BadPost."""
     if fmt == "none":
         return {}
     try:
-        data = yaml.safe_load(header) if fmt == "yaml" else tomllib.loads(header)
+        data = _load_yaml(path, header) if fmt == "yaml" else tomllib.loads(header)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadPost(f"malformed {fmt.upper()} front matter: {first}", path=path) from exc
+    except RecursionError as exc:
+        raise BadPost(f"{fmt.upper()} front matter is nested too deeply", path=path) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise BadPost(f"front matter is a {type(data).__name__}, not a mapping", path=path)
     if fmt == "yaml":
-        keys = _top_level_keys(header, _YAML_KEY)
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        counts = Counter(_top_level_keys(header, _YAML_KEY))
+        duplicates = sorted(k for k, n in counts.items() if n > 1)
         if duplicates:
-            raise BadPost(f"duplicate front-matter keys: {', '.join(duplicates)}", path=path)
+            raise BadPost(f"duplicate front-matter keys: {', '.join(duplicates[:10])}", path=path)
     return {str(k): v for k, v in data.items()}
 
 
-def read_post(path: Path) -> Post:
+def read_post(path: Path, max_front_matter_bytes: int = MAX_FRONT_MATTER_BYTES) -> Post:
     """Read and parse a post, or raise BadPost/PostMissing with the reason."""
     try:
         size = path.stat().st_size
@@ -143,6 +247,13 @@ def read_post(path: Path) -> Post:
         raise BadPost(f"cannot read: {exc.strerror}", path=path) from exc
     text, bom = _decode(path, raw)
     fmt, prefix, header, suffix, body = _split(path, text)
+    header_bytes = len(header.encode("utf-8"))
+    if header_bytes > max_front_matter_bytes:
+        raise BadPost(
+            f"front matter is {header_bytes} bytes, above the {max_front_matter_bytes} byte limit"
+            " (TAGGER_MAX_FRONT_MATTER_BYTES)",
+            path=path,
+        )
     meta = parse_header(path, fmt, header)
     newline = "\r\n" if "\r\n" in (header or text[:4096]) else "\n"
     return Post(path, raw, fmt, bom, header, prefix, suffix, meta, body, newline)
@@ -184,9 +295,7 @@ def _list_indent(lines: list[str]) -> str:
     return "  "
 
 
-def _render_yaml_list(
-    key_line: str, block: list[str], old: list[str], new: list[str], nl: str, indent: str
-) -> list[str]:
+def _render_yaml_list(key_line: str, block: list[str], new: list[str], nl: str, indent: str) -> list[str]:
     """Render a YAML list key, reusing the original lines of items that stay."""
     head = key_line.rstrip("\r\n")
     comment = ""
@@ -197,25 +306,22 @@ def _render_yaml_list(
     inline = head.split(":", 1)[1].strip()
     if not new:
         return [f"{key_part} []{comment}{nl}"]
-    if inline.startswith("[") and old:
+    if inline.startswith("["):
         return [f"{key_part} [{', '.join(_yaml_scalar(v) for v in new)}]{comment}{nl}"]
-    items = block[1:]
     kept: list[str] = []
+    present: set[str] = set()
     item_indent = indent
-    for line in items:
+    for line in block[1:]:
         item = _ITEM.match(line)
         if not item:
             kept.append(line)
             continue
         item_indent = item.group("indent")
-        value = yaml.safe_load(line[item.end() :]) if line[item.end() :].strip() else None
-        if value is not None and str(value) in new:
+        text = line[item.end() :]
+        value = _scalar_text(yaml.safe_load(text)) if text.strip() else None
+        if value is not None and value in new and value not in present:
+            present.add(value)
             kept.append(line if line.endswith(("\n", "\r")) else line + nl)
-    present = set()
-    for line in kept:
-        item = _ITEM.match(line)
-        if item:
-            present.add(str(yaml.safe_load(line[item.end() :])))
     additions = [f"{item_indent}- {_yaml_scalar(v)}{nl}" for v in new if v not in present]
     last_item = max((i for i, line in enumerate(kept) if _ITEM.match(line)), default=-1)
     kept[last_item + 1 : last_item + 1] = additions
@@ -223,74 +329,60 @@ def _render_yaml_list(
     return [first, *kept]
 
 
-def _edit_yaml(header: str, changes: Mapping[str, list[str] | str], nl: str) -> str:
+def _edit_yaml(header: str, changes: Mapping[str, Change], nl: str) -> str:
     lines = header.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += nl
     spans = _yaml_blocks(lines)
     indent = _list_indent(lines)
-    replacements: list[tuple[int, int, list[str]]] = []
+    # New keys go right after the last key's block, before any trailing blank lines or comments.
+    insert_at = max((end for _, end in spans.values()), default=len(lines))
+    edits: list[tuple[int, int, list[str]]] = []
     appended: list[str] = []
     for key, value in changes.items():
+        span = spans.get(key)
+        if value is None:
+            if span:
+                edits.append((*span, []))
+            continue
         if isinstance(value, str):
             rendered = [f"{key}: {_yaml_scalar(value)}{nl}"]
         else:
-            span = spans.get(key)
-            old_block = lines[span[0] : span[1]] if span else [f"{key}:{nl}"]
-            parsed = yaml.safe_load("".join(old_block)) if span else None
-            old_value = parsed.get(key) if isinstance(parsed, dict) else None
-            old = [str(v) for v in old_value] if isinstance(old_value, list) else []
-            rendered = _render_yaml_list(old_block[0], old_block, old, value, nl, indent)
-        if key in spans:
-            replacements.append((*spans[key], rendered))
+            block = lines[span[0] : span[1]] if span else [f"{key}:{nl}"]
+            rendered = _render_yaml_list(block[0], block, value, nl, indent)
+        if span:
+            edits.append((*span, rendered))
         else:
             appended.extend(rendered)
-    for start, end, rendered in sorted(replacements, reverse=True):
+    if appended:
+        edits.append((insert_at, insert_at, appended))
+    for start, end, rendered in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
         lines[start:end] = rendered
-    return "".join(lines) + "".join(appended)
-
-
-def _toml_value(value: list[str] | str) -> str:
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    return "[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in value) + "]"
-
-
-def _edit_toml(header: str, changes: Mapping[str, list[str] | str], nl: str) -> str:
-    lines = header.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += nl
-    table_at = next(
-        (i for i, line in enumerate(lines) if line.lstrip().startswith("[") and not _TOML_KEY.match(line)),
-        len(lines),
-    )
-    for key, value in changes.items():
-        rendered = f"{key} = {_toml_value(value)}{nl}"
-        start = next(
-            (i for i in range(table_at) if (m := _TOML_KEY.match(lines[i])) and m.group("key").strip('"') == key),
-            None,
-        )
-        if start is None:
-            at = table_at
-            while at > 0 and not lines[at - 1].strip():
-                at -= 1
-            lines.insert(at, rendered)
-            table_at += 1
-            continue
-        end = start + 1
-        while end <= table_at:
-            try:
-                tomllib.loads("".join(lines[start:end]))
-                break
-            except tomllib.TOMLDecodeError:
-                end += 1
-        lines[start:end] = [rendered]
-        table_at -= end - start - 1
     return "".join(lines)
 
 
-def render_changes(post: Post, changes: Mapping[str, list[str] | str]) -> str:
-    """The post's full new text with only `changes` applied; verified by re-parsing."""
+def _edit_toml(header: str, changes: Mapping[str, Change], nl: str) -> str:
+    """Edit top-level keys with tomlkit (a round-trip TOML library), keeping the file's newlines."""
+    doc = tomlkit.parse(header.replace("\r\n", "\n"))
+    for key, value in changes.items():
+        if value is None:
+            if key in doc:
+                del doc[key]
+        elif isinstance(value, str):
+            doc[key] = value
+        else:
+            old = doc.get(key)
+            array = tomlkit.array()
+            array.extend(value)
+            if isinstance(old, tomlkit.items.Array) and "\n" in old.as_string():
+                array.multiline(True)
+            doc[key] = array
+    text = tomlkit.dumps(doc)
+    return text.replace("\n", nl) if nl != "\n" else text
+
+
+def render_changes(post: Post, changes: Mapping[str, Change]) -> str:
+    """The post's full new text with only `changes` applied (None removes a key); verified before it is used."""
     nl = post.newline
     if post.format == "toml":
         header = _edit_toml(post.header, changes, nl)
@@ -299,11 +391,114 @@ def render_changes(post: Post, changes: Mapping[str, list[str] | str]) -> str:
         header = _edit_yaml(post.header, changes, nl)
         prefix, suffix = (post.prefix, post.suffix) if post.format == "yaml" else (f"---{nl}", f"---{nl}")
     new_meta = parse_header(post.path, "toml" if post.format == "toml" else "yaml", header)
-    expected = {**post.meta, **changes}
+    expected = {k: v for k, v in {**post.meta, **changes}.items() if v is not None}
     if new_meta != expected:
         differing = sorted(k for k in set(new_meta) | set(expected) if new_meta.get(k) != expected.get(k))
         raise BadPost(f"front matter could not be edited safely (keys {', '.join(differing)})", path=post.path)
-    return ("\ufeff" if post.bom else "") + prefix + header + suffix + post.body
+    new_text = ("\ufeff" if post.bom else "") + prefix + header + suffix + post.body
+    foreign = foreign_changes(post.raw.decode("utf-8"), new_text, changes.keys())
+    if foreign:
+        raise BadPost(f"front matter could not be edited safely: {foreign[0]}", path=post.path)
+    return new_text
+
+
+# --- the owned-key check -------------------------------------------------------------------------
+
+
+def _toml_value_end(header: str, pos: int) -> int:
+    """Offset just past the line that ends the TOML value starting at `pos` (strings, arrays, tables)."""
+    depth = 0
+    i = pos
+    n = len(header)
+    while i < n:
+        ch = header[i]
+        if header.startswith(('"""', "'''"), i):
+            close = header.find(header[i : i + 3], i + 3)
+            i = n if close < 0 else close + 3
+            continue
+        if ch in "\"'":
+            j = i + 1
+            while j < n and header[j] != ch and header[j] != "\n":
+                j += 2 if ch == '"' and header[j] == "\\" else 1
+            i = j + 1
+            continue
+        if ch == "#":
+            nl_at = header.find("\n", i)
+            i = n if nl_at < 0 else nl_at
+            continue
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "\n" and depth <= 0:
+            return i + 1
+        i += 1
+    return n
+
+
+def _owned_spans(fmt: Format, header: str, owned: set[str]) -> list[tuple[int, int]]:
+    """[start, end) character offsets in `header` of the owned top-level keys."""
+    lines = header.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    spans: list[tuple[int, int]] = []
+    if fmt == "toml":
+        for i, line in enumerate(lines):
+            if _TOML_TABLE.match(line):
+                break
+            m = _TOML_KEY.match(line)
+            if m and m.group("key").strip("\"'") in owned:
+                start = offsets[i]
+                spans.append((start, _toml_value_end(header, start + m.end())))
+        return spans
+    for key, (start, end) in _yaml_blocks(lines).items():
+        if key in owned:
+            spans.append((offsets[start], offsets[end]))
+    return sorted(spans)
+
+
+def _parts(text: str, owned: set[str]) -> tuple[str, Format, str, list[str], str, str]:
+    """(BOM, format, opening delimiter, foreign header lines, closing delimiter, body) of a post's text."""
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    fmt, prefix, header, suffix, body = _split(Path("<text>"), text[len(bom) :])
+    foreign: list[str] = []
+    at = 0
+    for start, end in _owned_spans(fmt, header, owned):
+        foreign.append(header[at:start])
+        at = end
+    foreign.append(header[at:])
+    return bom, fmt, prefix, "".join(foreign).splitlines(keepends=True), suffix, body
+
+
+def foreign_changes(old_text: str, new_text: str, owned_keys: Iterable[str]) -> list[str]:
+    """What changed outside the owned keys' spans (empty when every other byte is identical)."""
+    owned = set(owned_keys)
+    try:
+        old = _parts(old_text, owned)
+        new = _parts(new_text, owned)
+    except BadPost as exc:
+        return [exc.message]
+    problems: list[str] = []
+    (old_bom, old_fmt, old_open, old_lines, old_close, old_body) = old
+    (new_bom, new_fmt, new_open, new_lines, new_close, new_body) = new
+    if old_bom != new_bom:
+        problems.append("the byte-order mark changed")
+    if old_body != new_body:
+        problems.append("the body changed")
+    if old_fmt != "none" and (old_fmt, old_open, old_close) != (new_fmt, new_open, new_close):
+        problems.append("the front-matter delimiters changed")
+    if old_lines != new_lines:
+        diff = [
+            line
+            for line in difflib.unified_diff(old_lines, new_lines, lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))
+        ]
+        problems.append(f"non-owned front-matter lines changed: {diff[:6]!r}")
+    return problems
+
+
+# --- files ---------------------------------------------------------------------------------------
 
 
 def write_atomic(post: Post, new_text: str) -> None:
@@ -311,9 +506,12 @@ def write_atomic(post: Post, new_text: str) -> None:
     atomic_write(post.path, new_text.encode("utf-8"), expected=post.raw)
 
 
-def atomic_write(path: Path, data: bytes, expected: bytes | None = None) -> None:
-    """Write via a temp file in the same folder, fsync and rename; with `expected`, only over those bytes."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tagger-tmp", dir=path.parent)
+def atomic_write(path: Path, data: bytes, expected: bytes | None = None, mode: int | None = None) -> None:
+    """Write via a temp file in the same folder, fsync and rename; with `expected`, only over those bytes.
+
+    The new file gets `mode`, else the mode of the file it replaces, else 0644.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -322,11 +520,16 @@ def atomic_write(path: Path, data: bytes, expected: bytes | None = None) -> None
         if expected is not None:
             try:
                 current = path.read_bytes()
-                os.chmod(tmp, path.stat().st_mode & 0o7777)
             except FileNotFoundError as exc:
                 raise PostMissing("post was deleted while it was being classified", path=path) from exc
             if current != expected:
                 raise PostChanged("post changed on disk while it was being classified", path=path)
+        if mode is None:
+            try:
+                mode = path.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                mode = 0o644
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -336,3 +539,24 @@ def atomic_write(path: Path, data: bytes, expected: bytes | None = None) -> None
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def clean_stale_temps(folder: Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove tagger's own temp files (`.*.tagger-tmp`) that killed processes left in `folder`.
+
+    Only files older than `older_than` seconds: a temp file a live process is writing is young.
+    """
+    removed: list[Path] = []
+    cutoff = time.time() - older_than
+    try:
+        candidates = list(folder.glob(f".*{TEMP_SUFFIX}"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
