@@ -14,10 +14,8 @@ from rq.serializers import JSONSerializer
 
 from worker.classifier import make_classifier
 from worker.errors import TaggerError
-from worker.posts import read_post
 from worker.prompts import estimate_tokens
 from worker.queue.recovery import recover_abandoned
-from worker.records import load_record
 from worker.settings import Settings
 
 Progress = Callable[[int, int, int, float, int], None]
@@ -57,18 +55,16 @@ def plan(
 ) -> Plan:
     """Which posts need classifying: those whose record is missing or stale (all with `include_fresh`)."""
     classifier = make_classifier(settings)
-    terms = classifier.terms_of(types)
     result = Plan()
     for path in post_files(settings.content_root()):
         if limit is not None and len(result.todo) >= limit:
             break
         try:
-            post = read_post(path)
+            post = classifier.read(path)
         except TaggerError as exc:
             result.bad.append(f"{path}: {exc.kind}: {exc.message}")
             continue
-        _, todo = classifier.split_cached(post, terms, load_record(path))
-        fresh = not todo
+        fresh = classifier.is_fresh(post, classifier.load_record(post), types)
         if fresh and not include_fresh:
             result.fresh += 1
         else:
@@ -96,15 +92,14 @@ class Estimate:
 def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None = None) -> Estimate:
     """Calls, tokens (the part a prefix cache can serve) and cost for `todo` with the configured model."""
     classifier = make_classifier(settings.model_copy(update={"provider_choice": "openai"}))
-    terms = classifier.terms_of(types)
     seen: set[str] = set()
     result = Estimate()
     for path in todo:
         try:
-            post = read_post(path)
+            post = classifier.read(path)
         except TaggerError:
             continue
-        _, asked = classifier.split_cached(post, terms, load_record(path))
+        _, asked = classifier.split_cached(post, classifier.terms_for(post, types), classifier.load_record(post))
         prompts, _ = classifier.prompts_for(post, asked)
         result.posts += 1
         for prompt in prompts:

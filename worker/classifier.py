@@ -13,18 +13,31 @@ from pathlib import Path
 
 import structlog
 
-from worker.errors import InvalidReply, PostChanged
+from worker.errors import InvalidReply, PostChanged, RecordWriteFailed
 from worker.judgements import Classification, Decision, Judgement, TermScores, Usage, confidence, level
-from worker.posts import ORIGIN_KEY, Post, read_post, render_changes, write_atomic
+from worker.posts import (
+    ORIGIN_KEY,
+    Change,
+    Post,
+    clean_stale_temps,
+    file_hash,
+    normal_form,
+    read_post,
+    render_changes,
+    write_atomic,
+)
 from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt
 from worker.providers import OfflineProvider, Provider
 from worker.providers.base import Throttle
-from worker.records import Record, load_record, save_record
+from worker.records import Pending, Record, RecordStore, reconcile
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, Term
 
 log = structlog.get_logger("tagger.classifier")
 CHANGED_POST_PASSES = 3
+# Most of the token budget goes to the body: a title or description past these shares of it is cut.
+TITLE_SHARE, DESCRIPTION_SHARE = 1 / 16, 1 / 8
+NOTHING_TO_CLASSIFY = "nothing to classify"
 
 
 @dataclass(frozen=True)
@@ -36,31 +49,115 @@ class Classifier:
     templates: Templates
     provider: Provider
 
+    @property
+    def records(self) -> RecordStore:
+        """Where this classifier reads and writes result records."""
+        return RecordStore(self.settings.content_root(), self.settings.records_dir)
+
+    def read(self, path: Path) -> Post:
+        """Read a post within the configured front-matter size limit."""
+        return read_post(path, self.settings.max_front_matter_bytes)
+
+    def load_record(self, post: Post) -> Record:
+        """The post's record, with an announced-but-unconfirmed write settled against the post on disk."""
+        return reconcile(self.records.load(post.path), post)
+
     def classify(self, path: Path, *, dry_run: bool = False, types: Sequence[str] | None = None) -> Classification:
         """Classify one post and write it back; a post edited meanwhile is read and judged again."""
         for attempt in range(1, CHANGED_POST_PASSES + 1):
-            post = read_post(path)
-            record = load_record(path)
+            post = self.read(path)
+            if not post.has_content:
+                log.info("skipped", post=str(path), reason=NOTHING_TO_CLASSIFY)
+                return Classification(
+                    post=str(path), content_hash=post.content_hash, judgements=[], decisions=[], assigned={},
+                    rejected={}, usage=Usage(), cached_terms=0, skipped=NOTHING_TO_CLASSIFY,
+                )  # fmt: skip
+            if not dry_run:
+                for folder in {path.parent, self.records.path_for(path).parent}:
+                    for stale in clean_stale_temps(folder):
+                        log.info("stale_temp_removed", file=str(stale))
+            record = self.load_record(post)
             result, new_text, new_record = self._decide(post, record, types)
             if dry_run:
                 return result
+            if new_text is None:
+                self._save(path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=record)
+                return result
+            # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
+            # failure after this line is settled by `reconcile` from the post's file hash at the next run.
+            announced = new_record.model_copy(
+                update={
+                    "file_hash": file_hash(new_text.encode("utf-8")),
+                    "pending": Pending(
+                        before_file_hash=post.file_hash,
+                        assigned=record.assigned,
+                        rejected=record.rejected,
+                        added_keys=record.added_keys,
+                    ),
+                }
+            )
+            self._save(path, announced)
             try:
-                if new_text is not None:
-                    write_atomic(post, new_text)
-                    result.written = True
+                write_atomic(post, new_text)
             except PostChanged:
                 # Judgements already made are cached in the record, so the next pass is cheap.
-                save_record(
-                    path,
-                    new_record.model_copy(update={"assigned": record.assigned, "rejected": record.rejected}),
-                )
+                self._save(path, self._unwritten(new_record, record, post))
                 log.info("post_changed_during_classification", post=str(path), attempt=attempt)
                 if attempt == CHANGED_POST_PASSES:
                     raise
                 continue
-            save_record(path, new_record)
+            result.written = True
+            try:
+                self._save(path, announced.model_copy(update={"pending": None}))
+            except RecordWriteFailed as exc:
+                # The announced record already names this write: the next run confirms it from the file hash.
+                log.warning("record_confirm_failed", post=str(path), error=exc.message)
             return result
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _unwritten(new_record: Record, record: Record, post: Post) -> Record:
+        """The new judgements with the earlier assignments: the post was not replaced."""
+        return new_record.model_copy(
+            update={
+                "assigned": record.assigned,
+                "rejected": record.rejected,
+                "added_keys": record.added_keys,
+                "file_hash": post.file_hash,
+                "pending": None,
+            }
+        )
+
+    def _save(self, path: Path, record: Record, previous: Record | None = None) -> None:
+        if previous is not None and _same(previous, record):
+            return  # nothing but the time would change: keep the file (and its git history) as it is
+        try:
+            self.records.save(path, record)
+        except OSError as exc:
+            raise RecordWriteFailed(f"cannot write the result record: {exc.strerror or exc}", path=path) from exc
+
+    def terms_for(self, post: Post, types: Sequence[str] | None = None) -> list[Term]:
+        """The terms to judge a post against: a term page is never judged against its own term."""
+        own = _resolved(post.path)
+        return [t for t in self.terms_of(types) if _resolved(Path(t.path)) != own]
+
+    def retired(self, record: Record) -> dict[str, list[str]]:
+        """Terms tagger assigned that have left the taxonomy (removed or renamed), by type."""
+        known = {(t.type, normal_form(t.title)) for t in self.taxonomy}
+        out = {}
+        for term_type, titles in record.assigned.items():
+            gone = [t for t in titles if (term_type, normal_form(t)) not in known]
+            if gone:
+                out[term_type] = gone
+        return out
+
+    def is_fresh(self, post: Post, record: Record, types: Sequence[str] | None = None) -> bool:
+        """True when the record answers for this post, taxonomy, prompt and model: nothing to ask or remove."""
+        if not post.has_content:
+            return True
+        _, todo = self.split_cached(post, self.terms_for(post, types), record)
+        retired = self.retired(record)
+        return not todo and not any(t for k, t in retired.items() if not types or k in types)
 
     def judge(
         self, post: Post, terms: Sequence[Term], record: Record
@@ -99,10 +196,16 @@ class Classifier:
         return keep + fresh, usage, len(keep), cut, time.monotonic() - waited if prompts else 0.0
 
     def prompts_for(self, post: Post, terms: Sequence[Term]) -> tuple[list[Prompt], int]:
-        """One prompt per chunk of terms of one type, and how many body characters the token budget cut."""
+        """One prompt per chunk of terms of one type, and how many characters the token budget cut.
+
+        Title, description and body share the budget: title and description get a bounded share, the body the rest.
+        """
         budget = self.settings.max_post_tokens * CHARS_PER_TOKEN
-        cut = max(0, len(post.body) - budget)
-        return self.prompts_for_text(PostText(post.title, post.description, post.body[:budget]), terms), cut
+        title = post.title[: int(budget * TITLE_SHARE)]
+        description = post.description[: int(budget * DESCRIPTION_SHARE)]
+        body = post.body[: budget - len(title) - len(description)]
+        cut = len(post.title) + len(post.description) + len(post.body) - len(title) - len(description) - len(body)
+        return self.prompts_for_text(PostText(title, description, body), terms), cut
 
     def prompts_for_text(self, text: PostText, terms: Sequence[Term]) -> list[Prompt]:
         """One prompt per even chunk of terms of one type."""
@@ -199,28 +302,40 @@ class Classifier:
         self, post: Post, record: Record, types: Sequence[str] | None
     ) -> tuple[Classification, str | None, Record]:
         wanted_types = [t for t in self.taxonomy.types() if not types or t in types]
-        terms = self.terms_of(types)
+        retired = self.retired(record)
+        # A type that left the taxonomy altogether still has tagger's terms to take back.
+        wanted_types += [t for t in retired if t not in wanted_types and (not types or t in types)]
+        terms = self.terms_for(post, types)
         judgements, usage, hits, cut, llm_seconds = self.judge(post, terms, record)
         decisions: list[Decision] = []
-        changes: dict[str, list[str] | str] = {}
+        changes: dict[str, Change] = {}
         assigned = {k: v for k, v in record.assigned.items() if k not in wanted_types}
         rejected = dict(record.rejected)
+        added_keys = set(record.added_keys)
         for term_type in wanted_types:
+            present = post.terms(term_type)
             decision = select(
                 term_type,
                 [j for j in judgements if j.type == term_type],
-                post.terms(term_type),
+                present,
                 record.assigned.get(term_type, []),
                 record.rejected.get(term_type, []),
                 self.settings,
             )
+            decision.retired = [t for t in retired.get(term_type, []) if t in decision.removed]
             decisions.append(decision)
-            if decision.final != post.terms(term_type) or (post.meta.get(term_type) is None and decision.final):
+            key_absent = term_type not in post.meta
+            if not decision.final and term_type in added_keys and not key_absent:
+                changes[term_type] = None  # tagger added this key and has emptied it: leave no trace
+            elif decision.final != present or (post.meta.get(term_type) is None and decision.final):
                 changes[term_type] = decision.final
-            owned = [t for t in decision.final if t in decision.selected and t not in decision.kept_human]
-            assigned[term_type] = owned
+            if key_absent and decision.final:
+                added_keys.add(term_type)
+            if changes.get(term_type, ...) is None or (key_absent and not decision.final):
+                added_keys.discard(term_type)
+            assigned[term_type] = decision.assigned
             rejected[term_type] = decision.not_readded
-        if changes and not post.human_only and str(post.meta.get(ORIGIN_KEY, "")) != "AI":
+        if any(v for v in changes.values()) and not post.human_only and str(post.meta.get(ORIGIN_KEY, "")) != "AI":
             changes[ORIGIN_KEY] = "AI"
         new_text = None
         diff = ""
@@ -237,9 +352,32 @@ class Classifier:
             )
             new_text = None if post.human_only else rendered
         if post.human_only:
-            assigned = dict(record.assigned)
+            assigned, added_keys = dict(record.assigned), set(record.added_keys)
+        for decision in decisions:
+            if decision.retired and new_text is not None:
+                log.info("retired_terms_removed", post=str(post.path), type=decision.type, terms=decision.retired)
+        # Judgements of types not asked this time stay in the record (the cache) while their terms exist.
+        judged = {(j.type, j.term) for j in judgements}
+        known = {(t.type, t.title) for t in self.taxonomy}
+        kept = [
+            j
+            for j in record.judgements
+            if j.type not in wanted_types and (j.type, j.term) in known and (j.type, j.term) not in judged
+        ]
         now = datetime.now(UTC).isoformat(timespec="seconds")
         new_record = Record(
+            post=str(post.path),
+            mode=f"{post_mode(post.path):04o}",
+            content_hash=post.content_hash,
+            assigned=assigned,
+            rejected=rejected,
+            added_keys=sorted(added_keys),
+            judgements=judgements + kept,
+            usage=usage if usage.calls else record.usage,
+            truncated_chars=cut,
+            updated_at=now,
+        )
+        result = Classification(
             post=str(post.path),
             content_hash=post.content_hash,
             assigned=assigned,
@@ -247,13 +385,6 @@ class Classifier:
             judgements=judgements,
             usage=usage,
             truncated_chars=cut,
-            updated_at=now,
-        )
-        shared = new_record.model_dump(
-            include={"post", "content_hash", "assigned", "rejected", "judgements", "usage", "truncated_chars"}
-        )
-        result = Classification(
-            **shared,
             decisions=decisions,
             cached_terms=hits,
             llm_seconds=round(llm_seconds, 4),
@@ -273,26 +404,67 @@ def select(
 ) -> Decision:
     """Choose a type's terms and merge them with what the post already lists.
 
-    Terms a person added stay; a term tagger assigned that a person removed is never re-added.
+    Terms match by their normal form (case, Unicode form and odd spaces aside); the post's spelling is kept and
+    no second spelling is added. Terms a person added stay and count towards the rule's cap; a term tagger
+    assigned that a person removed is never re-added.
     """
     rule = settings.rule_for(term_type)
-    removed_by_human = [t for t in previously_assigned if t not in present]
-    blocked = set(rejected) | set(removed_by_human)
+    nf = normal_form
+    present_n = {nf(t) for t in present}
+    assigned_n = {nf(t) for t in previously_assigned}
+    removed_by_human = [t for t in previously_assigned if nf(t) not in present_n]
+    not_readded = sorted(set(rejected) | set(removed_by_human))
+    blocked = {nf(t) for t in not_readded}
+    human = [t for t in present if nf(t) not in assigned_n]
+    human_n = {nf(t) for t in human}
     ranked = sorted(judgements, key=lambda j: (-j.confidence, j.term))
-    eligible = [j.term for j in ranked if j.confidence >= rule.min_confidence]
-    selected = [t for t in eligible if t not in blocked][: rule.top]
-    human = [t for t in present if t not in previously_assigned]
-    final = [t for t in present if t in human or t in selected]
-    final += [t for t in selected if t not in final]
+    room = max(0, rule.cap - len(human_n))
+    selected: list[str] = []
+    for judgement in ranked:
+        term = nf(judgement.term)
+        if len(selected) >= rule.top or judgement.confidence < rule.min_confidence:
+            break
+        if term in blocked or term in {nf(t) for t in selected}:
+            continue
+        if term not in human_n:
+            if not room:
+                continue
+            room -= 1
+        selected.append(judgement.term)
+    selected_n = {nf(t) for t in selected}
+    final = [t for t in present if nf(t) in human_n or nf(t) in selected_n]
+    final += [t for t in selected if nf(t) not in present_n]
     return Decision(
         type=term_type,
         selected=selected,
         final=final,
-        added=[t for t in final if t not in present],
+        added=[t for t in final if nf(t) not in present_n],
         removed=[t for t in present if t not in final],
         kept_human=[t for t in human if t in final],
-        not_readded=sorted(blocked),
+        not_readded=not_readded,
+        assigned=[t for t in final if nf(t) in selected_n and nf(t) not in human_n],
     )
+
+
+def post_mode(path: Path) -> int:
+    """The post file's permission bits (0 when it cannot be read)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path
+
+
+def _same(old: Record, new: Record) -> bool:
+    """True when two records differ at most in their time stamp."""
+    skip = {"updated_at", "post"}
+    return old.model_dump(exclude=skip) == new.model_dump(exclude=skip)
 
 
 def make_classifier(settings: Settings, throttle: Throttle | None = None) -> Classifier:

@@ -40,6 +40,13 @@ class PostChanged(TaggerError):
     transient = True
 
 
+class RecordWriteFailed(TaggerError):
+    """The result record could not be written (a full disk, say): the post was left as it was."""
+
+    kind = "record_write"
+    transient = True
+
+
 class OutsideContentRoot(TaggerError):
     """A path resolves outside the configured content root."""
 

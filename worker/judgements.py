@@ -119,6 +119,8 @@ class Decision(BaseModel):
     removed: list[str]
     kept_human: list[str]
     not_readded: list[str]
+    assigned: list[str] = Field(default_factory=list)
+    retired: list[str] = Field(default_factory=list)
 
 
 class Classification(BaseModel):
@@ -136,4 +138,5 @@ class Classification(BaseModel):
     truncated_chars: int = 0
     written: bool = False
     human_only: bool = False
+    skipped: str = ""
     diff: str = ""

@@ -1,16 +1,48 @@
-"""The result record kept next to each post: what was judged, what was assigned, and the cache."""
+"""The result record of each post: what was judged, what was assigned, and the cache.
+
+Made for version control: the post's path relative to the content root, stable order, one judgement per line,
+the fields every judgement shares written once. Beside the post (`data.<stem>.tagger.json`) by default, or in
+a mirror tree under `TAGGER_RECORDS_DIR` (outside what a site generator publishes).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from worker.judgements import Judgement, Usage
-from worker.posts import atomic_write
+from worker.judgements import SUB_SCORES, Judgement, Usage, level
+from worker.posts import Post, atomic_write
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+# Fields most judgements of a record share: written once in the header, per line only where they differ.
+SHARED = ("content_hash", "prompt_version", "model", "provider", "judged_at")
+HEADER = (
+    "version",
+    "post",
+    "mode",
+    "content_hash",
+    "file_hash",
+    "assigned",
+    "rejected",
+    "added_keys",
+    "pending",
+    "usage",
+    "truncated_chars",
+    "updated_at",
+)
+
+
+class Pending(BaseModel):
+    """A write tagger announced in the record before replacing the post, with what held before it."""
+
+    before_file_hash: str
+    assigned: dict[str, list[str]] = Field(default_factory=dict)
+    rejected: dict[str, list[str]] = Field(default_factory=dict)
+    added_keys: list[str] = Field(default_factory=list)
 
 
 class Record(BaseModel):
@@ -18,9 +50,13 @@ class Record(BaseModel):
 
     version: int = RECORD_VERSION
     post: str = ""
+    mode: str = ""
     content_hash: str = ""
+    file_hash: str = ""
     assigned: dict[str, list[str]] = Field(default_factory=dict)
     rejected: dict[str, list[str]] = Field(default_factory=dict)
+    added_keys: list[str] = Field(default_factory=list)
+    pending: Pending | None = None
     judgements: list[Judgement] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     truncated_chars: int = 0
@@ -31,24 +67,176 @@ class Record(BaseModel):
         return {(j.type, j.term): j for j in self.judgements}
 
 
+def reconcile(record: Record, post: Post) -> Record:
+    """The record as it stands for the post on disk, settling a write that was announced but not confirmed.
+
+    The post holds what tagger wrote: the write landed. The post holds what was there before: it did not, and
+    the earlier assignments stand. Anything else (a person edited it meanwhile): both sets stay tagger's, so a
+    crash or a failed record write never turns an AI term into a human one.
+    """
+    pending = record.pending
+    if pending is None:
+        return record
+    if post.file_hash == record.file_hash:
+        return record.model_copy(update={"pending": None})
+    if post.file_hash == pending.before_file_hash:
+        return record.model_copy(
+            update={
+                "pending": None,
+                "file_hash": pending.before_file_hash,
+                "assigned": pending.assigned,
+                "rejected": pending.rejected,
+                "added_keys": pending.added_keys,
+            }
+        )
+
+    def union(a: dict[str, list[str]], b: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {k: list(dict.fromkeys([*a.get(k, []), *b.get(k, [])])) for k in dict.fromkeys([*a, *b])}
+
+    return record.model_copy(
+        update={
+            "pending": None,
+            "assigned": union(pending.assigned, record.assigned),
+            "rejected": union(pending.rejected, record.rejected),
+            "added_keys": sorted({*pending.added_keys, *record.added_keys}),
+        }
+    )
+
+
+def dumps(record: Record) -> bytes:
+    """The record as JSON with one header field, and one judgement, per line (stable order)."""
+    data = record.model_dump(mode="json")
+    judgements = sorted(record.judgements, key=lambda j: (j.type, j.term))
+    shared = {f: _most_common([getattr(j, f) for j in judgements]) for f in SHARED}
+    for key in ("assigned", "rejected"):
+        data[key] = {k: data[key][k] for k in sorted(data[key])}
+    lines = [f"{json.dumps(k)}: {_compact(data[k])}" for k in HEADER]
+    lines.append(f'"shared": {_compact(shared)}')
+    columns = ["type", "term", "confidence", list(SUB_SCORES), "definition_hash", "reason"]
+    lines.append(f'"columns": {_compact(columns)}')
+    rows = []
+    for j in judgements:
+        row: list[Any] = [j.type, j.term, j.confidence, [j.scores.get(s, 0) for s in SUB_SCORES], j.definition_hash]
+        row.append(j.reason)
+        own = {f: getattr(j, f) for f in SHARED if getattr(j, f) != shared[f]}
+        if own:
+            row.append(own)
+        rows.append(_compact(row))
+    body = ",\n".join(rows)
+    text = "{\n" + ",\n".join(lines) + ',\n"judgements": [\n' + body + ("\n" if rows else "") + "]\n}\n"
+    return text.encode("utf-8")
+
+
+def loads(data: bytes) -> Record:
+    """A record from its JSON: this format, or version 1 (every field of every judgement) migrated."""
+    raw = json.loads(data)
+    if not isinstance(raw, dict):
+        raise ValueError("a record is a JSON object")
+    if raw.get("version", 1) < 2:
+        return Record.model_validate({k: v for k, v in raw.items() if k != "version"})
+    shared = raw.get("shared", {})
+    judgements = []
+    for row in raw.get("judgements", []):
+        term_type, term, value, scores, definition_hash, reason, *rest = row
+        own = rest[0] if rest else {}
+        judgements.append(
+            Judgement(
+                type=term_type,
+                term=term,
+                scores=dict(zip(SUB_SCORES, scores, strict=True)),
+                confidence=value,
+                level=level(value),
+                reason=reason,
+                definition_hash=definition_hash,
+                **{f: own.get(f, shared.get(f, "")) for f in SHARED},
+            )
+        )
+    fields = {k: raw[k] for k in HEADER if k in raw}
+    return Record.model_validate({**fields, "judgements": judgements})
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _most_common(values: list[str]) -> str:
+    if not values:
+        return ""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], v))
+
+
+@dataclass(frozen=True)
+class RecordStore:
+    """Where records live: beside each post, or mirrored under `records_dir` (paths relative to `content_root`)."""
+
+    content_root: Path | None = None
+    records_dir: Path | None = None
+
+    def relative(self, post_path: Path) -> str:
+        """The post's path relative to the content root (as given when it lies outside)."""
+        if self.content_root is not None:
+            try:
+                return post_path.resolve().relative_to(self.content_root.resolve()).as_posix()
+            except ValueError:
+                pass
+        return post_path.as_posix()
+
+    def path_for(self, post_path: Path) -> Path:
+        """The record file of a post."""
+        beside = record_path(post_path)
+        if self.records_dir is None or self.content_root is None:
+            return beside
+        relative = Path(self.relative(post_path))
+        if relative.is_absolute():
+            return beside
+        return self.records_dir / relative.parent / beside.name
+
+    def load(self, post_path: Path) -> Record:
+        """The post's record (a record left beside the post before `records_dir` was set is migrated)."""
+        path = self.path_for(post_path)
+        record = _read(path)
+        if record is None and path != record_path(post_path):
+            record = _read(record_path(post_path))
+        return record or Record()
+
+    def save(self, post_path: Path, record: Record, mode: int | None = None) -> None:
+        """Write the record atomically with the post's file mode (minus execute bits)."""
+        path = self.path_for(post_path)
+        if mode is None:
+            try:
+                mode = post_path.stat().st_mode & 0o666
+            except OSError:
+                mode = 0o644
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, dumps(record.model_copy(update={"post": self.relative(post_path)})), mode=mode)
+        legacy = record_path(post_path)
+        if path != legacy:
+            legacy.unlink(missing_ok=True)  # migrated into the mirror tree: out of the published site
+
+
+def _read(path: Path) -> Record | None:
+    try:
+        return loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (ValidationError, ValueError, TypeError, KeyError, OSError):
+        # A damaged record only costs a re-judgement; the post itself stays the source of truth.
+        return None
+
+
 def record_path(post_path: Path) -> Path:
     """`data.<stem>.tagger.json` beside the post (like the peer's `data.index.classifications.json`)."""
     return post_path.with_name(f"data.{post_path.stem}.tagger.json")
 
 
 def load_record(post_path: Path) -> Record:
-    """The post's record, or an empty one when there is none or it is unreadable."""
-    path = record_path(post_path)
-    try:
-        return Record.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
-        return Record()
-    except (ValidationError, ValueError, OSError):
-        # A damaged record only costs a re-judgement; the post itself stays the source of truth.
-        return Record()
+    """The record beside the post, or an empty one when there is none or it is unreadable."""
+    return RecordStore().load(post_path)
 
 
 def save_record(post_path: Path, record: Record) -> None:
-    """Write the record atomically."""
-    data = json.dumps(record.model_dump(mode="json"), indent=1, ensure_ascii=False).encode("utf-8")
-    atomic_write(record_path(post_path), data)
+    """Write the record beside the post atomically."""
+    RecordStore().save(post_path, record)

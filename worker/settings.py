@@ -18,6 +18,13 @@ class SelectionRule(BaseModel):
 
     top: int = Field(ge=0)
     min_confidence: float = Field(ge=0, le=100)
+    # Most terms of this type a post ends with, the people's terms counted (default: `top`).
+    max_total: int | None = Field(default=None, ge=0)
+
+    @property
+    def cap(self) -> int:
+        """The most terms of this type a post may end with once tagger has added its own."""
+        return self.top if self.max_total is None else self.max_total
 
 
 DEFAULT_RULES: dict[str, SelectionRule] = {
@@ -79,6 +86,8 @@ class Settings(BaseSettings):
     taxonomy_dir: Path = Field(default=Path("categories"), alias="TAGGER_TAXONOMY_DIR")
     content_dir: Path = Field(default=Path("content"), alias="TAGGER_CONTENT_DIR")
     prompts_dir: Path | None = Field(default=None, alias="TAGGER_PROMPTS_DIR")
+    records_dir: Path | None = Field(default=None, alias="TAGGER_RECORDS_DIR")
+    max_front_matter_bytes: int = Field(default=256 * 1024, ge=1024, alias="TAGGER_MAX_FRONT_MATTER_BYTES")
 
     selection: dict[str, SelectionRule] = Field(default_factory=lambda: dict(DEFAULT_RULES), alias="TAGGER_SELECTION")
     weights: Weights = Field(default_factory=Weights, alias="TAGGER_WEIGHTS")
