@@ -7,6 +7,7 @@ Runs against whatever `worker` is importable (PYTHONPATH=<other checkout> measur
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import shutil
 import statistics
@@ -25,6 +26,17 @@ EDIT = " This sentence was added in a one-paragraph edit."
 def records(root: Path) -> dict[Path, str]:
     """Every result record under the content root, by the post folder it belongs to."""
     return {p.parent: p.read_text(encoding="utf-8") for p in sorted(root.rglob("data.*.tagger.json"))}
+
+
+def verdicts(text: str) -> dict[tuple[str, str], tuple[float, str]]:
+    """Each judgement's confidence and reason, from either record format (v1 objects or v2 rows)."""
+    out = {}
+    for j in json.loads(text)["judgements"]:
+        if isinstance(j, dict):
+            out[(j["type"], j["term"])] = (j["confidence"], j["reason"])
+        else:
+            out[(j[0], j[1])] = (j[2], j[5])
+    return out
 
 
 def edit_one_paragraph(post: Path) -> bool:
@@ -57,12 +69,19 @@ def main() -> None:
         run_inline(settings, edited)
         after = records(content)
         changed = []
+        added = []
+        verdicts_changed = []
         for post in edited:
+            old_verdicts, new_verdicts = verdicts(before[post.parent]), verdicts(after[post.parent])
+            verdicts_changed.append(sum(1 for k, v in new_verdicts.items() if old_verdicts.get(k) != v))
             old, new = before[post.parent].splitlines(), after[post.parent].splitlines()
             diff = [
-                d for d in difflib.unified_diff(old, new, lineterm="", n=0) if d[:1] in "+-" and d[:3] not in ("+++", "---")
+                d
+                for d in difflib.unified_diff(old, new, lineterm="", n=0)
+                if d[:1] in "+-" and d[:3] not in ("+++", "---")
             ]
             changed.append(sum(1 for d in diff if d.startswith("-")))
+            added.append(sum(1 for d in diff if d.startswith("+")))
     finally:
         fake.stop()
         shutil.rmtree(content, ignore_errors=True)
@@ -72,8 +91,15 @@ def main() -> None:
         f" lines per record: mean {statistics.mean(lines):.0f}"
     )
     print(
-        f"one-paragraph edit ({len(edited)} posts): record lines changed per post: median {statistics.median(changed):.0f},"
-        f" mean {statistics.mean(changed):.0f}, max {max(changed)}"
+        f"one-paragraph edit ({len(edited)} posts): record lines removed+added per post (git diff):"
+        f" median {statistics.median(changed) + statistics.median(added):.0f},"
+        f" mean {statistics.mean(changed) + statistics.mean(added):.0f}; lines changed"
+        f" median {statistics.median(changed):.0f}, max {max(changed)}"
+    )
+    extra = [c - v for c, v in zip(changed, verdicts_changed, strict=True)]
+    print(
+        f"judgements whose verdict changed: mean {statistics.mean(verdicts_changed):.1f};"
+        f" lines changed beyond those: median {statistics.median(extra):.0f}, max {max(extra)}"
     )
 
 

@@ -193,6 +193,9 @@ class Classifier:
         finally:
             # One failed chunk fails the post: chunks not yet started spend no calls.
             pool.shutdown(wait=True, cancel_futures=True)
+        # One time stamp per run, so a record's judgements share it (one header field, not one per line).
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        fresh = [j.model_copy(update={"judged_at": now}) for j in fresh]
         return keep + fresh, usage, len(keep), cut, time.monotonic() - waited if prompts else 0.0
 
     def prompts_for(self, post: Post, terms: Sequence[Term]) -> tuple[list[Prompt], int]:
