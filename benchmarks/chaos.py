@@ -33,11 +33,10 @@ from rq.serializers import JSONSerializer
 
 from benchmarks._support import REPO, delete_prefix, redis_url
 from worker.fakellm import FakeLLM
-from worker.posts import ORIGIN_KEY, read_post
+from worker.posts import ORIGIN_KEY, foreign_changes, read_post
 
 FAULT_MIX = ("rate_limit", "server_error", "timeout", "broken_json", "schema_invalid", "refusal")
 OWNED_TYPES = ("categories", "tags", "concepts")
-OWNED_LINE = re.compile(rf"^(\s*-(\s|$)|({'|'.join((*OWNED_TYPES, ORIGIN_KEY))})\s*[:=]|\s*(\".*\",?|\])\s*$)")
 EDIT = "\n\nA late paragraph from the editor, written while tagger was at work.\n"
 
 
@@ -109,10 +108,9 @@ def check_post(path: Path, original: bytes, edited: bool, expected: dict[str, li
     if post.body != old_body + (EDIT if edited else ""):
         return "body differs from the input and the writer's edit"
     old_head, new_head = old[: len(old) - len(old_body)], new[: len(new) - len(post.body)]
-    removed = [line for line in old_head.splitlines() if line not in new_head.splitlines()]
-    added = [line for line in new_head.splitlines() if line not in old_head.splitlines()]
-    if any(not OWNED_LINE.match(line) for line in removed + added):
-        return f"non-owned front-matter lines changed: {[x for x in removed + added if not OWNED_LINE.match(x)]}"
+    foreign = foreign_changes(old_head, new_head, (*OWNED_TYPES, ORIGIN_KEY))
+    if foreign:
+        return f"bytes outside the owned keys changed: {foreign}"
     got = {t: post.terms(t) for t in OWNED_TYPES}
     if got != expected:
         return f"classified {got}, a clean run gives {expected}"

@@ -2,39 +2,37 @@
 
 from __future__ import annotations
 
-import difflib
-import re
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from worker.errors import BadPost, PostChanged, PostMissing
-from worker.posts import ORIGIN_KEY, read_post, render_changes, write_atomic
+from worker.posts import (
+    ORIGIN_KEY,
+    clean_stale_temps,
+    foreign_changes,
+    normal_form,
+    read_post,
+    render_changes,
+    write_atomic,
+)
 
 OWNED = ("tags", "categories", "concepts", ORIGIN_KEY)
-# Owned: list items, owned key lines, TOML array continuation lines of an owned key, delimiters.
-OWNED_LINE = re.compile(rf"^(\s*-(\s|$)|({'|'.join(OWNED)})\s*[:=]|\s*(\".*\",?|\])\s*$|\+\+\+|---)")
-
-
-def changed_lines(old: str, new: str) -> list[str]:
-    """Every line removed or added between two texts."""
-    out = []
-    matcher = difflib.SequenceMatcher(
-        None, old.splitlines(keepends=True), new.splitlines(keepends=True), autojunk=False
-    )
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag != "equal":
-            out += matcher.a[i1:i2] + matcher.b[j1:j2]
-    return out
+FIXTURES = Path(__file__).parent / "fixtures" / "posts"
 
 
 def assert_only_owned_changed(path: Path, changes: dict[str, list[str] | str]) -> str:
     post = read_post(path)
     new = render_changes(post, changes)
     old = post.raw.decode("utf-8")
-    for line in changed_lines(old, new):
-        assert OWNED_LINE.match(line.lstrip("\ufeff")), f"{path}: non-owned line changed: {line!r}"
+    assert foreign_changes(old, new, OWNED) == [], path
     assert new.endswith(post.body)
     path.write_text(new, encoding="utf-8", newline="")
     again = read_post(path)
@@ -146,3 +144,148 @@ def test_write_back_keeps_file_mode(tmp_path: Path) -> None:
     write_atomic(post, render_changes(post, {"tags": ["A"]}))
     assert path.stat().st_mode & 0o777 == 0o640
     assert yaml.safe_load(path.read_text().split("---")[1])["tags"] == ["A"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*.md")))
+def test_fixture_posts_change_only_owned_bytes(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    original = (FIXTURES / name).read_bytes()
+    path.write_bytes(original)
+    post = read_post(path)
+    changes: dict[str, list[str] | str] = {
+        "tags": [*post.terms("tags")[1:], "New: tag", "Ünïcode"],
+        "categories": ["Kanban"],
+        "concepts": ["Flow"],
+        ORIGIN_KEY: "AI",
+    }
+    new = assert_only_owned_changed(path, changes)
+    if b"\r\n" in original:
+        assert "\n" not in new.replace("\r\n", "")
+    if name.startswith("toml"):
+        assert new.startswith("+++")
+        # new keys go with the other top-level keys, before the first table
+        assert "[params]" not in new or new.index("concepts") < new.index("[params]")
+    if name == "toml-tables.md":
+        assert read_post(path).meta["params"]["tags"] == "not top level"
+
+
+def test_the_owned_key_check_catches_what_a_line_shape_check_lets_through() -> None:
+    old = "---\ntitle: x\nlist:\n- a\n- b\ntags:\n- A\n---\nbody\n"
+    reindented = old.replace("- a\n- b", "  - a\n  - b")
+    assert foreign_changes(old, reindented, OWNED)
+    assert foreign_changes(old, old.replace("- A", "- B"), OWNED) == []
+    assert foreign_changes(old, old.replace("body", "Body"), OWNED) == ["the body changed"]
+    toml = '+++\ntags = [\n  "A",\n]\ntitle = "t"\n+++\n'
+    assert foreign_changes(toml, toml.replace('"A",', '"B", "C",'), OWNED) == []
+    assert foreign_changes(toml, toml.replace('"t"', '"u"'), OWNED)
+
+
+def test_new_keys_go_right_after_the_last_key_and_emptied_added_keys_can_be_removed(tmp_path: Path) -> None:
+    path = tmp_path / "p.md"
+    path.write_text("---\ntitle: x\ntags:\n- A\n\n# closing comment\n\n---\nbody\n", encoding="utf-8")
+    new = render_changes(read_post(path), {"concepts": ["Flow"]})
+    assert new == "---\ntitle: x\ntags:\n- A\nconcepts:\n- Flow\n\n# closing comment\n\n---\nbody\n"
+    path.write_text(new, encoding="utf-8")
+    removed = render_changes(read_post(path), {"concepts": None})
+    assert removed == "---\ntitle: x\ntags:\n- A\n\n# closing comment\n\n---\nbody\n"
+    toml = tmp_path / "t.md"
+    toml.write_text('+++\ntitle = "x"\nconcepts = ["Flow"]\n\n[params]\na = 1\n+++\n', encoding="utf-8")
+    assert render_changes(read_post(toml), {"concepts": None}) == '+++\ntitle = "x"\n\n[params]\na = 1\n+++\n'
+
+
+def test_a_string_under_a_type_key_is_one_term_and_other_scalars_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.md"
+    path.write_text("---\ntags: Kanban Method\ncategories: true\nconcepts: 3\n---\nbody\n", encoding="utf-8")
+    post = read_post(path)
+    assert post.terms("tags") == ["Kanban Method"]
+    for key in ("categories", "concepts"):
+        with pytest.raises(BadPost, match="not a list of terms; the post is left as it is"):
+            post.terms(key)
+
+
+def test_normal_form_folds_case_unicode_form_and_odd_spaces() -> None:
+    assert normal_form("Caf\u0065\u0301") == normal_form("Café") == "café"
+    assert normal_form(" Kanban ") == normal_form("KANBAN") == "kanban"
+    assert normal_form("Agile\u00a0Coaching") == normal_form("agile coaching") == normal_form("Agile\u200b Coaching")
+
+
+def test_stale_temp_files_are_cleaned_and_young_ones_kept(tmp_path: Path) -> None:
+    old = tmp_path / ".p.md.abc.tagger-tmp"
+    young = tmp_path / ".p.md.def.tagger-tmp"
+    other = tmp_path / ".someone-elses.tmp"
+    for path in (old, young, other):
+        path.write_text("partial", encoding="utf-8")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(other, (time.time() - 3600, time.time() - 3600))
+    assert clean_stale_temps(tmp_path) == [old]
+    assert not old.exists() and young.exists() and other.exists()
+
+
+# --- hostile front matter: each case must end within seconds and a few tens of MB -------------------------
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+HOSTILE = {
+    "alias-bomb-title": f"---\n{BOMB}title: *i\n---\nbody\n",
+    "alias-bomb-tags": f"---\n{BOMB}tags: *i\n---\nbody\n",
+    "recursive-alias": "---\ntitle: &x [*x]\n---\nbody\n",
+    "deep-nesting": "---\ntitle: " + "[" * 50_000 + "]" * 50_000 + "\n---\nbody\n",
+    "100k-keys": "---\n" + "".join(f"k{i}: {i}\n" for i in range(100_000)) + "k7: dup\n---\nbody\n",
+    "20k-keys": "---\n" + "".join(f"k{i}: {i}\n" for i in range(20_000)) + "k7: dup\n---\nbody\n",
+    "huge-title": "---\ntitle: " + "x" * 1_100_000 + "\n---\nbody\n",
+}
+HOSTILE_RESULT = {
+    "alias-bomb-title": "excessive aliasing",
+    "alias-bomb-tags": "excessive aliasing",
+    "recursive-alias": "recursive alias",
+    "deep-nesting": "nested too deeply|malformed",
+    "100k-keys": "above the 262144 byte limit",
+    "20k-keys": "duplicate front-matter keys: k7",
+    "huge-title": "above the 262144 byte limit",
+}
+CHILD = textwrap.dedent(
+    """
+    import re, resource, sys, time
+    from pathlib import Path
+    from worker.errors import BadPost
+    from worker.posts import read_post
+    path, limit, expected = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    try:
+        post = read_post(path, limit)
+        post.title, post.terms("tags")
+        outcome = "read"
+    except BadPost as exc:
+        outcome = exc.message
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+    print(f"{time.monotonic() - started:.2f}s {grown}MB {outcome}")
+    assert re.search(expected, outcome), outcome
+    """
+)
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # `ulimit -v` 1 GB: a runaway dies, not the box
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_front_matter_ends_within_seconds_and_tens_of_mb(tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.md"
+    path.write_text(HOSTILE[name], encoding="utf-8")
+    limit = 256 * 1024
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(limit), HOSTILE_RESULT[name]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limit_memory,
+    )
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    seconds, grown, _ = run.stdout.split(" ", 2)
+    assert float(seconds[:-1]) < 10, run.stdout
+    assert int(grown[:-2]) < 60, run.stdout  # MB the parse added to the process's peak
+    assert elapsed < 30

@@ -26,7 +26,7 @@ from worker.errors import BadPost, PostChanged, PostMissing
 ORIGIN_KEY = "ClassificationContentOrigin"
 MAX_POST_BYTES = 20 * 1024 * 1024
 MAX_FRONT_MATTER_BYTES = 256 * 1024
-# Like Hugo's "document contains excessive aliasing": past this many nodes once aliases are expanded, refuse.
+# Like Hugo's "document contains excessive aliasing": aliases that expand to more nodes than this are refused.
 MAX_YAML_NODES = 10_000
 TEMP_SUFFIX = ".tagger-tmp"
 # A temp file older than this was left by a killed process: a live write takes seconds, not minutes.
@@ -159,8 +159,9 @@ def _top_level_keys(header: str, pattern: re.Pattern[str]) -> list[str]:
     return [m.group("key").strip("\"'") for line in header.splitlines() if (m := pattern.match(line))]
 
 
-def _expanded_nodes(root: yaml.Node, limit: int) -> int:
-    """Nodes in the document once every alias is expanded (stops counting past `limit`); -1 for a cycle."""
+def _alias_growth(root: yaml.Node) -> int:
+    """How many nodes expanding the aliases would add to the document (-1 for a recursive alias)."""
+    cap = 1 << 40  # far above any limit; keeps the arithmetic small on deep bombs
     sizes: dict[int, int] = {}
     on_path: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -169,8 +170,7 @@ def _expanded_nodes(root: yaml.Node, limit: int) -> int:
         key = id(node)
         if done:
             on_path.discard(key)
-            children = _children(node)
-            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            sizes[key] = min(cap, 1 + sum(sizes[id(c)] for c in _children(node)))
             continue
         if key in sizes:
             continue
@@ -179,7 +179,7 @@ def _expanded_nodes(root: yaml.Node, limit: int) -> int:
         on_path.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
-    return sizes[id(root)]
+    return sizes[id(root)] - len(sizes)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -197,12 +197,12 @@ def _load_yaml(path: Path, header: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        size = _expanded_nodes(node, MAX_YAML_NODES)
-        if size < 0:
+        growth = _alias_growth(node)
+        if growth < 0:
             raise BadPost("front matter has a recursive alias", path=path)
-        if size > MAX_YAML_NODES:
+        if growth > MAX_YAML_NODES:
             raise BadPost(
-                f"front matter contains excessive aliasing (over {MAX_YAML_NODES} nodes once expanded)", path=path
+                f"front matter contains excessive aliasing (aliases expand to over {MAX_YAML_NODES} nodes)", path=path
             )
         return loader.construct_document(node)
     finally:

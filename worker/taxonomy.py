@@ -15,6 +15,18 @@ import yaml
 from worker.errors import TaxonomyError
 
 TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# Keys a post uses for something other than a list of terms (Hugo's, Jekyll's and tagger's own): a type named
+# after one would make tagger rewrite a post's title or draft flag as a list of terms.
+RESERVED_KEYS = frozenset(
+    k.casefold()
+    for k in (
+        "title", "date", "draft", "slug", "description", "aliases", "weight", "lastmod", "publishDate",
+        "expiryDate", "url", "layout", "type", "kind", "summary", "keywords", "linkTitle", "menu", "menus",
+        "outputs", "resources", "cascade", "build", "headless", "isCJKLanguage", "markup", "translationKey",
+        "params", "sitemap", "images", "videos", "audio", "permalink", "published", "excerpt", "lang", "language",
+        "author", "toc", "id", "ClassificationType", "ClassificationContentOrigin", "Instructions",
+    )
+)  # fmt: skip
 _HEADING = re.compile(r"^\s*(\*\*|__|#+\s*)?(?P<label>[^*:_#]{0,80}?)\s*(\*\*|__)?\s*:?\s*(\*\*|__)?\s*:?\s*$")
 _KEY_TOPICS = re.compile(r"key\s+topics", re.I)
 _EXCLUDE = re.compile(r"(strictly\s+exclude|strict\s+exclusions|exclusions|exclude)", re.I)
@@ -163,8 +175,22 @@ def term_from_file(path: Path) -> tuple[Term | None, list[str]]:
     return term, problems
 
 
+def type_problem(term_type: str) -> str | None:
+    """Why `term_type` cannot be a classification type (its key would clash with a post's own keys), or None."""
+    if not TYPE_NAME.match(term_type):
+        return f"'{term_type}' is not a valid type name"
+    if term_type.casefold() in RESERVED_KEYS:
+        return f"type '{term_type}' is a reserved front-matter key (posts use it for something else)"
+    return None
+
+
 def _term_files(root: Path) -> Iterable[Path]:
-    return sorted(p for p in root.rglob("*.md") if p.is_file() and not p.name.startswith("."))
+    """Term files under `root`; files and folders whose name starts with a dot (`.archive/`) are not terms."""
+    return sorted(
+        p
+        for p in root.rglob("*.md")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def load_taxonomy(root: Path, known_types: Iterable[str] = ()) -> Taxonomy:
@@ -186,8 +212,15 @@ def load_taxonomy(root: Path, known_types: Iterable[str] = ()) -> Taxonomy:
             loaded.append((path, term))
     declared = {t.type for _, t in loaded if t.declared_type} | set(known_types)
     for path, term in loaded:
-        if not TYPE_NAME.match(term.type) or term.type not in declared:
-            problems.append(f"{path}: missing ClassificationType and folder '{term.type}' is not a known type")
+        refused = type_problem(term.type)
+        if refused:
+            problems.append(f"{path}: {refused}; not loaded")
+            continue
+        if term.type not in declared:
+            problems.append(
+                f"{path}: missing ClassificationType and folder '{term.type}' is not a known type; not loaded"
+            )
+            continue
         if (term.type, term.title) in seen:
             problems.append(
                 f"{path}: duplicate title '{term.title}' in type '{term.type}'"
