@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from worker.classifier import Classifier, make_classifier
-from worker.errors import AuthError, InvalidReply, QuotaExhausted, RateLimited, Refused, Truncated
-from worker.fakellm import FakeLLM
-from worker.judgements import TermScores, confidence, level
+from worker.backfill import plan, run_inline
+from worker.classifier import Classifier, make_classifier, select
+from worker.errors import AuthError, InvalidReply, QuotaExhausted, RateLimited, RecordWriteFailed, Refused, Truncated
+from worker.fakellm import FakeLLM, asked_names
+from worker.judgements import Classification, Decision, Judgement, TermScores, confidence, level
 from worker.posts import read_post
 from worker.records import load_record, record_path
 from worker.settings import Settings, Weights
@@ -188,3 +193,244 @@ def test_long_post_is_cut_and_the_cut_recorded(classifier: Classifier, fake_llm:
     assert result.truncated_chars > 6_000_000 - 60_000 - 100
     assert load_record(path).truncated_chars == result.truncated_chars
     assert max(len(r["messages"][-1]["content"]) for r in fake_llm.requests) < 61_000
+
+
+# --- files a site owner can trust (issue 10) --------------------------------------------------------------
+
+
+def fail_record_replace(monkeypatch: pytest.MonkeyPatch, failing: set[int]) -> dict[str, int]:
+    """Make the n-th rename of a record file (1-based) fail like a full disk, at the filesystem boundary."""
+    real = os.replace
+    seen = {"n": 0}
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if str(dst).endswith(".tagger.json"):
+            seen["n"] += 1
+            if seen["n"] in failing:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def tags_decision(result: Classification) -> Decision:
+    return next(d for d in result.decisions if d.type == "tags")
+
+
+def test_a_failed_record_write_leaves_the_post_alone_and_never_makes_ai_terms_human(
+    classifier: Classifier, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = wip(site)
+    original = path.read_bytes()
+    fail_record_replace(monkeypatch, {1})
+    with pytest.raises(RecordWriteFailed) as caught:
+        classifier.classify(path)
+    assert caught.value.kind == "record_write" and caught.value.transient
+    assert path.read_bytes() == original  # the record announces the write first: no record, no write
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tagger-tmp")]
+    monkeypatch.undo()
+    result = classifier.classify(path)
+    assert read_post(path).terms("tags") == ["Lean", "Kanban"]
+    assert tags_decision(result).kept_human == ["Lean"] and load_record(path).assigned["tags"] == ["Kanban"]
+
+
+def test_a_record_write_failing_after_the_post_was_replaced_keeps_ai_terms_ai(
+    classifier: Classifier, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = wip(site)
+    fail_record_replace(monkeypatch, {2})  # the announcement lands, the confirmation does not
+    assert classifier.classify(path).written
+    assert load_record(path).pending is not None
+    monkeypatch.undo()
+    again = classifier.classify(path)
+    assert tags_decision(again).kept_human == ["Lean"], "Kanban was tagger's, not a person's"
+    assert load_record(path).assigned["tags"] == ["Kanban"] and load_record(path).pending is None
+    path.write_text(path.read_text().replace("  - Kanban\n", ""), encoding="utf-8")
+    classifier.classify(path)
+    assert read_post(path).terms("tags") == ["Lean"]  # a person removed it: not re-added
+
+
+def test_a_kill_between_record_and_post_is_settled_from_the_post_hash(
+    classifier: Classifier, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = wip(site)
+    original = path.read_bytes()
+
+    def killed(*_: Any) -> None:
+        raise SystemExit("killed after the record was written, before the post was replaced")
+
+    monkeypatch.setattr("worker.classifier.write_atomic", killed)
+    with pytest.raises(SystemExit):
+        classifier.classify(path)
+    assert path.read_bytes() == original and load_record(path).pending is not None
+    monkeypatch.undo()
+    result = classifier.classify(path)
+    assert read_post(path).terms("tags") == ["Lean", "Kanban"]  # not mistaken for "a person removed Kanban"
+    assert tags_decision(result).kept_human == ["Lean"] and load_record(path).assigned["tags"] == ["Kanban"]
+
+
+def test_old_temp_files_are_cleaned_on_the_next_run_and_young_ones_kept(classifier: Classifier, site: Path) -> None:
+    folder = wip(site).parent
+    old, young = folder / ".limiting-wip.md.x1.tagger-tmp", folder / ".other.md.x2.tagger-tmp"
+    old.write_text("left by a killed worker", encoding="utf-8")
+    young.write_text("being written by a live worker", encoding="utf-8")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    classifier.classify(wip(site))
+    assert not old.exists() and young.exists()
+
+
+def test_a_term_that_left_the_taxonomy_makes_the_post_stale_and_is_taken_back(
+    make_settings: MakeSettings, site: Path
+) -> None:
+    settings = make_settings()
+    run_inline(settings, plan(settings).todo)
+    assert "Kanban" in read_post(wip(site)).terms("tags")
+    assert plan(settings).todo == []
+    (site / "taxonomy" / "tags" / "kanban.md").unlink()  # `git rm` of a term tagger assigned
+    stale = plan(settings)
+    assert wip(site) in stale.todo
+    summary = run_inline(settings, stale.todo)
+    assert read_post(wip(site)).terms("tags") == ["Lean"]  # Lean is a person's and not a term: it stays
+    assert any("limiting-wip.md: tags: Kanban" in line for line in summary.retired)
+    assert plan(settings).todo == []
+
+
+def test_a_renamed_term_makes_the_post_stale(make_settings: MakeSettings, site: Path) -> None:
+    settings = make_settings()
+    run_inline(settings, plan(settings).todo)
+    term = site / "taxonomy" / "tags" / "kanban.md"
+    term.write_text(term.read_text().replace("title: Kanban", "title: Kanban Method"), encoding="utf-8")
+    assert wip(site) in plan(settings).todo
+
+
+def test_terms_match_by_normal_form_and_keep_the_posts_spelling(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    present = ["scrum", "Kanban ", "Cafe\u0301", "Agile\u00a0Coaching"]
+    judged = [judgement("tags", t, 95) for t in ("Scrum", "Kanban", "Café", "Agile Coaching")]
+    decision = select("tags", judged, present, [], [], settings)
+    assert decision.final == present and decision.added == []
+    # a term tagger assigned in another spelling is still tagger's, and one people removed stays removed
+    assert select("tags", judged, ["SCRUM"], ["Scrum"], [], settings).kept_human == []
+    assert "Kanban" not in select("tags", judged, [], [], ["kanban"], settings).final
+
+
+def test_caps_count_the_terms_people_put_there(make_settings: MakeSettings) -> None:
+    judged = [judgement("categories", t, 90) for t in ("A", "B", "C", "D")]
+    human = ["X", "Y", "Z"]
+    assert select("categories", judged, human, [], [], make_settings()).final == human
+    assert select("categories", judged, ["X"], [], [], make_settings()).final == ["X", "A", "B"]
+    loose = make_settings(TAGGER_SELECTION={"categories": {"top": 3, "min_confidence": 75, "max_total": 5}})
+    assert select("categories", judged, human, [], [], loose).final == [*human, "A", "B"]
+
+
+def test_a_key_tagger_added_and_emptied_is_removed_but_a_persons_empty_key_stays(
+    classifier: Classifier, site: Path
+) -> None:
+    path = site / "site" / "posts" / "practice.md"
+    path.write_text("---\ntitle: Daily work\nauthor: me\n---\nOne Practice a day.\n", encoding="utf-8")
+    classifier.classify(path)
+    text = path.read_text()
+    assert "concepts:\n  - Practice\n" in text and text.index("concepts") < text.index("---\nOne")
+    path.write_text(text.replace("One Practice a day.", "Nothing in particular."), encoding="utf-8")
+    classifier.classify(path)
+    assert "concepts" not in read_post(path).meta  # tagger's own key, emptied: no `concepts: []` left behind
+    person = site / "site" / "posts" / "person.md"
+    person.write_text("---\ntitle: Mine\nconcepts: []\n---\nNothing in particular.\n", encoding="utf-8")
+    classifier.classify(person)
+    assert read_post(person).meta["concepts"] == []
+
+
+@pytest.mark.parametrize("text", ["", "---\ndraft: true\n---\n", "---\ntitle: ''\n---\n   \n"])
+def test_nothing_to_classify_is_skipped_without_a_call(
+    classifier: Classifier, fake_llm: FakeLLM, site: Path, text: str
+) -> None:
+    path = site / "site" / "posts" / "empty.md"
+    path.write_text(text, encoding="utf-8")
+    result = classifier.classify(path)
+    assert result.skipped == "nothing to classify" and not result.written
+    assert fake_llm.counts["requests"] == 0 and path.read_text() == text
+
+
+def test_title_and_description_share_the_token_budget(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:
+    path = site / "site" / "posts" / "long-title.md"
+    path.write_text(f"---\ntitle: {'Kanban ' * 20_000}\ndescription: {'flow ' * 20_000}\n---\nbody\n", "utf-8")
+    result = classifier.classify(path)
+    budget = classifier.settings.max_post_tokens * 4
+    assert result.truncated_chars > 200_000 - budget
+    assert max(len(r["messages"][-1]["content"]) for r in fake_llm.requests) < budget + 1_000
+
+
+def test_records_are_lean_relative_stable_and_keep_the_post_mode(classifier: Classifier, site: Path) -> None:
+    path = wip(site)
+    path.chmod(0o640)
+    classifier.classify(path)
+    record_file = record_path(path)
+    data = json.loads(record_file.read_text())
+    assert data["post"] == "posts/limiting-wip.md" and data["mode"] == "0640"
+    assert record_file.stat().st_mode & 0o777 == 0o640
+    lines = record_file.read_text().splitlines()
+    rows = [line for line in lines if line.startswith('["')]
+    assert len(rows) == len(data["judgements"]) == len(classifier.taxonomy)  # one judgement per line
+    assert rows == sorted(rows)
+    before = record_file.read_bytes()
+    classifier.classify(path)
+    assert record_file.read_bytes() == before  # nothing changed: not even a time stamp churns
+
+
+def test_version_1_records_are_migrated_as_the_cache(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:
+    path = wip(site)
+    classifier.classify(path)
+    record = load_record(path)
+    old = {**record.model_dump(mode="json", exclude={"mode", "file_hash", "added_keys", "pending"}), "version": 1}
+    old["post"] = str(path)
+    record_path(path).write_text(json.dumps(old, indent=1), encoding="utf-8")
+    calls = fake_llm.counts["requests"]
+    result = classifier.classify(path)
+    assert fake_llm.counts["requests"] == calls and result.cached_terms == len(classifier.taxonomy)
+    assert tags_decision(result).kept_human == ["Lean"]
+    assert json.loads(record_path(path).read_text())["version"] == 2
+
+
+def test_records_dir_mirrors_the_content_tree_and_migrates_records_beside_posts(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    path = wip(site)
+    make_classifier(make_settings()).classify(path)
+    assert record_path(path).exists()
+    calls = fake_llm.counts["requests"]
+    mirror = site / ".tagger"
+    make_classifier(make_settings(TAGGER_RECORDS_DIR=str(mirror))).classify(path)
+    assert fake_llm.counts["requests"] == calls  # the record beside the post was read as the cache
+    assert (mirror / "posts" / "data.limiting-wip.tagger.json").exists()
+    assert not record_path(path).exists()  # moved out of what the generator publishes
+
+
+def test_a_term_page_is_never_assigned_its_own_term_and_writing_it_keeps_the_cache(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    terms = site / "site" / "terms"
+    shutil.copytree(site / "taxonomy", terms)
+    page = terms / "tags" / "kanban.md"
+    text = page.read_text().replace("ClassificationContentOrigin: Human\n", "")
+    page.write_text(text + "\nKanban makes Technical Debt visible.\n", encoding="utf-8")
+    settings = make_settings(TAGGER_TAXONOMY_DIR=str(terms))
+    classifier = make_classifier(settings)
+    before = classifier.taxonomy.get("tags", "Kanban")
+    classifier.classify(wip(site))
+    result = classifier.classify(page)
+    assert result.written and "Kanban" not in read_post(page).terms("tags")
+    asked = [name for r in fake_llm.requests[-3:] for name in asked_names(r)]
+    assert "Technical Debt" in asked and "Kanban" not in asked
+    after = make_classifier(settings)
+    assert after.taxonomy.get("tags", "Kanban").definition_hash == before.definition_hash  # type: ignore[union-attr]
+    calls = fake_llm.counts["requests"]
+    again = after.classify(wip(site))
+    assert fake_llm.counts["requests"] == calls and again.cached_terms == len(after.taxonomy)
+
+
+def judgement(term_type: str, term: str, value: float) -> Judgement:
+    return Judgement(
+        type=term_type, term=term, scores={}, confidence=value, level=level(value), reason="r",
+        definition_hash="d", content_hash="c", prompt_version="p", model="m", provider="t", judged_at="now",
+    )  # fmt: skip

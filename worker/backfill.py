@@ -39,6 +39,7 @@ class Summary:
     calls: int = 0
     tokens: int = 0
     failed: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)  # "path: type: terms" tagger took back (left the taxonomy)
 
 
 def post_files(root: Path) -> list[Path]:
@@ -138,6 +139,7 @@ def run_inline(
             summary.written += int(result.written)
             summary.calls += result.usage.calls
             summary.tokens += result.usage.input_tokens + result.usage.output_tokens
+            summary.retired += [f"{path}: {d.type}: {', '.join(d.retired)}" for d in result.decisions if d.retired]
         if progress:
             progress(summary.done, len(summary.failed), len(todo), started, summary.tokens)
     return summary

@@ -76,12 +76,13 @@ class Classifier:
                 for folder in {path.parent, self.records.path_for(path).parent}:
                     for stale in clean_stale_temps(folder):
                         log.info("stale_temp_removed", file=str(stale))
-            record = self.load_record(post)
+            stored = self.records.load(path)
+            record = reconcile(stored, post)
             result, new_text, new_record = self._decide(post, record, types)
             if dry_run:
                 return result
             if new_text is None:
-                self._save(path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=record)
+                self._save(path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=stored)
                 return result
             # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
             # failure after this line is settled by `reconcile` from the post's file hash at the next run.
@@ -129,7 +130,7 @@ class Classifier:
         )
 
     def _save(self, path: Path, record: Record, previous: Record | None = None) -> None:
-        if previous is not None and _same(previous, record):
+        if previous is not None and _same(previous, record) and self.records.path_for(path).exists():
             return  # nothing but the time would change: keep the file (and its git history) as it is
         try:
             self.records.save(path, record)

@@ -73,6 +73,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             f"\nbackfill: {summary.done} done, {summary.written} written, {len(summary.failed)} failed, "
             f"{summary.calls} provider calls, {summary.tokens} tokens"
         )
+        for line in summary.retired:
+            print(f"  removed, no longer in the taxonomy: {line}")
         for line in summary.failed:
             print(f"FAILED {line}", file=sys.stderr)
         return 1 if summary.failed or plan.bad else 0
