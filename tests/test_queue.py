@@ -16,7 +16,7 @@ import redis as redis_lib
 
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
-from worker.records import record_path
+from worker.records import load_record, record_path
 
 pytestmark = pytest.mark.redis
 
@@ -80,7 +80,7 @@ def test_backfill_type_limits_what_is_judged(queue_env: dict[str, str], site: Pa
     assert tagger(queue_env, "work", "--burst").returncode == 0
     post = read_post(wip)
     assert "Kanban" in post.terms("tags") and post.terms("categories") == []
-    assert {j["type"] for j in json.loads(record_path(wip).read_text())["judgements"]} == {"tags"}
+    assert {j.type for j in load_record(wip).judgements} == {"tags"}
 
 
 def test_paths_outside_the_content_root_are_refused(queue_env: dict[str, str], site: Path, tmp_path: Path) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import REPO
+from worker.classifier import make_classifier
+from worker.posts import read_post
 from worker.taxonomy import load_taxonomy, split_instructions, term_from_file
 
 SEED = REPO.parent / "shared" / "seeds" / "agile-product-management.md"
@@ -93,3 +97,60 @@ def test_taxonomy_check_reports_planted_problems(tmp_path: Path) -> None:
         text=True,
     )
     assert clean.returncode == 0, clean.stdout
+
+
+def test_reserved_keys_and_hidden_folders_are_not_types(tmp_path: Path, make_settings: Any, site: Path) -> None:
+    root = site / "taxonomy"
+    term = "---\ntitle: {t}\n{extra}Instructions: |\n  Scope.\n  **Key Topics:**\n  - topic\n---\n"
+    (root / "tags" / "title-type.md").write_text(term.format(t="Hijack", extra="ClassificationType: title\n"), "utf-8")
+    (root / "draft").mkdir()
+    (root / "draft" / "x.md").write_text(term.format(t="Draft term", extra="ClassificationType: draft\n"), "utf-8")
+    (root / ".archive").mkdir()
+    (root / ".archive" / "old.md").write_text(term.format(t="Archived", extra="ClassificationType: tags\n"), "utf-8")
+    taxonomy = load_taxonomy(root, known_types=["categories", "tags", "concepts"])
+    assert set(taxonomy.types()) == {"categories", "tags", "concepts"}
+    assert not [t for t in taxonomy if t.title in ("Hijack", "Draft term", "Archived")]
+    problems = "\n".join(taxonomy.problems)
+    assert "title-type.md: type 'title' is a reserved front-matter key" in problems
+    assert "x.md: type 'draft' is a reserved front-matter key" in problems
+    assert "Archived" not in problems and ".archive" not in problems
+    check = subprocess.run(
+        [sys.executable, "-m", "worker", "taxonomy", "check", str(root)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert check.returncode == 1 and "reserved front-matter key" in check.stdout
+    post = site / "site" / "posts" / "limiting-wip.md"
+    make_classifier(make_settings()).classify(post)
+    meta = read_post(post).meta
+    assert meta["title"] == "Why limiting work in progress speeds everything up" and meta["draft"] is False
+
+
+def test_writing_a_term_pages_own_tags_keeps_its_definition_hash(tmp_path: Path) -> None:
+    path = tmp_path / "tags" / "x.md"
+    path.parent.mkdir()
+    path.write_text(
+        "---\ntitle: X\nInstructions: 'Scope.\n\n  **Key Topics:**\n\n  - a'\n---\nbody\n", encoding="utf-8"
+    )
+    first, _ = term_from_file(path)
+    path.write_text(path.read_text().replace("title: X\n", "title: X\ntags:\n- Y\ncategories: [Z]\n"), "utf-8")
+    second, _ = term_from_file(path)
+    assert first and second and first.definition_hash == second.definition_hash
+
+
+def test_taxonomy_check_refuses_a_type_whose_key_posts_use_for_something_else(site: Path) -> None:
+    level = site / "taxonomy" / "level"
+    level.mkdir()
+    (level / "expert.md").write_text(
+        "---\ntitle: Expert\nClassificationType: level\nInstructions: |\n  S.\n  **Key Topics:**\n  - t\n---\n", "utf-8"
+    )
+    (site / "site" / "posts" / "levelled.md").write_text("---\ntitle: L\nlevel: 3\n---\nbody\n", encoding="utf-8")
+    env = {**os.environ, "TAGGER_CONTENT_DIR": str(site / "site")}
+    check = subprocess.run(
+        [sys.executable, "-m", "worker", "taxonomy", "check", str(site / "taxonomy")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=site,
+    )
+    assert check.returncode == 1
+    assert "type 'level': posts use this key for something other than a list of terms" in check.stdout
+    assert "levelled.md (int)" in check.stdout

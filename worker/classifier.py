@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from worker.errors import InvalidReply, PostChanged, RecordWriteFailed
+from worker.errors import InvalidReply, PostChanged, RecordWriteFailed, TaggerError
 from worker.judgements import Classification, Decision, Judgement, TermScores, Usage, confidence, level
 from worker.posts import (
     ORIGIN_KEY,
@@ -469,6 +469,28 @@ def _same(old: Record, new: Record) -> bool:
     """True when two records differ at most in their time stamp."""
     skip = {"updated_at", "post"}
     return old.model_dump(exclude=skip) == new.model_dump(exclude=skip)
+
+
+def type_key_problems(taxonomy: Taxonomy, posts: Iterable[Path], shown: int = 5) -> list[str]:
+    """Types whose key some post uses for something other than a list of terms (a boolean, number, mapping)."""
+    misuse: dict[str, list[str]] = {}
+    for path in posts:
+        try:
+            meta = read_post(path).meta
+        except TaggerError:
+            continue
+        for term_type in taxonomy.types():
+            value = meta.get(term_type)
+            if value is not None and not isinstance(value, str | list):
+                misuse.setdefault(term_type, []).append(f"{path} ({type(value).__name__})")
+    problems = []
+    for term_type, where in misuse.items():
+        more = f" and {len(where) - shown} more" if len(where) > shown else ""
+        problems.append(
+            f"type '{term_type}': posts use this key for something other than a list of terms:"
+            f" {', '.join(where[:shown])}{more}"
+        )
+    return problems
 
 
 def make_classifier(settings: Settings, throttle: Throttle | None = None) -> Classifier:

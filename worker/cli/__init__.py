@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from worker import __version__
-from worker.classifier import make_classifier
+from worker import __version__, backfill
+from worker.classifier import make_classifier, type_key_problems
 from worker.errors import TaggerError
 from worker.judgements import Classification
 from worker.logs import configure, redact, secrets_of
@@ -92,6 +92,9 @@ def cmd_taxonomy_check(args: argparse.Namespace) -> int:
     except TaggerError as exc:
         print(str(exc))
         return 1
+    content = settings.content_root()
+    if content.is_dir():  # a type's key must not be one the site's posts use for anything but terms
+        taxonomy.problems += type_key_problems(taxonomy, backfill.post_files(content))
     for problem in taxonomy.problems:
         print(problem)
     counts = ", ".join(f"{t}: {len(taxonomy.of_type(t))}" for t in taxonomy.types())
