@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/cost.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/rerun.py
+	$(BIN)/python benchmarks/records.py
 	$(BIN)/python benchmarks/chaos.py
 
 # The sdist and the wheel, with the project's own build backend (the wheel is built from the sdist).

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import REPO
+from tests.test_posts import BOMB
 from worker.classifier import make_classifier
 from worker.posts import read_post
 from worker.taxonomy import load_taxonomy, split_instructions, term_from_file
@@ -77,6 +78,7 @@ def test_taxonomy_check_reports_planted_problems(tmp_path: Path) -> None:
         "---\ntitle: T\nClassificationType: [x]\nInstructions: x\n---\n", encoding="utf-8"
     )
     (root / "weird" / "lost.md").write_text(good.format(t="Lost"), encoding="utf-8")
+    (root / "tags" / "bomb.md").write_text(f"---\n{BOMB}title: *i\n---\n", encoding="utf-8")
     run = subprocess.run(
         [sys.executable, "-m", "worker", "taxonomy", "check", str(root)],
         capture_output=True,
@@ -91,6 +93,7 @@ def test_taxonomy_check_reports_planted_problems(tmp_path: Path) -> None:
     assert "broken.md: unreadable front matter" in out
     assert "badtype.md: unknown ClassificationType" in out
     assert "lost.md: missing ClassificationType and folder 'weird' is not a known type" in out
+    assert "bomb.md: unreadable front matter (front matter contains excessive aliasing" in out
     clean = subprocess.run(
         [sys.executable, "-m", "worker", "taxonomy", "check", str(REPO / "categories")],
         capture_output=True,

@@ -11,8 +11,10 @@ from typing import Any
 
 import frontmatter
 import yaml
+from frontmatter.default_handlers import YAMLHandler
 
-from worker.errors import TaxonomyError
+from worker.errors import BadPost, TaxonomyError
+from worker.posts import MAX_FRONT_MATTER_BYTES, parse_header
 
 TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 # Keys a post uses for something other than a list of terms (Hugo's, Jekyll's and tagger's own): a type named
@@ -129,10 +131,21 @@ def _slug(meta: dict[str, Any], path: Path) -> str:
     return path.parent.name if path.name == "_index.md" else path.stem
 
 
+class _BoundedYAML(YAMLHandler):
+    """python-frontmatter's YAML handler with the posts' bounded parser (alias bombs refused)."""
+
+    def load(self, fm: str, **kwargs: object) -> Any:
+        return parse_header(Path("<term>"), "yaml", fm)
+
+
 def term_from_file(path: Path) -> tuple[Term | None, list[str]]:
     """Parse one term file; returns the term (None when unusable) and its problems."""
     try:
-        post = frontmatter.load(str(path))
+        if path.stat().st_size > MAX_FRONT_MATTER_BYTES * 4:
+            return None, [f"unreadable front matter (file is over {MAX_FRONT_MATTER_BYTES * 4} bytes)"]
+        post = frontmatter.load(str(path), handler=_BoundedYAML())
+    except BadPost as exc:
+        return None, [f"unreadable front matter ({exc.message})"]
     except (yaml.YAMLError, UnicodeDecodeError, ValueError, OSError) as exc:
         return None, [f"unreadable front matter ({type(exc).__name__}: {str(exc).splitlines()[0]})"]
     meta = dict(post.metadata)
