@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +235,39 @@ def test_a_failed_record_write_leaves_the_post_alone_and_never_makes_ai_terms_hu
     result = classifier.classify(path)
     assert read_post(path).terms("tags") == ["Lean", "Kanban"]
     assert tags_decision(result).kept_human == ["Lean"] and load_record(path).assigned["tags"] == ["Kanban"]
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KB tmpfs filled to the last byte (needs root to mount; skips otherwise)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs as a full disk")
+    try:
+        (mount / "records").mkdir()
+        with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
+            while True:
+                filler.write(b"x" * 4096)
+                filler.flush()
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_under_the_records_leaves_the_post_alone(
+    make_settings: MakeSettings, site: Path, full_disk: Path
+) -> None:
+    path = wip(site)
+    original = path.read_bytes()
+    classifier = make_classifier(make_settings(TAGGER_RECORDS_DIR=str(full_disk / "records")))
+    with pytest.raises(RecordWriteFailed, match="No space left on device"):
+        classifier.classify(path)
+    assert path.read_bytes() == original
+    (full_disk / "filler").unlink()
+    result = classifier.classify(path)
+    assert read_post(path).terms("tags") == ["Lean", "Kanban"] and tags_decision(result).kept_human == ["Lean"]
+    assert classifier.records.load(path).assigned["tags"] == ["Kanban"]
 
 
 def test_a_record_write_failing_after_the_post_was_replaced_keeps_ai_terms_ai(
