@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -140,7 +141,7 @@ class Classifier:
     def terms_for(self, post: Post, types: Sequence[str] | None = None) -> list[Term]:
         """The terms to judge a post against: a term page is never judged against its own term."""
         own = _resolved(post.path)
-        return [t for t in self.terms_of(types) if _resolved(Path(t.path)) != own]
+        return [t for t in self.terms_of(types) if _term_file(t.path) != own]
 
     def retired(self, record: Record) -> dict[str, list[str]]:
         """Terms tagger assigned that have left the taxonomy (removed or renamed), by type."""
@@ -331,12 +332,13 @@ class Classifier:
             key_absent = term_type not in post.meta
             if not decision.final and term_type in added_keys and not key_absent:
                 changes[term_type] = None  # tagger added this key and has emptied it: leave no trace
+                added_keys.discard(term_type)
             elif decision.final != present or (post.meta.get(term_type) is None and decision.final):
                 changes[term_type] = decision.final
-            if key_absent and decision.final:
-                added_keys.add(term_type)
-            if changes.get(term_type, ...) is None or (key_absent and not decision.final):
-                added_keys.discard(term_type)
+                if key_absent:
+                    added_keys.add(term_type)
+            elif key_absent:
+                added_keys.discard(term_type)  # a person removed the key: it is no longer tagger's
             assigned[term_type] = decision.assigned
             rejected[term_type] = decision.not_readded
         if any(v for v in changes.values()) and not post.human_only and str(post.meta.get(ORIGIN_KEY, "")) != "AI":
@@ -463,6 +465,11 @@ def _resolved(path: Path) -> Path:
         return path.resolve()
     except OSError:
         return path
+
+
+@functools.lru_cache(maxsize=8192)
+def _term_file(path: str) -> Path:
+    return _resolved(Path(path))
 
 
 def _same(old: Record, new: Record) -> bool:
