@@ -364,6 +364,8 @@ def _edit_yaml(header: str, changes: Mapping[str, Change], nl: str) -> str:
 def _edit_toml(header: str, changes: Mapping[str, Change], nl: str) -> str:
     """Edit top-level keys with tomlkit (a round-trip TOML library), keeping the file's newlines."""
     doc = tomlkit.parse(header.replace("\r\n", "\n"))
+    # tomlkit puts a blank line above the first table when it inserts a key before it: keep the file's own spacing.
+    indents = [(item, item.trivia.indent) for _, item in doc.body if isinstance(item, tomlkit.items.Table)]
     for key, value in changes.items():
         if value is None:
             if key in doc:
@@ -377,6 +379,8 @@ def _edit_toml(header: str, changes: Mapping[str, Change], nl: str) -> str:
             if isinstance(old, tomlkit.items.Array) and "\n" in old.as_string():
                 array.multiline(True)
             doc[key] = array
+    for item, indent in indents:
+        item.trivia.indent = indent
     text = tomlkit.dumps(doc)
     return text.replace("\n", nl) if nl != "\n" else text
 
