@@ -1,7 +1,5 @@
 """`python -m worker` runs the same CLI as `tagger`."""
 
-import sys
-
 from worker.cli import main
 
-sys.exit(main())
+main(prog_name="tagger")

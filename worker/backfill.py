@@ -8,12 +8,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 from redis import Redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from worker.classifier import make_classifier
-from worker.errors import TaggerError
+from worker.classifier import Classifier, make_classifier
+from worker.errors import SettingsError, TaggerError, TaxonomyError, kind_of
+from worker.paths import confine_folder, not_a_post, walk_posts
 from worker.prompts import estimate_tokens
 from worker.queue.recovery import recover_abandoned
 from worker.settings import Settings
@@ -23,11 +25,11 @@ Progress = Callable[[int, int, int, float, int], None]
 
 @dataclass
 class Plan:
-    """Posts to classify, how many were fresh, and which could not be read."""
+    """Posts to classify, how many were fresh, and which were skipped (`path: reason`, one per post)."""
 
     todo: list[Path] = field(default_factory=list)
     fresh: int = 0
-    bad: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -42,30 +44,58 @@ class Summary:
     retired: list[str] = field(default_factory=list)  # "path: type: terms" tagger took back (left the taxonomy)
 
 
-def post_files(root: Path) -> list[Path]:
-    """Markdown posts under the content root (hidden files and folders skipped)."""
-    return sorted(
-        p
-        for p in root.rglob("*.md")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+def post_files(settings: Settings, folder: Path | str | None = None) -> tuple[list[Path], list[str]]:
+    """The posts under `folder` (default: the content root) as resolved paths, and the skipped files' reasons."""
+    start = confine_folder(folder, settings) if folder is not None else settings.content_root()
+    if folder is None and not start.is_dir():
+        raise SettingsError(f"the content root {settings.content_root_label()} is not a folder")
+    posts: list[Path] = []
+    skipped: list[str] = []
+    root = settings.content_root()
+    for found in walk_posts(start, settings):
+        if found.relative is None:
+            skipped.append(f"{found.path}: {found.skipped}")
+        else:
+            posts.append(root / found.relative)
+    return posts, skipped
+
+
+def check_types(classifier: Classifier, types: Sequence[str] | None) -> None:
+    """Refuse a type the taxonomy does not have (a typo would otherwise judge nothing)."""
+    known = classifier.taxonomy.types()
+    unknown = [t for t in types or () if t not in known]
+    if unknown:
+        raise TaxonomyError(
+            f"no type {', '.join(map(repr, unknown))} in the taxonomy {classifier.settings.taxonomy_dir}; "
+            f"its types: {', '.join(known) or '(none)'}"
+        )
 
 
 def plan(
-    settings: Settings, include_fresh: bool = False, limit: int | None = None, types: Sequence[str] | None = None
+    settings: Settings,
+    include_fresh: bool = False,
+    limit: int | None = None,
+    types: Sequence[str] | None = None,
+    folder: Path | str | None = None,
 ) -> Plan:
-    """Which posts need classifying: those whose record is missing or stale (all with `include_fresh`)."""
+    """Which posts under `folder` need classifying: record missing or stale (all with `include_fresh`).
+
+    Each post is planned on its own: one that cannot be read is skipped with its reason, the rest go on.
+    """
     classifier = make_classifier(settings)
-    result = Plan()
-    for path in post_files(settings.content_root()):
+    check_types(classifier, types)
+    paths, skipped = post_files(settings, folder)
+    result = Plan(skipped=skipped)
+    for path in paths:
         if limit is not None and len(result.todo) >= limit:
             break
         try:
             post = classifier.read(path)
-        except TaggerError as exc:
-            result.bad.append(f"{path}: {exc.kind}: {exc.message}")
+            fresh = classifier.is_fresh(post, classifier.load_record(post), types)
+        except Exception as exc:  # one post that breaks the parser (deep nesting, odd bytes) must not stop the plan
+            message = exc.message if isinstance(exc, TaggerError) else f"{type(exc).__name__}: {exc}"[:300]
+            result.skipped.append(f"{path}: {kind_of(exc)}: {message}")
             continue
-        fresh = classifier.is_fresh(post, classifier.load_record(post), types)
         if fresh and not include_fresh:
             result.fresh += 1
         else:
@@ -125,15 +155,20 @@ def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None =
 def run_inline(
     settings: Settings, todo: list[Path], progress: Progress | None = None, types: Sequence[str] | None = None
 ) -> Summary:
-    """Classify posts in this process (no Redis)."""
+    """Classify posts in this process (no Redis); one post's failure never stops the others."""
     classifier = make_classifier(settings)
+    check_types(classifier, types)
     summary = Summary()
     started = time.monotonic()
+    root = settings.content_root()
     for path in todo:
+        post = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
         try:
-            result = classifier.classify(path, types=types)
-        except TaggerError as exc:
-            summary.failed.append(f"{path}: {exc.kind}: {exc.message}")
+            with structlog.contextvars.bound_contextvars(post=post):
+                result = classifier.classify(path, types=types)
+        except Exception as exc:  # a read-only folder or a parser crash fails this post only
+            message = exc.message if isinstance(exc, TaggerError) else f"{type(exc).__name__}: {exc}"[:300]
+            summary.failed.append(f"{path}: {kind_of(exc)}: {message}")
         else:
             summary.done += 1
             summary.written += int(result.written)
@@ -173,16 +208,48 @@ def follow(
     return summary
 
 
-def changed_since(settings: Settings, rev: str) -> list[str]:
-    """Markdown posts in the content folder changed (added or modified) since a git revision."""
+@dataclass(frozen=True)
+class Changes:
+    """Posts a git range added or modified, and posts it deleted (absolute paths)."""
+
+    changed: list[str]
+    deleted: list[str]
+
+
+def changed_since(settings: Settings, rev: str) -> Changes:
+    """Posts under the content root changed since a git revision (renames count as a delete and an add)."""
     root = settings.content_root()
-    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=True)
-    out = subprocess.run(
-        ["git", "diff", "--name-only", "--diff-filter=AMR", rev, "--", "."],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    base = Path(top.stdout.strip())
-    return [str(base / line) for line in out.stdout.splitlines() if line.endswith(".md") and (base / line).exists()]
+    if not root.is_dir():
+        raise SettingsError(f"the content root {settings.content_root_label()} is not a folder")
+    try:
+        out = subprocess.run(
+            ["git", "diff", "--relative", "--name-status", "-z", "-M", rev, "--", "."],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except FileNotFoundError as exc:
+        raise SettingsError("--changed-since needs git on PATH") from exc
+    except subprocess.CalledProcessError as exc:
+        reason = (exc.stderr or "").strip().splitlines()
+        raise SettingsError(
+            f"git diff {rev} failed in {root}: {reason[0] if reason else f'exit {exc.returncode}'}"
+        ) from exc
+    fields = out.split("\0")
+    changed: list[str] = []
+    deleted: list[str] = []
+    i = 0
+    while i < len(fields) and fields[i]:
+        status = fields[i]
+        if status[0] in "RC":
+            old, new, i = fields[i + 1], fields[i + 2], i + 3
+            if status[0] == "R":
+                deleted.append(old)
+            changed.append(new)
+        else:
+            (deleted if status[0] == "D" else changed).append(fields[i + 1])
+            i += 2
+    keep = [p for p in changed if not not_a_post(p, settings)]
+    gone = [p for p in deleted if not not_a_post(p, settings) and not (root / p).exists()]
+    return Changes([str(root / p) for p in keep], [str(root / p) for p in gone])

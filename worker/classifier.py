@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import functools
 import threading
@@ -186,7 +187,8 @@ class Classifier:
                 raise
 
         waited = time.monotonic()
-        futures = [pool.submit(run, prompt) for prompt in prompts]
+        # Each call runs in a copy of this context, so its `llm_call` event keeps the job id and post bound by the job.
+        futures = [pool.submit(contextvars.copy_context().run, run, prompt) for prompt in prompts]
         try:
             for future in futures:
                 judged, used = future.result()

@@ -53,6 +53,24 @@ class OutsideContentRoot(TaggerError):
     kind = "outside_root"
 
 
+class NotAPost(TaggerError):
+    """A path inside the content root that is not a post (wrong name, hidden, excluded, tagger's own file)."""
+
+    kind = "not_a_post"
+
+
+class UsageError(TaggerError):
+    """A command was given something that does not exist (a folder, a job, a type): a typo, not a no-op."""
+
+    kind = "usage"
+
+
+class SettingsError(TaggerError):
+    """A setting or an env file that tagger cannot use."""
+
+    kind = "settings"
+
+
 class TaxonomyError(TaggerError):
     """The taxonomy cannot be loaded (no terms, unreadable folder)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
@@ -13,6 +14,7 @@ import structlog
 from worker.settings import Settings
 
 REDACTED = "***"
+_URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -29,6 +31,11 @@ def secrets_of(settings: Settings) -> list[str]:
     return [s for s in (key, urlparse(settings.redis_url).password or "") if s]
 
 
+def redact_url(url: str) -> str:
+    """A URL as it may be printed: any password (`scheme://user:PASSWORD@host`) replaced by `***`."""
+    return _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", url)
+
+
 def configure(settings: Settings, stream: Any = None, quiet: bool = False) -> None:
     """Configure structlog (and stdlib logging) for the process; call once at start-up."""
     stream = stream or sys.stderr
@@ -42,11 +49,12 @@ def configure(settings: Settings, stream: Any = None, quiet: bool = False) -> No
     level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
     if quiet:
         level = max(level, logging.WARNING)
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             scrub,
             renderer,
@@ -56,7 +64,29 @@ def configure(settings: Settings, stream: Any = None, quiet: bool = False) -> No
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=stream, format="%(name)s %(levelname)s %(message)s")
+    # Standard-library records (RQ's own worker and scheduler lines among them) are rendered by the same
+    # processors, so a worker's output is one format; RQ adds no handler of its own when one is in place.
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(level)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.add_log_level,
+                stamp,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                scrub,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(level, logging.WARNING))  # other libraries' INFO (an HTTP line per call) stays out
     if secrets:
         _redact_stdlib_records(secrets)
 

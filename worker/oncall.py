@@ -60,6 +60,11 @@ def failures(settings: Settings, redis: Redis, kind: str | None = None) -> list[
     return sorted(found, key=lambda f: -f.failed_at)
 
 
+def _name(value: Any) -> str:
+    """An RQ status as people read it: `failed`, not `JobStatus.FAILED`."""
+    return str(getattr(value, "value", value))
+
+
 def _last_line(text: str | None) -> str:
     lines = (text or "").strip().splitlines()
     return lines[-1] if lines else ""
@@ -72,7 +77,7 @@ def show(settings: Settings, redis: Redis, job_id: str) -> dict[str, Any] | None
         return None
     return {
         "job": job.id,
-        "status": str(job.get_status()),
+        "status": _name(job.get_status()),
         "queue": job.origin,
         "post": job.meta.get("post"),
         "kind": job.meta.get("kind"),
@@ -143,5 +148,5 @@ def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]
         "failed_by_kind": kinds,
         "last_minutes": minutes,
         **stats,
-        "workers": [{"name": w.name, "state": str(w.get_state()), "job": w.get_current_job_id()} for w in workers],
+        "workers": [{"name": w.name, "state": _name(w.get_state()), "job": w.get_current_job_id()} for w in workers],
     }

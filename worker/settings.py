@@ -1,12 +1,20 @@
-"""One frozen settings object, read from the environment and `.env`."""
+"""One frozen settings object, read from the environment and an env file (`.env` or `TAGGER_ENV_FILE`)."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ProviderName = Literal["openai", "offline"]
 
@@ -65,12 +73,49 @@ class Weights(BaseModel):
     signal: float = 10
 
 
+DEFAULT_ENV_FILE = Path(".env")
+ENV_FILE_VARIABLE = "TAGGER_ENV_FILE"
+# Folders named in an env file are relative to that file's folder, so a script works from any folder.
+FOLDER_SETTINGS = ("TAGGER_TAXONOMY_DIR", "TAGGER_CONTENT_DIR", "TAGGER_PROMPTS_DIR", "TAGGER_RECORDS_DIR")
+DEFAULT_POST_GLOBS = ("*.md", "*.markdown")
+
+
+def env_file_path() -> Path:
+    """The env file settings are read from: `TAGGER_ENV_FILE` if set, else `.env` in the current folder."""
+    return Path(os.environ.get(ENV_FILE_VARIABLE) or DEFAULT_ENV_FILE)
+
+
+class _EnvFileSource(DotEnvSettingsSource):
+    """The env file, with its relative folders resolved against the file's own folder."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        env_file = self.env_file
+        if isinstance(env_file, str | Path):
+            folder = Path(env_file).expanduser().parent
+            for key in FOLDER_SETTINGS:
+                value = data.get(key)
+                if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                    data[key] = str(folder / value)
+        return data
+
+
+def _globs(value: Any) -> Any:
+    """A list of globs from JSON (`["*.md"]`) or commas (`*.md,*.markdown`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
 class Settings(BaseSettings):
     """Everything tagger can be told; see `.env.example` for each setting."""
 
     # An empty value (`TAGGER_PROVIDER=` as in .env.example, or an EnvironmentFile made from it) means unset.
     model_config = SettingsConfigDict(
-        env_file=".env",
+        env_file=DEFAULT_ENV_FILE,
         env_file_encoding="utf-8",
         env_ignore_empty=True,
         extra="ignore",
@@ -78,16 +123,34 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then the env file (`TAGGER_ENV_FILE`, else `.env`), then defaults."""
+        env_file = getattr(dotenv_settings, "env_file", None)
+        if env_file is not None and Path(env_file) == DEFAULT_ENV_FILE:
+            env_file = env_file_path()
+        return init_settings, env_settings, _EnvFileSource(settings_cls, env_file=env_file), file_secret_settings
+
     openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
     model: str = Field(default="gpt-4o-mini", alias="TAGGER_MODEL")
     provider_choice: ProviderName | None = Field(default=None, alias="TAGGER_PROVIDER")
     json_mode: bool = Field(default=False, alias="TAGGER_JSON_MODE")
     taxonomy_dir: Path = Field(default=Path("categories"), alias="TAGGER_TAXONOMY_DIR")
-    content_dir: Path = Field(default=Path("content"), alias="TAGGER_CONTENT_DIR")
+    # Unset: the current folder (so `tagger classify some/post.md` works from a site's folder).
+    content_dir: Path | None = Field(default=None, alias="TAGGER_CONTENT_DIR")
     prompts_dir: Path | None = Field(default=None, alias="TAGGER_PROMPTS_DIR")
     records_dir: Path | None = Field(default=None, alias="TAGGER_RECORDS_DIR")
     max_front_matter_bytes: int = Field(default=256 * 1024, ge=1024, alias="TAGGER_MAX_FRONT_MATTER_BYTES")
+    post_globs: Annotated[tuple[str, ...], NoDecode] = Field(default=DEFAULT_POST_GLOBS, alias="TAGGER_POST_GLOBS")
+    exclude: Annotated[tuple[str, ...], NoDecode] = Field(default=(), alias="TAGGER_EXCLUDE")
 
     selection: dict[str, SelectionRule] = Field(default_factory=lambda: dict(DEFAULT_RULES), alias="TAGGER_SELECTION")
     weights: Weights = Field(default_factory=Weights, alias="TAGGER_WEIGHTS")
@@ -123,6 +186,18 @@ class Settings(BaseSettings):
             raise ValueError("TAGGER_JOB_RETRY_DELAYS needs at least one non-negative number of seconds")
         return value
 
+    @field_validator("post_globs", "exclude", mode="before")
+    @classmethod
+    def _split_globs(cls, value: Any) -> Any:
+        return _globs(value)
+
+    @field_validator("post_globs")
+    @classmethod
+    def _some_globs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("TAGGER_POST_GLOBS needs at least one pattern, e.g. *.md")
+        return value
+
     @property
     def provider(self) -> ProviderName:
         """The provider in effect: explicit, else openai when configured, else offline."""
@@ -145,5 +220,11 @@ class Settings(BaseSettings):
         return self.selection.get(term_type, OTHER_TYPES_RULE)
 
     def content_root(self) -> Path:
-        """The resolved content root that every enqueued path must stay inside."""
-        return self.content_dir.expanduser().resolve()
+        """The resolved content root that every post path must stay inside (the current folder when unset)."""
+        return (self.content_dir or Path.cwd()).expanduser().resolve()
+
+    def content_root_label(self) -> str:
+        """The content root as messages name it, saying where it came from."""
+        if self.content_dir is None:
+            return f"{self.content_root()} (TAGGER_CONTENT_DIR is unset: the current folder)"
+        return f"{self.content_root()} (TAGGER_CONTENT_DIR)"

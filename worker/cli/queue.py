@@ -1,257 +1,203 @@
-"""Queue subcommands: enqueue, backfill, work, failed, status (parse and print only)."""
+"""Queue subcommands: enqueue, backfill, work (parse and print only; the work is in library functions)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+
+import click
 
 from worker import backfill as backfill_lib
-from worker import oncall
-from worker.errors import TaggerError
+from worker.cli.app import App, Fail, err, redis_for, stdout_is_terminal
 from worker.logs import configure
 from worker.providers import OFFLINE_NOTE
-from worker.queue.jobs import confine, enqueue_posts
-from worker.queue.keys import PRIORITIES, connect
-from worker.queue.throttle import RedisThrottle
-from worker.queue.workers import run_worker
-from worker.settings import Settings
+from worker.queue.jobs import enqueue_posts
+from worker.queue.keys import PRIORITIES
+from worker.queue.workers import run_processes, run_worker
+
+ID_WIDTH = 29  # "post-" and 24 hex digits
 
 
-def cmd_enqueue(args: argparse.Namespace) -> int:
-    """Enqueue posts for the workers; prints one line per post."""
-    settings = Settings()
+@click.command()
+@click.argument("paths", nargs=-1, metavar="[PATH]...")
+@click.option(
+    "--priority", type=click.Choice(PRIORITIES), default="default", show_default=True, help="Queue to put them on."
+)
+@click.option("--stdin", "from_stdin", is_flag=True, help="Also read paths from stdin, one per line.")
+@click.option(
+    "--changed-since",
+    metavar="GIT_REV",
+    help="Also the posts under the content root that git says changed since GIT_REV (deleted ones are reported).",
+)
+@click.pass_obj
+def enqueue(app: App, paths: tuple[str, ...], priority: str, from_stdin: bool, changed_since: str | None) -> None:
+    """Enqueue posts for the workers.
+
+    Prints `job-id action path` for each post (action: enqueued, already-queued, rerun-after-current).
+    PATH is a post inside the content root, relative to the current folder. A path outside the root, a
+    symlink out of it, a file that is not a post or that does not exist is refused (REFUSED path: reason,
+    exit 1); the others are still enqueued.
+    """
+    if not paths and not from_stdin and not changed_since:
+        raise click.UsageError("name the posts to enqueue, or use --stdin or --changed-since")
+    settings = app.settings()
     configure(settings, quiet=True)
-    paths = list(args.paths)
-    if args.stdin:
-        paths += [line.strip() for line in sys.stdin if line.strip()]
-    if args.changed_since:
-        paths += backfill_lib.changed_since(settings, args.changed_since)
-    code = 0
-    accepted = []
-    for path in paths:
-        try:
-            confine(path, settings)
-            accepted.append(path)
-        except TaggerError as exc:
-            print(f"REFUSED {exc}", file=sys.stderr)
-            code = 1
-    for item in enqueue_posts(accepted, settings, connect(settings), args.priority):
-        print(f"{item.job_id}  {item.action:<20} {item.path}")
-    return code
+    names = list(paths)
+    if from_stdin:
+        names += [line.strip() for line in sys.stdin if line.strip()]
+    deleted: list[str] = []
+    if changed_since:
+        changes = backfill_lib.changed_since(settings, changed_since)
+        names += changes.changed
+        deleted = changes.deleted
+    results = enqueue_posts(names, settings, redis_for(settings), priority) if names else []
+    refused = False
+    for item in results:
+        if item.action == "refused":
+            err(f"REFUSED {item.path}: {item.reason}")
+            refused = True
+        else:
+            click.echo(f"{item.job_id:<{ID_WIDTH}}  {item.action:<20} {item.path}")
+    root = settings.content_root()
+    for path in deleted:
+        click.echo(f"{'-':<{ID_WIDTH}}  {'skipped (deleted)':<20} {Path(path).relative_to(root).as_posix()}")
+    if refused:
+        raise click.exceptions.Exit(1)
 
 
-def cmd_backfill(args: argparse.Namespace) -> int:
-    """Classify a whole content folder, inline or through the queue."""
-    settings = Settings().model_copy(update={"content_dir": Path(args.dir)})
+@click.command()
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--wait", is_flag=True, help="Follow the jobs with a progress bar until they are done.")
+@click.option("--inline", is_flag=True, help="Classify in this process: no Redis, no workers.")
+@click.option("--estimate", is_flag=True, help="Print posts, calls, tokens and cost; call nothing.")
+@click.option("--all", "include_fresh", is_flag=True, help="Include posts whose result record is fresh.")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N", help="At most N posts.")
+@click.option("--type", "types", multiple=True, metavar="TYPE", help="Only this classification type (repeatable).")
+@click.option(
+    "--priority", type=click.Choice(PRIORITIES), default="low", show_default=True, help="Queue to put the jobs on."
+)
+@click.pass_obj
+def backfill(
+    app: App,
+    folder: Path,
+    wait: bool,
+    inline: bool,
+    estimate: bool,
+    include_fresh: bool,
+    limit: int | None,
+    types: tuple[str, ...],
+    priority: str,
+) -> None:
+    """Classify a whole folder: every post whose record is missing or stale.
+
+    DIR is a folder inside the content root (the root itself or a subfolder). Files that cannot be planned are
+    reported as SKIPPED path: reason and the rest go on; exit 1 when anything was skipped or failed.
+    """
+    settings = app.settings()
     configure(settings, quiet=True)
-    plan = backfill_lib.plan(settings, include_fresh=args.all, limit=args.limit, types=args.type)
-    print(f"backfill: {len(plan.todo)} to classify, {plan.fresh} fresh (skipped), {len(plan.bad)} unreadable")
-    for line in plan.bad:
-        print(f"FAILED {line}", file=sys.stderr)
-    if args.estimate:
-        est = backfill_lib.estimate(settings, plan.todo, args.type)
-        cost = (
+    plan = backfill_lib.plan(settings, include_fresh=include_fresh, limit=limit, types=types or None, folder=folder)
+    click.echo(
+        f"backfill {folder} (content root {settings.content_root_label()}): {len(plan.todo)} to classify, "
+        f"{plan.fresh} fresh (skipped), {len(plan.skipped)} skipped"
+    )
+    for line in plan.skipped:
+        err(f"SKIPPED {line}")
+    skipped = bool(plan.skipped)
+    if estimate:
+        est = backfill_lib.estimate(settings, plan.todo, types or None)
+        price = (
             f"${est.cost:.4f}" if est.cost is not None else f"unknown (no price for {settings.model} in TAGGER_PRICES)"
         )
-        print(
+        click.echo(
             f"estimate for {settings.model}: {est.posts} posts, {est.calls} calls, "
             f"{est.input_tokens} input tokens ({est.cached_tokens} cacheable, "
-            f"{est.input_tokens - est.cached_tokens} uncached), {est.output_tokens} output tokens, cost {cost}"
+            f"{est.input_tokens - est.cached_tokens} uncached), {est.output_tokens} output tokens, cost {price}"
         )
-        return 0
-    if args.inline:
+        return
+    if inline:
         if settings.provider == "offline":
-            print(OFFLINE_NOTE, file=sys.stderr)
-        summary = backfill_lib.run_inline(settings, plan.todo, progress=_progress, types=args.type)
-        print(
+            err(OFFLINE_NOTE)
+        summary = backfill_lib.run_inline(settings, plan.todo, progress=progress, types=types or None)
+        click.echo(
             f"\nbackfill: {summary.done} done, {summary.written} written, {len(summary.failed)} failed, "
-            f"{summary.calls} provider calls, {summary.tokens} tokens"
+            f"{len(plan.skipped)} skipped, {summary.calls} provider calls, {summary.tokens} tokens"
         )
         for line in summary.retired:
-            print(f"  removed, no longer in the taxonomy: {line}")
+            click.echo(f"  removed, no longer in the taxonomy: {line}")
         for line in summary.failed:
-            print(f"FAILED {line}", file=sys.stderr)
-        return 1 if summary.failed or plan.bad else 0
-    redis = connect(settings)
-    results = enqueue_posts(plan.todo, settings, redis, args.priority, types=args.type)
-    enqueued = [r for r in results if r.action == "enqueued"]
-    print(f"backfill: enqueued {len(enqueued)}, already waiting {len(results) - len(enqueued)}")
-    if not args.wait:
-        return 0
-    try:
-        summary = backfill_lib.follow(settings, redis, [r.job_id for r in results], progress=_progress)
-    except KeyboardInterrupt:
-        print("\nbackfill: stopped waiting; the workers carry on")
-        return 130
-    print(f"\nbackfill: {summary.done} done, {len(summary.failed)} failed, {summary.tokens} tokens")
-    return 1 if summary.failed else 0
+            err(f"FAILED {line}")
+        if summary.failed or skipped:
+            raise click.exceptions.Exit(1)
+        return
+    redis = redis_for(settings)
+    results = enqueue_posts(plan.todo, settings, redis, priority, types=types or None)
+    for item in results:
+        if item.action == "refused":  # changed between planning and enqueuing (deleted, swapped for a symlink)
+            err(f"SKIPPED {item.path}: {item.reason}")
+            skipped = True
+    queued = [r for r in results if r.action != "refused"]
+    enqueued = [r for r in queued if r.action == "enqueued"]
+    click.echo(f"backfill: enqueued {len(enqueued)}, already waiting {len(queued) - len(enqueued)}")
+    if wait and queued:
+        try:
+            summary = backfill_lib.follow(settings, redis, [r.job_id for r in queued], progress=progress)
+        except KeyboardInterrupt:
+            click.echo("\nbackfill: stopped waiting; the workers carry on")
+            raise click.exceptions.Exit(130) from None
+        click.echo(f"\nbackfill: {summary.done} done, {len(summary.failed)} failed, {summary.tokens} tokens")
+        for line in summary.failed:
+            err(f"FAILED {line}")
+        skipped = skipped or bool(summary.failed)
+    if skipped:
+        raise click.exceptions.Exit(1)
 
 
-def _progress(done: int, failed: int, total: int, started: float, tokens: int) -> None:
+def progress(done: int, failed: int, total: int, started: float, tokens: int) -> None:
+    """Draw the progress bar: in place on a terminal, a line every tenth of the way in a log."""
     finished = done + failed
-    # On a terminal the bar redraws in place; in a log (cron, CI) it prints a line every tenth of the way.
-    if not sys.stdout.isatty() and finished != total and finished * 10 // total == (finished - 1) * 10 // total:
+    terminal = stdout_is_terminal()
+    if not terminal and finished != total and finished * 10 // total == (finished - 1) * 10 // total:
         return
     elapsed = max(time.monotonic() - started, 1e-6)
-    rate = (done + failed) / elapsed
-    eta = (total - done - failed) / rate if rate else 0
+    rate = finished / elapsed
+    # No ETA until something finished: a rate of 0 would promise "ETA 0s".
+    eta = f", ETA {(total - finished) / rate:.0f}s" if rate and finished < total else ""
     width = 30
-    filled = int(width * (done + failed) / max(total, 1))
+    filled = int(width * finished / max(total, 1))
     sys.stdout.write(
-        ("\r" if sys.stdout.isatty() else "\n")
+        ("\r" if terminal else "\n")
         + f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, {failed} failed, "
-        f"{rate:.1f}/s, ETA {eta:.0f}s, {tokens} tokens "
+        f"{rate:.1f}/s{eta}, {tokens} tokens "
     )
     sys.stdout.flush()
 
 
-def cmd_work(args: argparse.Namespace) -> int:
-    """Run RQ workers with tagger's settings (JSON serializer, scheduler, abandoned-job recovery)."""
-    settings = Settings()
+@click.command()
+@click.option("--burst", is_flag=True, help="Stop when the queues are empty.")
+@click.option(
+    "--processes", type=click.IntRange(min=1), default=1, show_default=True, metavar="N", help="Worker processes."
+)
+@click.option(
+    "--queue",
+    "--queues",
+    "priorities",
+    multiple=True,
+    type=click.Choice(PRIORITIES),
+    help="Work only this queue (repeatable; default all, highest priority first).",
+)
+@click.pass_obj
+def work(app: App, burst: bool, processes: int, priorities: tuple[str, ...]) -> None:
+    """Run workers.
+
+    RQ workers with tagger's settings: JSON serializer, the scheduler for delayed retries, recovery of jobs
+    whose worker died. SIGTERM lets the current job finish.
+    """
+    settings = app.settings()
     configure(settings)
-    if args.processes > 1:
-        command = [
-            sys.executable,
-            "-m",
-            "worker",
-            "work",
-            "--processes",
-            "1",
-            *(["--burst"] if args.burst else []),
-            *(["--queues", *args.queues] if args.queues else []),
-        ]
-        children = [subprocess.Popen(command) for _ in range(args.processes)]
-        try:
-            return max(child.wait() for child in children)
-        except KeyboardInterrupt:
-            for child in children:
-                child.terminate()
-            return max(child.wait() for child in children)
-    run_worker(settings, connect(settings), args.queues or PRIORITIES, burst=args.burst)
-    return 0
-
-
-def cmd_failed(args: argparse.Namespace) -> int:
-    """List, show, retry or purge failed jobs."""
-    settings = Settings()
-    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table or JSON
-    redis = connect(settings)
-    if args.action == "list":
-        rows = oncall.failures(settings, redis, args.error)
-        print(f"{'job':<30} {'kind':<14} {'tries':>5}  {'when':<19}  post / message")
-        for f in rows:
-            when = datetime.fromtimestamp(f.failed_at, UTC).strftime("%Y-%m-%d %H:%M:%S") if f.failed_at else "?"
-            print(f"{f.job_id:<30} {f.kind:<14} {f.attempts:>5}  {when:<19}  {f.post}: {f.message[:100]}")
-        print(f"{len(rows)} failed", file=sys.stderr)
-        return 0
-    if args.action == "show":
-        code = 0
-        for job_id in args.jobs:
-            info = oncall.show(settings, redis, job_id)
-            if info is None:
-                print(f"{job_id}: no such job", file=sys.stderr)
-                code = 1
-                continue
-            for key, value in info.items():
-                text = value if isinstance(value, str) else json.dumps(value)
-                print(f"{key}:\n{text}" if isinstance(value, str) and "\n" in value else f"{key}: {text}")
-        return code
-    if args.action == "retry":
-        if not args.jobs and not args.all:
-            print("name job ids, or --all [--error KIND]", file=sys.stderr)
-            return 2
-        done = oncall.retry(settings, redis, None if args.all else args.jobs, args.error)
-        print(f"requeued {len(done)}: {' '.join(done)}" if done else "nothing to do")
-        return 0
-    if args.action == "purge":
-        count = len(oncall.failures(settings, redis))
-        if not count:
-            print("nothing to do")
-            return 0
-        if not args.yes and input(f"delete {count} failed jobs? [y/N] ").strip().lower() != "y":
-            print("not deleted")
-            return 1
-        print(f"deleted {oncall.purge(settings, redis)} failed jobs")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print queue depths, workers, failures by kind, throughput and tokens."""
-    settings = Settings()
-    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table or JSON
-    info = oncall.status(settings, connect(settings))
-    if args.json:
-        print(json.dumps(info, indent=1))
-        return 0
-    if info["paused"]:
-        print(f"PAUSED for {info['paused']['seconds']}s: {info['paused']['reason']} (workers hold their LLM calls)")
-    for name, depth in info["queues"].items():
-        print(f"{name:<24} " + "  ".join(f"{k} {v}" for k, v in depth.items()))
-    print(
-        f"workers: {len(info['workers'])}"
-        + "".join(f"\n  {w['name']} {w['state']} {w['job'] or ''}" for w in info["workers"])
-    )
-    print("failed by kind: " + (", ".join(f"{k} {v}" for k, v in info["failed_by_kind"].items()) or "none"))
-    minutes = info["last_minutes"]
-    print(
-        f"last {minutes} min: {info['done']} posts ({info['done'] / minutes:.1f}/min), {info['calls']} LLM calls, "
-        f"{info['tokens']} tokens"
-    )
-    return 0
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    """Lift the shared pause that quota exhaustion or 429s put on every worker."""
-    settings = Settings()
-    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table or JSON
-    lifted = RedisThrottle(settings, connect(settings)).resume()
-    print("resumed: workers may call the LLM again" if lifted else "nothing to do: not paused")
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    """Register the queue subcommands on the main parser."""
-    enqueue = sub.add_parser("enqueue", help="enqueue posts for the workers")
-    enqueue.add_argument("paths", nargs="*", metavar="PATH")
-    enqueue.add_argument("--priority", choices=PRIORITIES, default="default")
-    enqueue.add_argument("--stdin", action="store_true", help="also read paths from stdin, one per line")
-    enqueue.add_argument("--changed-since", metavar="GIT_REV", help="posts changed in the content folder since REV")
-    enqueue.set_defaults(func=cmd_enqueue)
-
-    backfill = sub.add_parser("backfill", help="classify a whole content folder")
-    backfill.add_argument("dir", metavar="DIR")
-    backfill.add_argument("--wait", action="store_true", help="follow completion with a progress bar")
-    backfill.add_argument("--inline", action="store_true", help="run in this process, no Redis")
-    backfill.add_argument("--all", action="store_true", help="include posts whose record is fresh")
-    backfill.add_argument("--limit", type=int)
-    backfill.add_argument("--type", action="append", help="only this classification type (repeatable)")
-    backfill.add_argument("--priority", choices=PRIORITIES, default="low")
-    backfill.add_argument("--estimate", action="store_true", help="print calls, tokens and cost; call nothing")
-    backfill.set_defaults(func=cmd_backfill)
-
-    work = sub.add_parser("work", help="run workers")
-    work.add_argument("--burst", action="store_true", help="stop when the queues are empty")
-    work.add_argument("--processes", type=int, default=1)
-    work.add_argument("--queues", nargs="+", choices=PRIORITIES)
-    work.set_defaults(func=cmd_work)
-
-    failed = sub.add_parser("failed", help="failed jobs: list, show, retry, purge")
-    failed.add_argument("action", choices=["list", "show", "retry", "purge"])
-    failed.add_argument("jobs", nargs="*", metavar="JOB")
-    failed.add_argument("--all", action="store_true")
-    failed.add_argument("--error", metavar="KIND", help="only failures of this kind")
-    failed.add_argument("--yes", action="store_true", help="purge without asking")
-    failed.set_defaults(func=cmd_failed)
-
-    status = sub.add_parser("status", help="queues, workers, failures, throughput")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
-
-    resume = sub.add_parser("resume", help="lift the shared pause after quota exhaustion or 429s")
-    resume.set_defaults(func=cmd_resume)
+    if processes > 1:
+        code = run_processes(settings, processes, priorities or None, burst)
+        if code:
+            raise Fail(f"a worker process exited with code {code}")
+        return
+    run_worker(settings, redis_for(settings), priorities or PRIORITIES, burst=burst)

@@ -17,8 +17,9 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.errors import OutsideContentRoot, TaggerError, kind_of
+from worker.errors import TaggerError, kind_of
 from worker.logs import redact, secrets_of
+from worker.paths import confine, existing_post
 from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues, redis_key
 from worker.queue.workers import WorkerContext, WorkerState, lease
 from worker.settings import Settings
@@ -26,21 +27,6 @@ from worker.settings import Settings
 log = structlog.get_logger("tagger.jobs")
 WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 RAW_REPLY_CHARS = 20_000
-
-
-def confine(path: Path | str, settings: Settings, from_cwd: bool = True) -> str:
-    """The path relative to the content root, or OutsideContentRoot (`..`, absolute paths, symlinks out).
-
-    A relative path is taken from the current folder when it exists there (producers), else from the root.
-    """
-    root = settings.content_root()
-    candidate = Path(path)
-    if not candidate.is_absolute() and not (from_cwd and candidate.exists()):
-        candidate = root / candidate
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(root):
-        raise OutsideContentRoot(f"resolves outside the content root {root}", path=path)
-    return resolved.relative_to(root).as_posix()
 
 
 def job_id_for(relative: str) -> str:
@@ -54,7 +40,8 @@ class Enqueued:
 
     path: str
     job_id: str
-    action: str  # enqueued | already-queued | rerun-after-current
+    action: str  # enqueued | already-queued | rerun-after-current | refused
+    reason: str = ""  # why a path was refused (outside the root, not a post, does not exist)
 
 
 def enqueue_posts(
@@ -64,17 +51,27 @@ def enqueue_posts(
     priority: str = "default",
     types: Sequence[str] | None = None,
 ) -> list[Enqueued]:
-    """Enqueue posts (confined to the content root); a post already waiting is not enqueued twice."""
+    """Enqueue posts (confined to the content root); a post already waiting is not enqueued twice.
+
+    Each path is checked on its own: one that is outside the root, not a post or missing comes back `refused`.
+    """
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {PRIORITIES}")
-    relatives = list(dict.fromkeys(confine(p, settings) for p in paths))
+    refused: list[Enqueued] = []
+    accepted: list[str] = []
+    for p in paths:
+        try:
+            accepted.append(existing_post(p, settings))
+        except TaggerError as exc:
+            refused.append(Enqueued(str(p), "", "refused", exc.message))
+    relatives = list(dict.fromkeys(accepted))
     ids = [job_id_for(r) for r in relatives]
     with redis.pipeline() as pipe:
         for job_id in ids:
             pipe.hget(f"{Job.redis_job_namespace_prefix}{job_id}", "status")
         statuses = [s.decode() if s else None for s in pipe.execute()]
     queue = Queue(f"{settings.redis_prefix}-{priority}", connection=redis, serializer=JSONSerializer)
-    results: list[Enqueued] = []
+    results: list[Enqueued] = list(refused)
     to_enqueue = []
     for relative, job_id, status in zip(relatives, ids, statuses, strict=True):
         if status in WAITING:
@@ -93,6 +90,9 @@ def enqueue_posts(
             pipe.execute()
         queue.enqueue_many(to_enqueue)
     for item in results:
+        if item.action == "refused":
+            log.warning("enqueue_refused", post=item.path, reason=item.reason)
+            continue
         log.info(
             "enqueued" if item.action == "enqueued" else "enqueue_skipped",
             job_id=item.job_id,
@@ -132,7 +132,8 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     started = time.monotonic()
     bound = log.bind(job_id=job.id, post=relative, attempt=job.meta["attempts"], model=settings.model)
     bound.info("started")
-    with lease(redis, settings, job.id):
+    # Bound as context too, so the classifier's events (`llm_call`) name the job and the post.
+    with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative), lease(redis, settings, job.id):
         path = settings.content_root() / confine(relative, settings, from_cwd=False)
         result = context.classifier.classify(path, types=types)
     usage = result.usage

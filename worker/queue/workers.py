@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -136,3 +138,24 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
         worker.work(burst=burst, with_scheduler=True)
     finally:
         stop.set()
+
+
+def run_processes(settings: Settings, processes: int, priorities: Sequence[str] | None, burst: bool) -> int:
+    """Run `processes` worker processes (each `tagger work --processes 1`) and wait for them; their worst exit code."""
+    command = [
+        sys.executable,
+        "-m",
+        "worker",
+        "work",
+        "--processes",
+        "1",
+        *(["--burst"] if burst else []),
+        *[arg for priority in priorities or () for arg in ("--queue", priority)],
+    ]
+    children = [subprocess.Popen(command) for _ in range(processes)]
+    try:
+        return max(child.wait() for child in children)
+    except KeyboardInterrupt:
+        for child in children:
+            child.terminate()
+        return max(child.wait() for child in children)

@@ -1,0 +1,86 @@
+"""What every subcommand shares: the settings, the Redis connection, one-line errors and output helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from redis import Redis
+
+from worker.errors import SettingsError
+from worker.logs import redact_url
+from worker.queue.keys import connect
+from worker.settings import ENV_FILE_VARIABLE, Settings
+
+ELLIPSIS = "…"
+
+
+class Fail(click.ClickException):
+    """A one-line error: `tagger: message`, exit 1 (never a traceback)."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        """Print the one line on stderr."""
+        click.echo(f"tagger: {self.message}", err=True)
+
+
+@dataclass
+class App:
+    """The click context object: the env file named on the command line and the settings, read once."""
+
+    env_file: Path | None = None
+    loaded: Settings | None = field(default=None, repr=False)
+
+    def settings(self, **updates: Any) -> Settings:
+        """The settings from the environment and the env file, with command-line overrides."""
+        if self.loaded is None:
+            self.loaded = Settings()
+        return self.loaded.model_copy(update=updates) if updates else self.loaded
+
+
+def use_env_file(path: str | None) -> Path | None:
+    """Check the env file named by `--env-file` or TAGGER_ENV_FILE and make it the one every process reads."""
+    name = path or os.environ.get(ENV_FILE_VARIABLE)
+    if not name:
+        return None
+    env_file = Path(name).expanduser().absolute()
+    if not env_file.is_file():
+        origin = "--env-file" if path else ENV_FILE_VARIABLE
+        raise SettingsError(f"env file {env_file} ({origin}) does not exist")
+    # Worker processes and RQ jobs read their settings themselves: they find the same file through the environment.
+    os.environ[ENV_FILE_VARIABLE] = str(env_file)
+    return env_file
+
+
+def redis_for(settings: Settings) -> Redis:
+    """A Redis connection, or a one-line error naming the URL (password redacted)."""
+    try:
+        return connect(settings)
+    except ValueError as exc:
+        raise SettingsError(f"REDIS_URL {redact_url(settings.redis_url)} is not a Redis URL: {exc}") from exc
+
+
+def cut(text: str, width: int) -> str:
+    """`text` on one line, cut at a word with an ellipsis when longer than `width`."""
+    flat = " ".join(text.split())
+    if len(flat) <= width:
+        return flat
+    head = flat[: width - 1]
+    if " " in head[width // 2 :]:
+        head = head[: head.rindex(" ")]
+    return head.rstrip(" ,;:") + ELLIPSIS
+
+
+def err(line: str) -> None:
+    """One line on stderr."""
+    click.echo(line, err=True)
+
+
+def stdout_is_terminal() -> bool:
+    """True when stdout is a terminal (progress redraws in place there)."""
+    return sys.stdout.isatty()

@@ -1,0 +1,37 @@
+"""`tagger taxonomy check`: report every problem in the term files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from worker.backfill import post_files
+from worker.classifier import type_key_problems
+from worker.cli.app import App, err
+from worker.taxonomy import load_taxonomy
+
+
+@click.group()
+def taxonomy() -> None:
+    """Taxonomy tools."""
+
+
+@taxonomy.command()
+@click.argument("folder", required=False, type=click.Path(path_type=Path), metavar="[DIR]")
+@click.pass_obj
+def check(app: App, folder: Path | None) -> None:
+    """Print every problem in the term files as `file: problem`; exit 1 when any.
+
+    DIR is the term files folder (default: TAGGER_TAXONOMY_DIR).
+    """
+    settings = app.settings()
+    loaded = load_taxonomy(folder or settings.taxonomy_dir, known_types=settings.selection)
+    if settings.content_root().is_dir():  # a type's key must not be one the site's posts use for anything but terms
+        loaded.problems += type_key_problems(loaded, post_files(settings)[0])
+    for problem in loaded.problems:
+        click.echo(problem)
+    counts = ", ".join(f"{t}: {len(loaded.of_type(t))}" for t in loaded.types())
+    err(f"{len(loaded)} terms ({counts}); {len(loaded.problems)} problems")
+    if loaded.problems:
+        raise click.exceptions.Exit(1)
