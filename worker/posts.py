@@ -60,6 +60,19 @@ def _scalar_text(value: Any) -> str | None:
     return None
 
 
+class _PostLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a date it cannot build (`2024-13-45`) stays text, as Hugo reads it."""
+
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError:
+            return self.construct_scalar(node)
+
+
+_PostLoader.add_constructor("tag:yaml.org,2002:timestamp", _PostLoader.construct_yaml_timestamp)
+
+
 @dataclass(frozen=True)
 class Post:
     """A post as read from disk: its exact bytes and what its front matter says."""
@@ -192,7 +205,7 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 def _load_yaml(path: Path, header: str) -> Any:
     """safe_load, refusing alias bombs and recursive aliases before anything is expanded."""
-    loader = yaml.SafeLoader(header)
+    loader = _PostLoader(header)  # SafeLoader, with dates it cannot build kept as text
     try:
         node = loader.get_single_node()
         if node is None:

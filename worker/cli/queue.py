@@ -97,9 +97,10 @@ def backfill(
     settings = app.settings()
     configure(settings, quiet=True)
     plan = backfill_lib.plan(settings, include_fresh=include_fresh, limit=limit, types=types or None, folder=folder)
+    click.echo(f"backfill: content root {settings.content_root_label()}")
     click.echo(
-        f"backfill {folder} (content root {settings.content_root_label()}): {len(plan.todo)} to classify, "
-        f"{plan.fresh} fresh (skipped), {len(plan.skipped)} skipped"
+        f"backfill {folder}: {len(plan.todo)} to classify, {plan.fresh} fresh (up to date), "
+        f"{len(plan.skipped)} skipped"
     )
     for line in plan.skipped:
         err(f"SKIPPED {line}")

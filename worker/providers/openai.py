@@ -186,12 +186,17 @@ class OpenAIProvider:
             return QuotaExhausted(f"provider quota exhausted: {detail}")
         if isinstance(exc, openai.RateLimitError):
             return RateLimited(f"still rate limited after {self.settings.retry_attempts} attempts: {detail}")
+        where = f"{self.client.base_url} (OPENAI_BASE_URL)"
         if isinstance(exc, openai.APITimeoutError):
-            return ProviderTimeout(f"requests kept timing out after {self.settings.request_timeout}s: {detail}")
+            return ProviderTimeout(
+                f"requests to {where} kept timing out after {self.settings.request_timeout}s: {detail}"
+            )
         if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
             return AuthError(f"provider rejected the credentials: {detail}")
+        if isinstance(exc, openai.APIConnectionError):
+            return ProviderUnavailable(f"cannot reach the provider at {where}: {detail}")
         if _is_transient(exc):
-            return ProviderUnavailable(f"provider unavailable: {detail}")
+            return ProviderUnavailable(f"provider unavailable at {where}: {detail}")
         return ProviderError(f"provider error: {detail}")
 
 
