@@ -28,15 +28,12 @@ def one_line(exc: BaseException, app: App | None) -> str:
         # An error whose message already names its path (a missing folder) names it once.
         text = exc.message if exc.path and exc.path in exc.message else str(exc)
         if isinstance(exc, TaxonomyError) and exc.path and not Path(exc.path).is_dir():
-            text += f" ({Path(exc.path).absolute()}: set TAGGER_TAXONOMY_DIR or --taxonomy)"
+            text = text.replace(exc.path, str(Path(exc.path).absolute())) + " (set TAGGER_TAXONOMY_DIR or --taxonomy)"
         return redact(f"{exc.kind}: {text}", secrets)
     if isinstance(exc, RedisError):
         url = redact_url(settings.redis_url) if settings else "REDIS_URL"
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        return redact(
-            f"redis: cannot use Redis at {url} (REDIS_URL): {detail}; is Redis running and is REDIS_URL right?",
-            secrets,
-        )
+        detail = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+        return redact(f"redis: cannot use Redis at {url} (REDIS_URL): {detail}; start Redis or fix REDIS_URL", secrets)
     if isinstance(exc, ValidationError):
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_url=False)[:3]

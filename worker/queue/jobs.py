@@ -91,7 +91,7 @@ def enqueue_posts(
         queue.enqueue_many(to_enqueue)
     for item in results:
         if item.action == "refused":
-            log.warning("enqueue_refused", post=item.path, reason=item.reason)
+            log.info("enqueue_refused", post=item.path, reason=item.reason)
             continue
         log.info(
             "enqueued" if item.action == "enqueued" else "enqueue_skipped",
