@@ -353,9 +353,7 @@ def test_env_file_from_any_folder_with_folders_relative_to_it(site: Path, tmp_pa
     flag = tagger(env, "--env-file", str(env_file), "backfill", "--estimate", str(site / "site"), cwd=elsewhere)
     assert flag.returncode == 0, flag.stderr
     assert f"content root {site / 'site'} (TAGGER_CONTENT_DIR)" in flag.stdout and "3 to classify" in flag.stdout
-    variable = tagger(
-        {**env, "TAGGER_ENV_FILE": str(env_file)}, "backfill", "--estimate", "../site", cwd=elsewhere
-    )
+    variable = tagger({**env, "TAGGER_ENV_FILE": str(env_file)}, "backfill", "--estimate", "../site", cwd=elsewhere)
     assert variable.returncode == 0 and "3 to classify" in variable.stdout, variable.stderr
     missing = tagger(env, "--env-file", "nope.env", "status", cwd=elsewhere)
     assert missing.returncode == 1

@@ -55,7 +55,9 @@ class TaggerGroup(click.Group):
             raise Fail(one_line(exc, ctx.find_object(App))) from exc
 
 
-@click.group(cls=TaggerGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    "tagger", cls=TaggerGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option(
     "--env-file",
     metavar="FILE",

@@ -58,11 +58,13 @@ def use_env_file(path: str | None) -> Path | None:
 
 
 def redis_for(settings: Settings) -> Redis:
-    """A Redis connection, or a one-line error naming the URL (password redacted)."""
+    """A Redis connection that answered, or a one-line error naming the URL (password redacted)."""
     try:
-        return connect(settings)
+        redis = connect(settings)
     except ValueError as exc:
         raise SettingsError(f"REDIS_URL {redact_url(settings.redis_url)} is not a Redis URL: {exc}") from exc
+    redis.ping()  # unreachable Redis is one clear line now, not a failure halfway through the work
+    return redis
 
 
 def cut(text: str, width: int) -> str:

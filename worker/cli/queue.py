@@ -96,11 +96,11 @@ def backfill(
     """
     settings = app.settings()
     configure(settings, quiet=True)
+    redis = None if inline or estimate else redis_for(settings)  # before planning: a big site plans for a while
     plan = backfill_lib.plan(settings, include_fresh=include_fresh, limit=limit, types=types or None, folder=folder)
     click.echo(f"backfill: content root {settings.content_root_label()}")
     click.echo(
-        f"backfill {folder}: {len(plan.todo)} to classify, {plan.fresh} fresh (up to date), "
-        f"{len(plan.skipped)} skipped"
+        f"backfill {folder}: {len(plan.todo)} to classify, {plan.fresh} fresh (up to date), {len(plan.skipped)} skipped"
     )
     for line in plan.skipped:
         err(f"SKIPPED {line}")
@@ -131,7 +131,7 @@ def backfill(
         if summary.failed or skipped:
             raise click.exceptions.Exit(1)
         return
-    redis = redis_for(settings)
+    assert redis is not None
     results = enqueue_posts(plan.todo, settings, redis, priority, types=types or None)
     for item in results:
         if item.action == "refused":  # changed between planning and enqueuing (deleted, swapped for a symlink)
@@ -197,6 +197,7 @@ def work(app: App, burst: bool, processes: int, priorities: tuple[str, ...]) -> 
     settings = app.settings()
     configure(settings)
     if processes > 1:
+        redis_for(settings)  # one clear line here rather than one from every child
         code = run_processes(settings, processes, priorities or None, burst)
         if code:
             raise Fail(f"a worker process exited with code {code}")
