@@ -195,7 +195,7 @@ def test_one_bad_file_never_stops_the_others(
     record_path(blocked).mkdir()
     result = run(["backfill", "--inline", "posts"], offline_env(site), root, monkeypatch)
     assert result.exit_code == 1
-    assert f"SKIPPED {deep}: crash: RecursionError" in result.stderr
+    assert f"SKIPPED {deep}: " in result.stderr  # (a RecursionError in the YAML parser, or a clear bad_post)
     failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and str(blocked) in failed[0], result.stderr
     assert "Kanban" in read_post(root / "posts" / "limiting-wip.md").terms("tags")  # the others went on
