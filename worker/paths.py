@@ -8,16 +8,24 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
-from worker.errors import NotAPost, OutsideContentRoot, PostMissing, UsageError
+from worker.errors import NotAPost, OutsideContentRoot, PostMissing, SettingsError, UsageError
 from worker.settings import Settings
 
 # Tagger's own files beside the posts: result records and the temp files of atomic writes.
 OWN_FILES = ("data.*.tagger.json", ".*.tagger-tmp")
 
 
+def content_root(settings: Settings) -> Path:
+    """The resolved content root, or SettingsError when it is not a folder (a typo in TAGGER_CONTENT_DIR)."""
+    root = settings.content_root()
+    if not root.is_dir():
+        raise SettingsError(f"the content root {settings.content_root_label()} is not a folder")
+    return root
+
+
 def _inside(path: Path | str, settings: Settings, from_cwd: bool) -> tuple[Path, Path]:
     """(content root, resolved path), or OutsideContentRoot."""
-    root = settings.content_root()
+    root = content_root(settings)
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
         # Producers name paths from where they run; jobs name them from the root. Never both.

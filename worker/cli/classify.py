@@ -14,7 +14,7 @@ from worker.cli.app import App, cut, err
 from worker.errors import NotAPost, OutsideContentRoot, TaggerError, kind_of
 from worker.judgements import Classification
 from worker.logs import configure, redact, secrets_of
-from worker.paths import existing_post
+from worker.paths import content_root, existing_post
 from worker.providers import OFFLINE_NOTE
 
 SHOWN_TERMS = 12
@@ -94,7 +94,7 @@ def classify(
     classifier = make_classifier(settings)
 
     check_types(classifier, types)
-    root = settings.content_root()
+    root = content_root(settings)
     problems: list[str] = []
     results = []
     for name in paths:

@@ -11,6 +11,7 @@ import click
 from worker import backfill as backfill_lib
 from worker.cli.app import App, Fail, err, redis_for, stdout_is_terminal
 from worker.logs import configure
+from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
 from worker.queue.jobs import enqueue_posts
 from worker.queue.keys import PRIORITIES
@@ -43,6 +44,7 @@ def enqueue(app: App, paths: tuple[str, ...], priority: str, from_stdin: bool, c
         raise click.UsageError("name the posts to enqueue, or use --stdin or --changed-since")
     settings = app.settings()
     configure(settings, quiet=True)
+    root = content_root(settings)
     names = list(paths)
     if from_stdin:
         names += [line.strip() for line in sys.stdin if line.strip()]
@@ -59,7 +61,6 @@ def enqueue(app: App, paths: tuple[str, ...], priority: str, from_stdin: bool, c
             refused = True
         else:
             click.echo(f"{item.job_id:<{ID_WIDTH}}  {item.action:<20} {item.path}")
-    root = settings.content_root()
     for path in deleted:
         click.echo(f"{'-':<{ID_WIDTH}}  {'skipped (deleted)':<20} {Path(path).relative_to(root).as_posix()}")
     if refused:
