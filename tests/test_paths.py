@@ -382,3 +382,18 @@ def test_enqueue_changed_script_works_from_a_site_repository(drained: dict[str, 
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [job_id_for("posts/limiting-wip.md"), "enqueued", "posts/limiting-wip.md"]
+
+
+def test_term_pages_inside_the_root_are_content_unless_excluded(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = site / "site"
+    (site / "taxonomy").rename(root / "categories")
+    (root / "MANIFEST.md").write_text("# What is in this site\n", encoding="utf-8")
+    env = {**offline_env(site), "TAGGER_TAXONOMY_DIR": str(root / "categories"), "TAGGER_EXCLUDE": ""}
+    terms = len(list((root / "categories").rglob("*.md")))
+    everything = run(["backfill", "--estimate", "."], env, root, monkeypatch)
+    assert f"{3 + terms + 1} to classify" in everything.output, everything.output
+    env["TAGGER_EXCLUDE"] = "categories,MANIFEST.md"
+    posts_only = run(["backfill", "--estimate", "."], env, root, monkeypatch)
+    assert "3 to classify" in posts_only.output and "estimate for gpt-4o-mini: 3 posts" in posts_only.output
+    refused = run(["classify", "categories/tags/kanban.md"], env, root, monkeypatch)
+    assert refused.exit_code == 1 and "excluded by 'categories' (TAGGER_EXCLUDE)" in refused.stderr
