@@ -290,3 +290,10 @@ def test_a_worker_logs_one_format_and_llm_calls_name_the_job_and_post(queue_env:
     assert any(e.get("logger") == "rq.worker" for e in events)
     calls = [e for e in events if e["event"] == "llm_call"]
     assert calls and all(e["post"] == "posts/limiting-wip.md" and e["job_id"].startswith("post-") for e in calls)
+
+
+def test_a_bad_setting_is_one_line_naming_it(site: Path) -> None:
+    run = tagger(["classify", "site/posts/limiting-wip.md"], offline(site, TAGGER_CHUNK_SIZE="0"), site)
+    assert_one_line(
+        run, "tagger: settings: TAGGER_CHUNK_SIZE: Input should be greater than or equal to 1 (see .env.example)"
+    )
