@@ -169,9 +169,9 @@ def test_a_missing_taxonomy_folder_is_named_once(site: Path) -> None:
     run = tagger(["classify", "site/posts/limiting-wip.md"], env, site)
     errors = [line for line in run.stderr.splitlines() if not line.startswith("tagger: using the offline")]
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert errors == [
-        f"tagger: taxonomy: taxonomy folder does not exist: {site / 'terms'} (set TAGGER_TAXONOMY_DIR or --taxonomy)"
-    ]
+    assert len(errors) == 1 and errors[0].startswith("tagger: taxonomy: "), errors
+    assert errors[0].count("terms") == 1 and str(site / "terms") in errors[0], errors  # the folder, named once
+    assert "TAGGER_TAXONOMY_DIR" in errors[0]
 
 
 @pytest.mark.redis

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -16,7 +15,7 @@ from worker.cli.classify import classify
 from worker.cli.oncall import failed, resume, status
 from worker.cli.queue import backfill, enqueue, work
 from worker.cli.taxonomy import taxonomy
-from worker.errors import TaggerError, TaxonomyError
+from worker.errors import TaggerError
 from worker.logs import redact, redact_url, secrets_of
 
 
@@ -27,8 +26,6 @@ def one_line(exc: BaseException, app: App | None) -> str:
     if isinstance(exc, TaggerError):
         # An error whose message already names its path (a missing folder) names it once.
         text = exc.message if exc.path and exc.path in exc.message else str(exc)
-        if isinstance(exc, TaxonomyError) and exc.path and not Path(exc.path).is_dir():
-            text = text.replace(exc.path, str(Path(exc.path).absolute())) + " (set TAGGER_TAXONOMY_DIR or --taxonomy)"
         return redact(f"{exc.kind}: {text}", secrets)
     if isinstance(exc, RedisError):
         url = redact_url(settings.redis_url) if settings else "REDIS_URL"
