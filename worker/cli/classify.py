@@ -92,7 +92,6 @@ def classify(
     if settings.provider == "offline" and not as_json:
         err(OFFLINE_NOTE)
     classifier = make_classifier(settings)
-
     check_types(classifier, types)
     root = content_root(settings)
     problems: list[str] = []
