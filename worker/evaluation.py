@@ -1,0 +1,474 @@
+"""Judgement quality against a site's own labels: precision, recall and F1 per type, a threshold sweep, cost.
+
+Posts are judged through the classifier's cache (the record beside each post, or a cache folder of its own for
+`--compare`) and never written; gold labels are the terms in each post's front matter that tagger did not
+assign itself (per the post's record), or a JSON Lines file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ValidationError
+
+from worker.classifier import Classifier, make_classifier
+from worker.errors import TaggerError
+from worker.judgements import Judgement, Usage
+from worker.posts import read_post
+from worker.records import Record, load_record, save_record
+from worker.settings import Price, SelectionRule, Settings
+
+SWEEP_CONFIDENCES = range(0, 101)
+SWEEP_TOPS = range(1, 31)
+WORST_POSTS = 10
+TOP_TERMS = 10
+
+
+class BadGold(TaggerError):
+    """A `--gold` file that cannot be read as the labels it should hold."""
+
+    kind = "bad_gold"
+
+
+class BadSettingsFile(TaggerError):
+    """A settings file for `--compare` that cannot be read or names no real setting."""
+
+    kind = "bad_settings"
+
+
+class Scores(BaseModel):
+    """Precision, recall and F1, with the counts they come from (micro) or the terms averaged over (macro)."""
+
+    precision: float = 0.0
+    recall: float = 0.0
+    f1: float = 0.0
+    true_positives: int = 0
+    false_positives: int = 0
+    false_negatives: int = 0
+
+
+class SweepPoint(BaseModel):
+    """Micro precision, recall and F1 of one selection rule."""
+
+    top: int
+    min_confidence: float
+    precision: float
+    recall: float
+    f1: float
+
+
+class TermCount(BaseModel):
+    """A term and how many posts it was missed in (or added to)."""
+
+    term: str
+    posts: int
+
+
+class TypeReport(BaseModel):
+    """One type's agreement with the gold labels."""
+
+    type: str
+    posts: int
+    left_out: int
+    gold_terms: int
+    outside_taxonomy: int
+    rule: SelectionRule
+    micro: Scores
+    macro: Scores
+    macro_terms: int
+    missed: list[TermCount]
+    added: list[TermCount]
+    best: SweepPoint | None
+    curve: list[SweepPoint]
+
+
+class PostReport(BaseModel):
+    """One post's gold and predicted terms per type, and its micro F1 over the types it has gold for."""
+
+    post: str
+    gold: dict[str, list[str]]
+    predicted: dict[str, list[str]]
+    f1: float
+
+
+class Cost(BaseModel):
+    """What the run spent: usage summed over its posts, and dollars at TAGGER_PRICES (None when unpriced)."""
+
+    usage: Usage
+    dollars: float | None
+    posts: int
+    cached_terms: int
+    judged_terms: int
+
+    @property
+    def dollars_per_post(self) -> float | None:
+        """Dollars per post, or None when the model has no price."""
+        return None if self.dollars is None else self.dollars / max(1, self.posts)
+
+
+class Evaluation(BaseModel):
+    """The result of one `tagger eval` run under one settings object."""
+
+    label: str
+    provider: str
+    model: str
+    chunk_size: int
+    definitions: str
+    reply: str
+    posts: int
+    failed: list[str]
+    types: list[TypeReport]
+    cost: Cost
+    worst: list[PostReport]
+    selection: dict[str, SelectionRule]
+    records_unsaved: int = 0
+
+    def suggested_selection(self) -> dict[str, SelectionRule]:
+        """TAGGER_SELECTION with each evaluated type's rule replaced by the one that maximised F1."""
+        rules = {t.type: t.rule for t in self.types}
+        rules.update(
+            {t.type: SelectionRule(top=t.best.top, min_confidence=t.best.min_confidence) for t in self.types if t.best}
+        )
+        return rules
+
+    def suggested_selection_env(self) -> str:
+        """The suggestion as a line for a settings file."""
+        value = {k: v.model_dump() for k, v in self.suggested_selection().items()}
+        return "TAGGER_SELECTION=" + json.dumps(value, separators=(",", ":"))
+
+
+def prf(tp: int, fp: int, fn: int) -> Scores:
+    """Precision, recall and F1 from counts (0 where undefined, as scikit-learn's zero_division=0)."""
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return Scores(
+        precision=round(precision, 4),
+        recall=round(recall, 4),
+        f1=round(f1, 4),
+        true_positives=tp,
+        false_positives=fp,
+        false_negatives=fn,
+    )
+
+
+def ranked(judgements: Iterable[Judgement]) -> list[Judgement]:
+    """Judgements in the order selection takes them: highest confidence first, then by term."""
+    return sorted(judgements, key=lambda j: (-j.confidence, j.term))
+
+
+def pick(judgements: Sequence[Judgement], rule: SelectionRule) -> list[str]:
+    """The terms a selection rule takes from judgements (no human-edit rules: those are not judgement)."""
+    return [j.term for j in ranked(judgements) if j.confidence >= rule.min_confidence][: rule.top]
+
+
+class Case(BaseModel):
+    """One post of one type: confidences (ranked) with whether each term is gold, and the gold count."""
+
+    confidences: list[float]
+    is_gold: list[bool]
+    gold: int
+
+
+def sweep_point(cases: Sequence[Case], top: int, min_confidence: float) -> SweepPoint:
+    """Micro scores of `top` terms at or above `min_confidence`, over all cases."""
+    tp = fp = fn = 0
+    for case in cases:
+        taken = sum(1 for c in case.confidences[:top] if c >= min_confidence)
+        hits = sum(case.is_gold[:taken])
+        tp += hits
+        fp += taken - hits
+        fn += case.gold - hits
+    s = prf(tp, fp, fn)
+    return SweepPoint(top=top, min_confidence=min_confidence, precision=s.precision, recall=s.recall, f1=s.f1)
+
+
+def sweep(cases: Sequence[Case]) -> list[SweepPoint]:
+    """Every rule from top 1-30 and min_confidence 0-100, computed from the confidences already judged."""
+    return [sweep_point(cases, top, float(m)) for top in SWEEP_TOPS for m in SWEEP_CONFIDENCES]
+
+
+def best_of(points: Sequence[SweepPoint]) -> SweepPoint | None:
+    """The rule with the highest F1; ties go to higher precision, then the stricter floor, then fewer terms."""
+    if not points:
+        return None
+    return max(points, key=lambda p: (p.f1, p.precision, p.min_confidence, -p.top))
+
+
+def dollars(usage: Usage, price: Price | None) -> float | None:
+    """US dollars for `usage` at `price` (cached input at its own price), or None without a price."""
+    if price is None:
+        return None
+    uncached = usage.input_tokens - usage.cached_tokens
+    return (
+        uncached * price.input + usage.cached_tokens * price.cached_input + usage.output_tokens * price.output
+    ) / 1_000_000
+
+
+def load_gold(path: Path, root: Path) -> dict[Path, dict[str, list[str]]]:
+    """Gold labels from JSON Lines: `{"post": "<path relative to the content root>", "<type>": ["term", ...]}`."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadGold(f"gold file unreadable: {exc}", path=path) from exc
+    gold: dict[Path, dict[str, list[str]]] = {}
+    resolved_root = root.expanduser().resolve()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise BadGold(f"{where}: not JSON: {exc}") from exc
+        if not isinstance(item, dict) or not isinstance(item.get("post"), str):
+            raise BadGold(f'{where}: each line must be an object with "post": "<path relative to the content root>"')
+        post = (resolved_root / item["post"]).resolve()
+        if not post.is_relative_to(resolved_root):
+            raise BadGold(f"{where}: post {item['post']!r} is outside the content root {resolved_root}")
+        if not post.is_file():
+            raise BadGold(f"{where}: post {item['post']!r} not found under {resolved_root}")
+        if post in gold:
+            raise BadGold(f"{where}: post {item['post']!r} is listed twice")
+        labels: dict[str, list[str]] = {}
+        for key, value in item.items():
+            if key == "post":
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise BadGold(f"{where}: {key!r} must be a list of term titles")
+            labels[key] = [v.strip() for v in value if v.strip()]
+        gold[post] = labels
+    return gold
+
+
+def read_settings_file(path: Path, base: Settings | None = None) -> Settings:
+    """Settings from `base` (the environment and `.env`) with every value in the file `path` taking precedence."""
+    if not path.is_file():
+        raise BadSettingsFile(f"settings file not found: {path}", path=path)
+    values = {k: v for k, v in dotenv_values(path).items() if v not in (None, "")}
+    known = {field.alias or name for name, field in Settings.model_fields.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BadSettingsFile(f"{path}: not tagger settings: {', '.join(unknown)}", path=path)
+    fields = {field.alias or name: name for name, field in Settings.model_fields.items()}
+    current = (base or Settings()).model_dump(by_alias=True)
+    for key, value in values.items():
+        current[key] = value
+    try:
+        return Settings(_env_file=None, **current)
+    except ValidationError as exc:
+        problems = "; ".join(f"{fields.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()[:5])
+        raise BadSettingsFile(f"{path}: {problems}", path=path) from exc
+
+
+def _normal(name: str) -> str:
+    return " ".join(name.casefold().split())
+
+
+def _cache_path(cache_dir: Path, root: Path, path: Path) -> Path:
+    try:
+        relative = path.resolve().relative_to(root)
+    except ValueError:
+        relative = Path(path.resolve().as_posix().lstrip("/"))
+    return cache_dir / relative.with_name(f"{relative.name}.json")
+
+
+def _load_cache(cache_dir: Path | None, root: Path, path: Path, site_record: Record) -> Record:
+    if cache_dir is None:
+        return site_record
+    try:
+        return Record.model_validate_json(_cache_path(cache_dir, root, path).read_bytes())
+    except (OSError, ValueError):
+        return Record()
+
+
+def _save_cache(cache_dir: Path | None, root: Path, path: Path, record: Record) -> None:
+    if cache_dir is None:
+        save_record(path, record)
+        return
+    target = _cache_path(cache_dir, root, path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record.model_dump(mode="json"), indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def evaluate(
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    gold: Mapping[Path, Mapping[str, Sequence[str]]] | None = None,
+    types: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+    label: str = "settings",
+    classifier: Classifier | None = None,
+) -> Evaluation:
+    """Judge `paths` (cached; posts never written) and compare tagger's selections with the gold labels."""
+    classifier = classifier or make_classifier(settings)
+    root = settings.content_root()
+    wanted = [t for t in classifier.taxonomy.types() if not types or t in types]
+    titles = {t: {_normal(term.title): term.title for term in classifier.taxonomy.of_type(t)} for t in wanted}
+    terms = classifier.terms_of(wanted)
+    usage = Usage()
+    failed: list[str] = []
+    cached_terms = judged_terms = unsaved = 0
+    # Per post: (relative path, gold per type or None when the post has none, judgements per type).
+    rows: list[tuple[str, dict[str, list[str] | None], dict[str, list[Judgement]]]] = []
+    outside: Counter[str] = Counter()
+    for path in paths:
+        try:
+            post = read_post(path)
+            site_record = load_record(path)
+            record = _load_cache(cache_dir, root, path, site_record)
+            judgements, used, hits, _, _ = classifier.judge(post, terms, record)
+        except TaggerError as exc:
+            failed.append(f"{path}: {exc.kind}: {exc.message}")
+            continue
+        usage = usage.add(used)
+        cached_terms += hits
+        judged_terms += len(judgements)
+        if used.calls or hits < len(judgements):
+            kept = {(j.type, j.term): j for j in record.judgements}
+            kept.update({(j.type, j.term): j for j in judgements})
+            updated = record.model_copy(
+                update={
+                    "post": record.post or str(path),
+                    "content_hash": record.content_hash or post.content_hash,
+                    "judgements": list(kept.values()),
+                    "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+            )
+            try:
+                _save_cache(cache_dir, root, path, updated)
+            except (OSError, TaggerError):
+                unsaved += 1  # a read-only site can still be evaluated; only the cache is lost
+        try:
+            relative = path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            relative = str(path)
+        labels: dict[str, list[str] | None] = {}
+        for term_type in wanted:
+            if gold is not None:
+                # In a gold file an explicit empty list is a label ("no term of this type applies").
+                given = gold.get(path.resolve(), {}).get(term_type)
+                raw = list(given) if given is not None else None
+            else:
+                # In front matter an empty list usually means "not classified yet": left out.
+                ai = set(site_record.assigned.get(term_type, []))
+                raw = [t for t in post.terms(term_type) if t not in ai] or None
+            known = [titles[term_type][_normal(t)] for t in raw or [] if _normal(t) in titles[term_type]]
+            outside[term_type] += len(raw or []) - len(known)
+            # Gold made only of terms outside the taxonomy (e.g. "Uncategorized") cannot be judged: left out.
+            labels[term_type] = None if raw is None or (raw and not known) else list(dict.fromkeys(known))
+        rows.append((relative, labels, {t: [j for j in judgements if j.type == t] for t in wanted}))
+
+    reports = [_type_report(t, settings.rule_for(t), rows, outside[t]) for t in wanted]
+    worst = _worst_posts(rows, settings)
+    price = settings.prices.get(settings.model)
+    evaluated = len(paths) - len(failed)
+    return Evaluation(
+        label=label,
+        provider=classifier.provider.name,
+        model=classifier.provider.model,
+        chunk_size=settings.chunk_size,
+        definitions=str(getattr(settings, "definitions", "compact")),
+        reply=str(getattr(settings, "reply", "all")),
+        posts=evaluated,
+        failed=failed,
+        types=reports,
+        cost=Cost(
+            usage=usage,
+            dollars=dollars(usage, price) if classifier.provider.name != "offline" else 0.0,
+            posts=evaluated,
+            cached_terms=cached_terms,
+            judged_terms=judged_terms,
+        ),
+        worst=worst,
+        selection=dict(settings.selection),
+        records_unsaved=unsaved,
+    )
+
+
+def _type_report(
+    term_type: str,
+    rule: SelectionRule,
+    rows: Sequence[tuple[str, dict[str, list[str] | None], dict[str, list[Judgement]]]],
+    outside: int,
+) -> TypeReport:
+    cases: list[Case] = []
+    per_term: dict[str, list[int]] = {}
+    missed: Counter[str] = Counter()
+    added: Counter[str] = Counter()
+    left_out = 0
+    gold_terms = 0
+    for _, labels, judged in rows:
+        gold = labels[term_type]
+        if gold is None:
+            left_out += 1
+            continue
+        gold_set = set(gold)
+        gold_terms += len(gold_set)
+        order = ranked(judged[term_type])
+        cases.append(
+            Case(
+                confidences=[j.confidence for j in order],
+                is_gold=[j.term in gold_set for j in order],
+                gold=len(gold_set),
+            )
+        )
+        predicted = set(pick(order, rule))
+        for term in gold_set | predicted:
+            counts = per_term.setdefault(term, [0, 0, 0])
+            if term in gold_set and term in predicted:
+                counts[0] += 1
+            elif term in predicted:
+                counts[1] += 1
+                added[term] += 1
+            else:
+                counts[2] += 1
+                missed[term] += 1
+    micro = prf(*(sum(c[i] for c in per_term.values()) for i in range(3)))
+    each = [prf(*c) for c in per_term.values()]
+    n = len(each)
+    macro = Scores(
+        precision=round(sum(s.precision for s in each) / n, 4) if n else 0.0,
+        recall=round(sum(s.recall for s in each) / n, 4) if n else 0.0,
+        f1=round(sum(s.f1 for s in each) / n, 4) if n else 0.0,
+    )
+    points = sweep(cases) if cases else []
+    best = best_of(points)
+    curve = [p for p in points if best and p.top == best.top]
+    return TypeReport(
+        type=term_type,
+        posts=len(cases),
+        left_out=left_out,
+        gold_terms=gold_terms,
+        outside_taxonomy=outside,
+        rule=rule,
+        micro=micro,
+        macro=macro,
+        macro_terms=n,
+        missed=[TermCount(term=t, posts=c) for t, c in sorted(missed.items(), key=lambda x: (-x[1], x[0]))[:TOP_TERMS]],
+        added=[TermCount(term=t, posts=c) for t, c in sorted(added.items(), key=lambda x: (-x[1], x[0]))[:TOP_TERMS]],
+        best=best,
+        curve=curve,
+    )
+
+
+def _worst_posts(
+    rows: Sequence[tuple[str, dict[str, list[str] | None], dict[str, list[Judgement]]]], settings: Settings
+) -> list[PostReport]:
+    posts = []
+    for relative, labels, judged in rows:
+        gold = {t: g for t, g in labels.items() if g is not None}
+        if not gold:
+            continue
+        predicted = {t: pick(judged[t], settings.rule_for(t)) for t in gold}
+        tp = sum(len(set(gold[t]) & set(predicted[t])) for t in gold)
+        fp = sum(len(set(predicted[t]) - set(gold[t])) for t in gold)
+        fn = sum(len(set(gold[t]) - set(predicted[t])) for t in gold)
+        posts.append(PostReport(post=relative, gold=gold, predicted=predicted, f1=prf(tp, fp, fn).f1))
+    return sorted(posts, key=lambda p: (p.f1, p.post))[:WORST_POSTS]
