@@ -16,7 +16,16 @@ from pathlib import Path
 import structlog
 
 from worker.errors import InvalidReply, PostChanged, RecordWriteFailed, TaggerError
-from worker.judgements import Classification, Decision, Judgement, TermScores, Usage, confidence, level
+from worker.judgements import (
+    Classification,
+    Decision,
+    Judgement,
+    TermScores,
+    Usage,
+    confidence,
+    level,
+    not_relevant,
+)
 from worker.posts import (
     ORIGIN_KEY,
     Change,
@@ -28,7 +37,7 @@ from worker.posts import (
     render_changes,
     write_atomic,
 )
-from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt
+from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt, prompt_version
 from worker.providers import OfflineProvider, Provider
 from worker.providers.base import Throttle
 from worker.records import Pending, Record, RecordStore, reconcile
@@ -162,6 +171,11 @@ class Classifier:
         retired = self.retired(record)
         return not todo and not any(t for k, t in retired.items() if not types or k in types)
 
+    @property
+    def prompt_version(self) -> str:
+        """What judgements are cached under: templates, definitions and reply shape."""
+        return prompt_version(self.templates, self.settings.definitions, self.settings.reply)
+
     def judge(
         self, post: Post, terms: Sequence[Term], record: Record
     ) -> tuple[list[Judgement], Usage, int, int, float]:
@@ -222,7 +236,11 @@ class Classifier:
             # Even chunks (41 terms at 40 a chunk become 21 + 20, not 40 + 1).
             count = -(-len(of_type) // self.settings.chunk_size)
             size = -(-len(of_type) // count)
-            prompts += [build_prompt(self.templates, of_type[i : i + size], text) for i in range(0, len(of_type), size)]
+            s = self.settings
+            prompts += [
+                build_prompt(self.templates, of_type[i : i + size], text, s.definitions, s.reply)
+                for i in range(0, len(of_type), size)
+            ]
         return prompts
 
     def split_cached(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], list[Term]]:
@@ -232,7 +250,7 @@ class Classifier:
         todo: list[Term] = []
         for term in terms:
             old = cached.get((term.type, term.title))
-            wanted = (term.definition_hash, post.content_hash, self.templates.version, self.provider.model)
+            wanted = (term.definition_hash, post.content_hash, self.prompt_version, self.provider.model)
             if old is not None and old.cache_key() == wanted:
                 keep.append(old)
             else:
@@ -277,7 +295,7 @@ class Classifier:
                     reason=scores.reason,
                     definition_hash=term.definition_hash,
                     content_hash=content_hash,
-                    prompt_version=self.templates.version,
+                    prompt_version=self.prompt_version,
                     model=self.provider.model,
                     provider=provider,
                     judged_at=now,
@@ -290,9 +308,13 @@ class Classifier:
         reply = self.provider.judge(prompt)
         by_name = {t.title: t for t in terms}
         unknown = [j.term for j in reply.judgements if j.term not in by_name]
-        if unknown or len(reply.judgements) != len(terms):
+        got = [j.term for j in reply.judgements]
+        complete = prompt.reply == "all"
+        if unknown or len(set(got)) != len(got) or (complete and len(got) != len(terms)):
             raise InvalidReply(f"reply names terms that were not asked: {unknown}", raw_reply=reply.raw)
-        judgements = self._judgements(by_name, reply.judgements, content_hash, self.provider.name)
+        # TAGGER_REPLY=relevant: a term the model left out is recorded as judged, every sub-score 0.
+        scores = [*reply.judgements, *(not_relevant(n) for n in prompt.names if n not in got)]
+        judgements = self._judgements(by_name, scores, content_hash, self.provider.name)
         log.info(
             "llm_call",
             model=self.provider.model,

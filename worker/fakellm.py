@@ -32,10 +32,19 @@ FAULTS = (
 Scorer = Callable[[str, str], dict[str, Any]]
 
 
+# The system-message phrase of TAGGER_REPLY=relevant (worker/prompts.py REPLY_RULES): reply only for terms that apply.
+RELEVANT_MARKER = "leave out every term that does not apply"
+
+
 def default_scorer(term: str, post: str) -> dict[str, Any]:
-    """High scores when the post names the term, low otherwise."""
+    """High scores when the post names the term, low otherwise; a reason of about 20 words, as models write."""
     named = term.lower() in post.lower()
     value = 9.0 if named else 1.0
+    reason = (
+        f"The post names {term} and discusses its key topics in depth, so it fits this term's scope and audience well."
+        if named
+        else f"The post does not name {term} or discuss its key topics, so it falls outside this term's scope here."
+    )
     return {
         "term": term,
         "mentions": value,
@@ -44,8 +53,13 @@ def default_scorer(term: str, post: str) -> dict[str, Any]:
         "intent": value,
         "audience": value,
         "signal": value,
-        "reason": f"{'names' if named else 'does not name'} {term}",
+        "reason": reason,
     }
+
+
+def applies(entry: dict[str, Any]) -> bool:
+    """Whether a model asked for relevant terms only would name this entry (any sub-score above 1)."""
+    return any(isinstance(v, int | float) and v > 1 for k, v in entry.items() if k not in ("term", "reason"))
 
 
 def asked_names(body: dict[str, Any]) -> list[str]:
@@ -159,6 +173,9 @@ class FakeLLM:
         names = asked_names(body)
         post = _post_text(body)
         entries = [self.scorer(n, post) for n in names]
+        system = next((m.get("content", "") for m in body.get("messages", []) if m.get("role") == "system"), "")
+        if RELEVANT_MARKER in system:
+            entries = [e for e in entries if applies(e)]
         finish, refusal = "stop", None
         content: str | None = json.dumps({"judgements": entries})
         if fault == "broken_json":

@@ -45,10 +45,18 @@ def reply_model(names: tuple[str, ...]) -> type[ReplyBase]:
     return create_model("Judgements", __base__=ReplyBase, judgements=(list[entry], ...))
 
 
-def missing_or_repeated(reply: ReplyBase, names: Sequence[str]) -> str | None:
-    """Why a schema-valid reply still does not answer exactly the terms asked, or None."""
+NOT_RELEVANT = "not relevant"
+
+
+def not_relevant(term: str) -> TermScores:
+    """A term a `TAGGER_REPLY=relevant` reply left out: judged, every sub-score 0."""
+    return TermScores(term=term, mentions=0, alignment=0, depth=0, intent=0, audience=0, signal=0, reason=NOT_RELEVANT)
+
+
+def missing_or_repeated(reply: ReplyBase, names: Sequence[str], complete: bool = True) -> str | None:
+    """Why a schema-valid reply still does not answer the terms asked (all of them when `complete`), or None."""
     got = [j.term for j in reply.judgements]
-    missing = [n for n in names if n not in got]
+    missing = [n for n in names if n not in got] if complete else []
     repeated = sorted({n for n in got if got.count(n) > 1})
     problems = []
     if missing:

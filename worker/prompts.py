@@ -24,6 +24,18 @@ EXCLUDE_CHARS = 140
 # "Use this category only for discussions on X." repeats the title: it costs tokens and says nothing.
 _BOILERPLATE = re.compile(r"^\s*use this (category|tag|concept|classification)[^.]*\.\s*", re.I)
 CHARS_PER_TOKEN = 4
+# TAGGER_REPLY: the templates' $reply_rule (system) and $reply_again (re-ask) for each reply shape.
+REPLY_RULES = {
+    "all": "For every listed term, and only for the listed terms, return one entry with:",
+    "relevant": (
+        "Return entries only for the listed terms that apply to this post, at most one entry per term; "
+        "leave out every term that does not apply (a term left out counts as scoring 0). Each entry has:"
+    ),
+}
+REPLY_AGAIN = {
+    "all": "with exactly one entry for each listed term and no other terms",
+    "relevant": "with at most one entry for each listed term that applies, and no other terms",
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class Prompt:
     names: tuple[str, ...]
     terms: tuple[Term, ...]
     post: PostText
+    reply: str = "all"
 
 
 def estimate_tokens(text: str) -> int:
@@ -97,8 +110,17 @@ def _clip(text: str, limit: int) -> str:
     return cut[: sentence_end + 1] if sentence_end > limit // 2 else cut.rsplit(" ", 1)[0] + "…"
 
 
-def render_term(templates: Templates, term: Term) -> str:
-    """A compact definition of one term: title, scope, key topics, exclusions (not the site's prose)."""
+def prompt_version(templates: Templates, definitions: str = "compact", reply: str = "all") -> str:
+    """The version judgements are cached under: the templates' hash, and the definitions and reply shape."""
+    if (definitions, reply) == ("compact", "all"):
+        return templates.version
+    return f"{templates.version}-{definitions}-{reply}"
+
+
+def render_term(templates: Templates, term: Term, definitions: str = "compact") -> str:
+    """A term's definition: compact (scope, key topics, exclusions) or `full` (its whole Instructions text)."""
+    if definitions == "full":
+        return f"## {term.title}\n{term.instructions.strip()}"
     topics = [_clip(t.rstrip("."), TOPIC_CHARS) for t in term.key_topics[:MAX_TOPICS]]
     return templates.term.safe_substitute(
         title=term.title,
@@ -108,20 +130,27 @@ def render_term(templates: Templates, term: Term) -> str:
     ).strip()
 
 
-def build_prompt(templates: Templates, terms: Sequence[Term], post: PostText) -> Prompt:
+def build_prompt(
+    templates: Templates, terms: Sequence[Term], post: PostText, definitions: str = "compact", reply: str = "all"
+) -> Prompt:
     """Messages for judging `post` against `terms` (all of one type): rubric and terms first, post last."""
     term_type = terms[0].type
-    definitions = "\n\n".join(render_term(templates, t) for t in terms)
-    system = templates.system.safe_substitute(term_type=term_type, terms=definitions).strip()
+    rendered = "\n\n".join(render_term(templates, t, definitions) for t in terms)
+    rule = REPLY_RULES[reply]
+    system = templates.system.safe_substitute(term_type=term_type, terms=rendered, reply_rule=rule).strip()
+    if "$reply_rule" not in templates.system.template and reply != "all":
+        system += f"\n\n{rule.removesuffix(' Each entry has:')}"  # own templates written before TAGGER_REPLY
     user = templates.post.safe_substitute(title=post.title, description=post.description, body=post.body).strip()
     return Prompt(
         messages=({"role": "system", "content": system}, {"role": "user", "content": user}),
         names=tuple(t.title for t in terms),
         terms=tuple(terms),
         post=post,
+        reply=reply,
     )
 
 
-def reask_message(templates: Templates, error: str) -> dict[str, str]:
+def reask_message(templates: Templates, error: str, reply: str = "all") -> dict[str, str]:
     """The follow-up message that carries a validation error back to the model."""
-    return {"role": "user", "content": templates.reask.safe_substitute(error=error[:2000]).strip()}
+    text = templates.reask.safe_substitute(error=error[:2000], reply_again=REPLY_AGAIN[reply])
+    return {"role": "user", "content": text.strip()}

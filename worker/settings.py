@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     selection: dict[str, SelectionRule] = Field(default_factory=lambda: dict(DEFAULT_RULES), alias="TAGGER_SELECTION")
     weights: Weights = Field(default_factory=Weights, alias="TAGGER_WEIGHTS")
     chunk_size: int = Field(default=60, ge=1, alias="TAGGER_CHUNK_SIZE")
+    definitions: Literal["compact", "full"] = Field(default="compact", alias="TAGGER_DEFINITIONS")
+    reply: Literal["all", "relevant"] = Field(default="all", alias="TAGGER_REPLY")
     shortlist_min: float = Field(default=0.0, ge=0, le=100, alias="TAGGER_SHORTLIST_MIN")
     concurrency: int = Field(default=4, ge=1, alias="TAGGER_CONCURRENCY")
     max_post_tokens: int = Field(default=15_000, ge=250, alias="TAGGER_MAX_POST_TOKENS")

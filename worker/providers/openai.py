@@ -30,6 +30,8 @@ from worker.providers.base import NoThrottle, Reply, Throttle
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.openai")
+# A `TAGGER_REPLY=relevant` reply naming no term for a post this long is suspicious enough to re-ask once.
+LONG_POST_CHARS = 2000
 
 
 def _is_quota(exc: BaseException) -> bool:
@@ -99,12 +101,16 @@ class OpenAIProvider:
             raw, parsed, call_usage, error = self._call_with_retries(messages, model_cls)
             usage = usage.add(call_usage)
             if parsed is not None:
-                error = missing_or_repeated(parsed, prompt.names) or ""
+                complete = prompt.reply == "all"
+                error = missing_or_repeated(parsed, prompt.names, complete) or ""
+                silent = not complete and not parsed.judgements and len(prompt.post.body) >= LONG_POST_CHARS
+                if not error and silent and attempt == 1:
+                    error = "the reply names no term at all; check again which listed terms apply to this post"
                 if not error:
                     return Reply(judgements=list(parsed.judgements), usage=usage, raw=raw)
             log.warning("llm_invalid_reply", attempt=attempt, model=self.model, error=error[:300])
             if attempt == 1:
-                messages += [{"role": "assistant", "content": raw}, reask_message(self.templates, error)]
+                messages += [{"role": "assistant", "content": raw}, reask_message(self.templates, error, prompt.reply)]
         raise InvalidReply(f"reply failed validation after one re-ask: {error[:500]}", raw_reply=raw)
 
     def _call_with_retries(
