@@ -258,7 +258,14 @@ def read_settings_file(path: Path, base: Settings | None = None) -> Settings:
     fields = {field.alias or name: name for name, field in Settings.model_fields.items()}
     current = (base or Settings()).model_dump(by_alias=True)
     for key, value in values.items():
-        current[key] = value
+        if isinstance(current.get(key), dict | list):
+            # Structured settings (TAGGER_SELECTION, TAGGER_PRICES...) are JSON, as in the environment.
+            try:
+                current[key] = json.loads(value or "")
+            except ValueError as exc:
+                raise BadSettingsFile(f"{path}: {key} is not JSON: {exc}", path=path) from exc
+        else:
+            current[key] = value
     try:
         return Settings(_env_file=None, **current)
     except ValidationError as exc:
