@@ -1,7 +1,9 @@
-"""Cost benchmark: LLM calls and input tokens per post, tagger's defaults against one call per post and term.
+"""Cost benchmark: LLM calls, tokens and dollars per post, tagger's configurations against one call per term.
 
-Both are measured in the same run through the real openai SDK against the fake server (tokens estimated at
-4 characters a token, the same way for both). Usage: .venv/bin/python benchmarks/cost.py
+All are measured in the same run through the real openai SDK against the fake server (tokens estimated at
+4 characters a token, the same way for all; the fake's replies follow the requested schema with reasons of
+about 20 words, so output tokens are realistic). Dollars at gpt-4o-mini's price in the default TAGGER_PRICES.
+Usage: .venv/bin/python benchmarks/cost.py
 """
 
 from __future__ import annotations
@@ -13,10 +15,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._support import fake_settings, need_corpus, scratch_posts
 from worker.classifier import make_classifier
+from worker.evaluation import dollars
 from worker.fakellm import FakeLLM
+from worker.judgements import Usage
 from worker.logs import configure
 from worker.posts import read_post
-from worker.settings import Settings
+from worker.settings import DEFAULT_PRICES, Settings
+
+PRICE = DEFAULT_PRICES["gpt-4o-mini"]
+CONFIGURATIONS = (  # label, TAGGER_CHUNK_SIZE, TAGGER_DEFINITIONS, TAGGER_REPLY
+    ("defaults: compact, all", 60, "compact", "all"),
+    ("compact, relevant", 60, "compact", "relevant"),
+    ("full, all", 60, "full", "all"),
+    ("full, relevant", 60, "full", "relevant"),
+    ("one call per term, compact", 1, "compact", "all"),
+    ("one call per term, full", 1, "full", "all"),
+)
 
 
 def run(
@@ -31,6 +45,43 @@ def run(
         result = classifier.classify(path, dry_run=True)
         judged.append({(j.type, j.term) for j in result.judgements if j.provider != "shortlist"})
     return {k: fake.counts[k] - before.get(k, 0) for k in ("requests", "prompt_tokens", "cached_tokens")}, judged
+
+
+def spend(fake: FakeLLM, posts: list[Path], taxonomy: Path, chunk_size: int, definitions: str, reply: str) -> Usage:
+    """Usage of classifying (dry run) every post under one configuration, starting with a cold prefix cache."""
+    fake._seen_prefixes.clear()
+    settings = fake_settings(
+        fake, taxonomy, TAGGER_CHUNK_SIZE=chunk_size, TAGGER_DEFINITIONS=definitions, TAGGER_REPLY=reply
+    )
+    classifier = make_classifier(settings)
+    usage = Usage()
+    for path in posts:
+        usage = usage.add(classifier.classify(path, dry_run=True).usage)
+    return usage
+
+
+def dollars_table(posts: list[Path], taxonomy: Path) -> None:
+    """Calls, tokens and dollars per post for each configuration, against one call per term."""
+    fake = FakeLLM().start()
+    try:
+        rows = [(label, spend(fake, posts, taxonomy, size, d, r)) for label, size, d, r in CONFIGURATIONS]
+    finally:
+        fake.stop()
+    n = len(posts)
+    baseline = dollars(rows[-2][1], PRICE) or 0.0
+    print(
+        f"dollars per post at gpt-4o-mini (${PRICE.input}/M input, ${PRICE.cached_input}/M cached, "
+        f"${PRICE.output}/M output):"
+    )
+    print(
+        f"  {'configuration':<28}{'calls':>7}{'input':>10}{'cached':>9}{'output':>9}{'$ / post':>11}{'vs 1/term':>11}"
+    )
+    for label, usage in rows:
+        cost = (dollars(usage, PRICE) or 0.0) / n
+        print(
+            f"  {label:<28}{usage.calls / n:>7.1f}{usage.input_tokens / n:>10.0f}{usage.cached_tokens / n:>9.0f}"
+            f"{usage.output_tokens / n:>9.0f}{cost:>11.5f}{baseline / n / cost if cost else float('inf'):>10.1f}x"
+        )
 
 
 def main() -> None:
@@ -91,6 +142,7 @@ def main() -> None:
             f"  floor {floor:>4}: terms asked {share:6.1%}, input tokens / post {counts['prompt_tokens'] / n:8.1f}, "
             f"recall {recall(asked) / max(picks, 1):.3f}"
         )
+    dollars_table(posts, taxonomy)
 
 
 if __name__ == "__main__":

@@ -475,3 +475,15 @@ def test_eval_of_the_corpus_with_the_offline_baseline(corpus: Path, tmp_path: Pa
     assert tags.posts > 5 and 0 < tags.micro.precision <= 1
     assert all(record_path(p).exists() for p in paths)
     assert evaluate(settings, paths).cost.cached_terms == result.cost.judged_terms
+
+
+def test_estimate_prices_the_lean_reply_lower(make_settings: Callable[..., Settings], fake_llm: FakeLLM) -> None:
+    from worker.backfill import estimate, plan
+
+    full = make_settings(TAGGER_MODEL="gpt-4o-mini")
+    lean = make_settings(TAGGER_MODEL="gpt-4o-mini", TAGGER_REPLY="relevant")
+    a, b = estimate(full, plan(full).todo), estimate(lean, plan(lean).todo)
+    assert a.calls == b.calls and a.output_tokens > 0
+    assert b.output_tokens < a.output_tokens * 0.2
+    assert a.cost is not None and b.cost is not None and b.cost < a.cost
+    assert fake_llm.counts["requests"] == 0

@@ -104,6 +104,9 @@ def plan(
 
 
 OUTPUT_TOKENS_PER_TERM = 60
+# TAGGER_REPLY=relevant answers only for the terms that apply: assumed about 15% of those asked (the corpus's own
+# front matter picks 8% of its terms; a model names some more as applying than a selection keeps).
+RELEVANT_SHARE = 0.15
 CACHE_MIN_TOKENS = 1024
 CACHE_STEP = 128
 
@@ -137,7 +140,8 @@ def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None =
             system = prompt.messages[0]["content"]
             result.calls += 1
             result.input_tokens += sum(estimate_tokens(m["content"]) for m in prompt.messages)
-            result.output_tokens += OUTPUT_TOKENS_PER_TERM * len(prompt.names)
+            share = 1.0 if settings.reply == "all" else RELEVANT_SHARE
+            result.output_tokens += round(OUTPUT_TOKENS_PER_TERM * share * len(prompt.names))
             prefix = estimate_tokens(system)
             # Providers cache a repeated prefix of at least 1,024 tokens, in steps of 128.
             if system in seen and prefix >= CACHE_MIN_TOKENS:
