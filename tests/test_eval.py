@@ -277,6 +277,8 @@ def test_compare_runs_each_settings_file_side_by_side_and_caches_each_apart(
     assert runs[1]["cost"]["usage"]["calls"] == 0
     assert not any(p.name.endswith(".tagger.json") and "p1" in p.name for p in (eval_site / "content").rglob("*"))
 
+    code, _, err = run_cli(capsys, "eval", str(eval_site / "missing"))
+    assert code == 2 and "no content folder at" in err
     b.write_text("TAGGER_REPLLY=relevant\n", encoding="utf-8")
     code, _, err = run_cli(capsys, "eval", str(eval_site / "content"), "--compare", str(a), str(b))
     assert code == 2 and "not tagger settings: TAGGER_REPLLY" in err
@@ -487,3 +489,12 @@ def test_estimate_prices_the_lean_reply_lower(make_settings: Callable[..., Setti
     assert b.output_tokens < a.output_tokens * 0.2
     assert a.cost is not None and b.cost is not None and b.cost < a.cost
     assert fake_llm.counts["requests"] == 0
+
+
+def test_the_diff_is_computed_only_for_dry_runs(make_settings: Callable[..., Settings], site: Path) -> None:
+    classifier = make_classifier(make_settings())
+    post = site / "site" / "posts" / "limiting-wip.md"
+    shown = classifier.classify(post, dry_run=True)
+    assert shown.diff.startswith("---") and "+  - Kanban" in shown.diff
+    written = classifier.classify(post)
+    assert written.written and written.diff == ""

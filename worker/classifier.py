@@ -89,7 +89,7 @@ class Classifier:
                         log.info("stale_temp_removed", file=str(stale))
             stored = self.records.load(path)
             record = reconcile(stored, post)
-            result, new_text, new_record = self._decide(post, record, types)
+            result, new_text, new_record = self._decide(post, record, types, with_diff=dry_run)
             if dry_run:
                 return result
             if new_text is None:
@@ -328,7 +328,7 @@ class Classifier:
         return judgements, reply.usage
 
     def _decide(
-        self, post: Post, record: Record, types: Sequence[str] | None
+        self, post: Post, record: Record, types: Sequence[str] | None, with_diff: bool = False
     ) -> tuple[Classification, str | None, Record]:
         wanted_types = [t for t in self.taxonomy.types() if not types or t in types]
         retired = self.retired(record)
@@ -371,15 +371,16 @@ class Classifier:
         diff = ""
         if changes:
             rendered = render_changes(post, changes)
-            old_text = post.raw.decode("utf-8", errors="replace").lstrip("\ufeff")
-            diff = "".join(
-                difflib.unified_diff(
-                    old_text.splitlines(keepends=True),
-                    rendered.lstrip("\ufeff").splitlines(keepends=True),
-                    fromfile=str(post.path),
-                    tofile=str(post.path),
+            if with_diff:  # only a dry run shows it: a job would compute it for nobody
+                old_text = post.raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+                diff = "".join(
+                    difflib.unified_diff(
+                        old_text.splitlines(keepends=True),
+                        rendered.lstrip("\ufeff").splitlines(keepends=True),
+                        fromfile=str(post.path),
+                        tofile=str(post.path),
+                    )
                 )
-            )
             new_text = None if post.human_only else rendered
         if post.human_only:
             assigned, added_keys = dict(record.assigned), set(record.added_keys)

@@ -115,6 +115,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runs.append((name, settings, Path(args.cache_dir) / cache_key(settings)))
     else:
         runs.append(("settings", base, None))
+    if not base.content_root().is_dir():
+        print(
+            f"tagger: no content folder at {base.content_root()} (give DIR or set TAGGER_CONTENT_DIR)", file=sys.stderr
+        )
+        return 2
     gold = load_gold(Path(args.gold), base.content_root()) if args.gold else None
     results = []
     for label, settings, cache_dir in runs:
