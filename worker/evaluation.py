@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 from worker.classifier import Classifier, make_classifier
 from worker.errors import TaggerError
 from worker.judgements import Judgement, Usage
-from worker.posts import read_post
-from worker.records import Record, load_record, save_record
+from worker.posts import normal_form
+from worker.records import Record, dumps, loads
 from worker.settings import Price, SelectionRule, Settings
 
 SWEEP_CONFIDENCES = range(0, 101)
@@ -130,15 +130,16 @@ class Evaluation(BaseModel):
 
     def suggested_selection(self) -> dict[str, SelectionRule]:
         """TAGGER_SELECTION with each evaluated type's rule replaced by the one that maximised F1."""
-        rules = {t.type: t.rule for t in self.types}
-        rules.update(
-            {t.type: SelectionRule(top=t.best.top, min_confidence=t.best.min_confidence) for t in self.types if t.best}
-        )
+        rules = dict(self.selection)
+        for report in self.types:
+            if report.best:
+                best = {"top": report.best.top, "min_confidence": report.best.min_confidence}
+                rules[report.type] = report.rule.model_copy(update=best)
         return rules
 
     def suggested_selection_env(self) -> str:
         """The suggestion as a line for a settings file."""
-        value = {k: v.model_dump() for k, v in self.suggested_selection().items()}
+        value = {k: v.model_dump(exclude_none=True) for k, v in self.suggested_selection().items()}
         return "TAGGER_SELECTION=" + json.dumps(value, separators=(",", ":"))
 
 
@@ -273,10 +274,6 @@ def read_settings_file(path: Path, base: Settings | None = None) -> Settings:
         raise BadSettingsFile(f"{path}: {problems}", path=path) from exc
 
 
-def _normal(name: str) -> str:
-    return " ".join(name.casefold().split())
-
-
 def _cache_path(cache_dir: Path, root: Path, path: Path) -> Path:
     try:
         relative = path.resolve().relative_to(root)
@@ -285,22 +282,18 @@ def _cache_path(cache_dir: Path, root: Path, path: Path) -> Path:
     return cache_dir / relative.with_name(f"{relative.name}.json")
 
 
-def _load_cache(cache_dir: Path | None, root: Path, path: Path, site_record: Record) -> Record:
-    if cache_dir is None:
-        return site_record
+def _load_cache(cache_dir: Path, root: Path, path: Path) -> Record:
     try:
-        return Record.model_validate_json(_cache_path(cache_dir, root, path).read_bytes())
-    except (OSError, ValueError):
-        return Record()
+        return loads(_cache_path(cache_dir, root, path).read_bytes())
+    except (OSError, ValueError, TypeError, KeyError):
+        return Record()  # a missing or damaged cache entry only costs a re-judgement
 
 
-def _save_cache(cache_dir: Path | None, root: Path, path: Path, record: Record) -> None:
-    if cache_dir is None:
-        save_record(path, record)
-        return
+def _save_cache(cache_dir: Path, root: Path, path: Path, record: Record) -> None:
+    # Not a RecordStore mirror: that would move the site's own record out from beside the post.
     target = _cache_path(cache_dir, root, path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(record.model_dump(mode="json"), indent=1, ensure_ascii=False), encoding="utf-8")
+    target.write_bytes(dumps(record))
 
 
 def evaluate(
@@ -317,23 +310,25 @@ def evaluate(
     classifier = classifier or make_classifier(settings)
     root = settings.content_root()
     wanted = [t for t in classifier.taxonomy.types() if not types or t in types]
-    titles = {t: {_normal(term.title): term.title for term in classifier.taxonomy.of_type(t)} for t in wanted}
-    terms = classifier.terms_of(wanted)
+    titles = {t: {normal_form(term.title): term.title for term in classifier.taxonomy.of_type(t)} for t in wanted}
     usage = Usage()
     failed: list[str] = []
-    cached_terms = judged_terms = unsaved = 0
+    cached_terms = judged_terms = unsaved = evaluated = 0
     # Per post: (relative path, gold per type or None when the post has none, judgements per type).
     rows: list[tuple[str, dict[str, list[str] | None], dict[str, list[Judgement]]]] = []
     outside: Counter[str] = Counter()
     for path in paths:
         try:
-            post = read_post(path)
-            site_record = load_record(path)
-            record = _load_cache(cache_dir, root, path, site_record)
-            judgements, used, hits, _, _ = classifier.judge(post, terms, record)
+            post = classifier.read(path)
+            if not post.has_content:
+                continue  # nothing to judge (classify skips it too)
+            site_record = classifier.load_record(post)
+            record = site_record if cache_dir is None else _load_cache(cache_dir, root, path)
+            judgements, used, hits, _, _ = classifier.judge(post, classifier.terms_for(post, wanted), record)
         except TaggerError as exc:
             failed.append(f"{path}: {exc.kind}: {exc.message}")
             continue
+        evaluated += 1
         usage = usage.add(used)
         cached_terms += hits
         judged_terms += len(judgements)
@@ -349,7 +344,10 @@ def evaluate(
                 }
             )
             try:
-                _save_cache(cache_dir, root, path, updated)
+                if cache_dir is None:
+                    classifier.records.save(path, updated)
+                else:
+                    _save_cache(cache_dir, root, path, updated)
             except (OSError, TaggerError):
                 unsaved += 1  # a read-only site can still be evaluated; only the cache is lost
         try:
@@ -364,9 +362,10 @@ def evaluate(
                 raw = list(given) if given is not None else None
             else:
                 # In front matter an empty list usually means "not classified yet": left out.
-                ai = set(site_record.assigned.get(term_type, []))
-                raw = [t for t in post.terms(term_type) if t not in ai] or None
-            known = [titles[term_type][_normal(t)] for t in raw or [] if _normal(t) in titles[term_type]]
+                ai = {normal_form(t) for t in site_record.assigned.get(term_type, [])}
+                raw = [t for t in post.terms(term_type) if normal_form(t) not in ai] or None
+            names = titles[term_type]
+            known = [names[normal_form(t)] for t in raw or [] if normal_form(t) in names]
             outside[term_type] += len(raw or []) - len(known)
             # Gold made only of terms outside the taxonomy (e.g. "Uncategorized") cannot be judged: left out.
             labels[term_type] = None if raw is None or (raw and not known) else list(dict.fromkeys(known))
@@ -375,7 +374,6 @@ def evaluate(
     reports = [_type_report(t, settings.rule_for(t), rows, outside[t]) for t in wanted]
     worst = _worst_posts(rows, settings)
     price = settings.prices.get(settings.model)
-    evaluated = len(paths) - len(failed)
     return Evaluation(
         label=label,
         provider=classifier.provider.name,

@@ -133,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         payload = [
             {
                 **r.model_dump(mode="json"),
-                "suggested_selection": {k: v.model_dump() for k, v in r.suggested_selection().items()},
+                "suggested_selection": {k: v.model_dump(exclude_none=True) for k, v in r.suggested_selection().items()},
             }
             for r in results
         ]
