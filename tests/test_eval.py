@@ -181,6 +181,8 @@ def test_eval_gives_the_hand_computed_scores_writes_no_post_and_a_second_run_mak
     again = json.loads(out)
     assert scripted_llm.counts["requests"] == 5  # the second eval made no call
     assert again["cost"]["usage"]["calls"] == 0 and again["cost"]["cached_terms"] == 20
+    # What judging costs under these settings still shows, from the usage kept with the cached judgements.
+    assert again["cost"]["judging"] == result["cost"]["judging"] == result["cost"]["usage"]
     assert next(t for t in again["types"] if t["type"] == "tags")["micro"] == micro
 
     code, out, _ = run_cli(capsys, "eval", str(eval_site / "content"))
@@ -274,7 +276,8 @@ def test_compare_runs_each_settings_file_side_by_side_and_caches_each_apart(
     runs = json.loads(out)
     assert [r["label"] for r in runs] == [str(a), str(b)]
     assert scripted_llm.counts["requests"] == 15  # both configurations came from their own caches
-    assert runs[1]["cost"]["usage"]["calls"] == 0
+    assert runs[1]["cost"]["usage"]["calls"] == 0 and runs[1]["cost"]["judging"]["calls"] == 10
+    assert runs[1]["cost"]["judging"]["output_tokens"] < runs[0]["cost"]["judging"]["output_tokens"]
     assert not any(p.name.endswith(".tagger.json") and "p1" in p.name for p in (eval_site / "content").rglob("*"))
 
     code, _, err = run_cli(capsys, "eval", str(eval_site / "missing"))

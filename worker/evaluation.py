@@ -97,18 +97,23 @@ class PostReport(BaseModel):
 
 
 class Cost(BaseModel):
-    """What the run spent: usage summed over its posts, and dollars at TAGGER_PRICES (None when unpriced)."""
+    """What this run spent, and what judging the posts costs under these settings (from this run or the cache).
+
+    Dollars at TAGGER_PRICES; None when the model has no price.
+    """
 
     usage: Usage
     dollars: float | None
+    judging: Usage
+    judging_dollars: float | None
     posts: int
     cached_terms: int
     judged_terms: int
 
     @property
     def dollars_per_post(self) -> float | None:
-        """Dollars per post, or None when the model has no price."""
-        return None if self.dollars is None else self.dollars / max(1, self.posts)
+        """What judging one post costs under these settings, or None when the model has no price."""
+        return None if self.judging_dollars is None else self.judging_dollars / max(1, self.posts)
 
 
 class Evaluation(BaseModel):
@@ -311,7 +316,7 @@ def evaluate(
     root = settings.content_root()
     wanted = [t for t in classifier.taxonomy.types() if not types or t in types]
     titles = {t: {normal_form(term.title): term.title for term in classifier.taxonomy.of_type(t)} for t in wanted}
-    usage = Usage()
+    usage = judging = Usage()
     failed: list[str] = []
     cached_terms = judged_terms = unsaved = evaluated = 0
     # Per post: (relative path, gold per type or None when the post has none, judgements per type).
@@ -330,6 +335,9 @@ def evaluate(
             continue
         evaluated += 1
         usage = usage.add(used)
+        # What judging this post cost: this run's calls, else those recorded when its judgements were made.
+        spent = (used if not hits else record.usage.add(used)) if used.calls else record.usage
+        judging = judging.add(spent)
         cached_terms += hits
         judged_terms += len(judgements)
         if used.calls or hits < len(judgements):
@@ -340,6 +348,7 @@ def evaluate(
                     "post": record.post or str(path),
                     "content_hash": record.content_hash or post.content_hash,
                     "judgements": list(kept.values()),
+                    "usage": spent,
                     "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
             )
@@ -387,6 +396,8 @@ def evaluate(
         cost=Cost(
             usage=usage,
             dollars=dollars(usage, price) if classifier.provider.name != "offline" else 0.0,
+            judging=judging,
+            judging_dollars=dollars(judging, price) if classifier.provider.name != "offline" else 0.0,
             posts=evaluated,
             cached_terms=cached_terms,
             judged_terms=judged_terms,

@@ -99,16 +99,19 @@ def _type_table(evaluation: Evaluation) -> str:
 
 def _cost(evaluation: Evaluation) -> str:
     c = evaluation.cost
-    u = c.usage
+    u, j, n = c.usage, c.judging, max(1, c.posts)
     return (
-        "<table class='cost'><tbody>"
-        f"<tr><th>posts</th><td class='n'>{c.posts}</td></tr>"
-        f"<tr><th>LLM calls</th><td class='n'>{u.calls}</td></tr>"
-        f"<tr><th>terms from the cache</th><td class='n'>{c.cached_terms} of {c.judged_terms}</td></tr>"
-        f"<tr><th>input tokens (cached)</th><td class='n'>{u.input_tokens} ({u.cached_tokens})</td></tr>"
-        f"<tr><th>output tokens</th><td class='n'>{u.output_tokens}</td></tr>"
-        f"<tr><th>dollars (per post)</th><td class='n'>{_money(c.dollars)} ({_money(c.dollars_per_post)})</td></tr>"
+        "<table class='cost'><thead><tr><th></th><th>this run</th><th>judging one post</th></tr></thead><tbody>"
+        f"<tr><th>LLM calls</th><td class='n'>{u.calls}</td><td class='n'>{j.calls / n:.1f}</td></tr>"
+        f"<tr><th>input tokens</th><td class='n'>{u.input_tokens}</td><td class='n'>{j.input_tokens / n:.0f}</td></tr>"
+        f"<tr><th>cached input tokens</th><td class='n'>{u.cached_tokens}</td>"
+        f"<td class='n'>{j.cached_tokens / n:.0f}</td></tr>"
+        f"<tr><th>output tokens</th><td class='n'>{u.output_tokens}</td>"
+        f"<td class='n'>{j.output_tokens / n:.0f}</td></tr>"
+        f"<tr><th>dollars</th><td class='n'>{_money(c.dollars)}</td>"
+        f"<td class='n'>{_money(c.dollars_per_post)}</td></tr>"
         "</tbody></table>"
+        f"<p class='muted'>{c.posts} posts; {c.cached_terms} of {c.judged_terms} judgements from the cache.</p>"
     )
 
 
@@ -162,7 +165,7 @@ def _comparison(evaluations: Sequence[Evaluation]) -> str:
     for e in evaluations:
         f1 = {t.type: t.micro.f1 for t in e.types}
         n = max(1, e.cost.posts)
-        u = e.cost.usage
+        u = e.cost.judging
         cells = "".join(f"<td class='n'>{f1[t]:.3f}</td>" if t in f1 else "<td>—</td>" for t in types)
         rows.append(
             f"<tr><td>{escape(e.label)}</td>{cells}<td class='n'>{u.calls / n:.1f}</td>"

@@ -21,18 +21,20 @@ DEFAULT_CACHE = Path(".tagger-eval")
 
 
 def cache_key(settings: Settings) -> str:
-    """A folder name per judging configuration, so compared settings never reuse each other's judgements."""
+    """A folder name per judging configuration, so compared settings never reuse each other's judgements.
+
+    Like the record's cache key, it names the model, not the endpoint (nor the templates: judgements carry their
+    prompt version), so the same model behind another URL shares the cache.
+    """
     parts = [
         settings.provider,
         settings.model,
-        settings.openai_base_url or "",
         settings.chunk_size,
         getattr(settings, "definitions", "compact"),
         getattr(settings, "reply", "all"),
         settings.max_post_tokens,
         settings.shortlist_min,
         settings.json_mode,
-        str(settings.prompts_dir or ""),
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
@@ -64,12 +66,17 @@ def format_evaluation(e: Evaluation) -> list[str]:
             lines.append(f"  most added {t.type}: " + ", ".join(f"{a.term} ({a.posts})" for a in t.added[:5]))
         if t.outside_taxonomy:
             lines.append(f"  {t.type}: {t.outside_taxonomy} gold labels name no term of the taxonomy (not counted)")
-    u = e.cost.usage
-    money = "n/a (no price in TAGGER_PRICES)" if e.cost.dollars is None else f"${e.cost.dollars:.4f}"
-    per_post = "" if e.cost.dollars_per_post is None else f" (${e.cost.dollars_per_post:.5f}/post)"
+    u, j, n = e.cost.usage, e.cost.judging, max(1, e.cost.posts)
+    unpriced = "n/a (no price in TAGGER_PRICES)"
+    money = unpriced if e.cost.dollars is None else f"${e.cost.dollars:.4f}"
+    per_post = unpriced if e.cost.dollars_per_post is None else f"${e.cost.dollars_per_post:.5f}"
     lines.append(
-        f"  cost: {u.calls} calls, {u.input_tokens} input tokens ({u.cached_tokens} cached), {u.output_tokens} output "
-        f"tokens, {money}{per_post}; {e.cost.cached_terms} of {e.cost.judged_terms} judgements from the cache"
+        f"  this run: {u.calls} calls, {u.input_tokens} input tokens ({u.cached_tokens} cached), {u.output_tokens} "
+        f"output tokens, {money}; {e.cost.cached_terms} of {e.cost.judged_terms} judgements from the cache"
+    )
+    lines.append(
+        f"  judging a post costs: {j.calls / n:.1f} calls, {j.input_tokens / n:.0f} input tokens "
+        f"({j.cached_tokens / n:.0f} cached), {j.output_tokens / n:.0f} output tokens, {per_post}"
     )
     if e.records_unsaved:
         lines.append(f"  {e.records_unsaved} records could not be saved (read-only site?): the next eval asks again")
@@ -86,7 +93,7 @@ def format_comparison(evaluations: Sequence[Evaluation]) -> list[str]:
     for e in evaluations:
         f1 = {t.type: t.micro.f1 for t in e.types}
         n = max(1, e.cost.posts)
-        u = e.cost.usage
+        u = e.cost.judging
         cells = "".join(f"{f1[t]:>16.3f}" if t in f1 else f"{'-':>16}" for t in types)
         per_post = "n/a" if e.cost.dollars_per_post is None else f"{e.cost.dollars_per_post:.5f}"
         lines.append(
