@@ -52,6 +52,17 @@ NOTHING_TO_CLASSIFY = "nothing to classify"
 
 
 @dataclass(frozen=True)
+class Judged:
+    """What judging a post's terms gave: judgements (cached where still valid) and what it took."""
+
+    judgements: list[Judgement]
+    usage: Usage
+    cached: int  # judgements reused from the record
+    cut_chars: int  # characters the token budget cut from the post
+    llm_seconds: float
+
+
+@dataclass(frozen=True)
 class Classifier:
     """Everything needed to classify posts: settings, taxonomy, templates and a provider."""
 
@@ -176,10 +187,8 @@ class Classifier:
         """What judgements are cached under: templates, definitions and reply shape."""
         return prompt_version(self.templates, self.settings.definitions, self.settings.reply)
 
-    def judge(
-        self, post: Post, terms: Sequence[Term], record: Record
-    ) -> tuple[list[Judgement], Usage, int, int, float]:
-        """Judgements for `terms` (cached where still valid), usage, cache hits, chars cut and seconds in LLM calls."""
+    def judge(self, post: Post, terms: Sequence[Term], record: Record) -> Judged:
+        """Judgements for `terms` (cached where still valid), with usage, cache hits, chars cut and LLM seconds."""
         keep, todo = self.split_cached(post, terms, record)
         content_hash = post.content_hash
         if self.settings.shortlist_min and todo:
@@ -214,7 +223,8 @@ class Classifier:
         # One time stamp per run, so a record's judgements share it (one header field, not one per line).
         now = datetime.now(UTC).isoformat(timespec="seconds")
         fresh = [j.model_copy(update={"judged_at": now}) for j in fresh]
-        return keep + fresh, usage, len(keep), cut, time.monotonic() - waited if prompts else 0.0
+        seconds = time.monotonic() - waited if prompts else 0.0
+        return Judged(judgements=keep + fresh, usage=usage, cached=len(keep), cut_chars=cut, llm_seconds=seconds)
 
     def prompts_for(self, post: Post, terms: Sequence[Term]) -> tuple[list[Prompt], int]:
         """One prompt per chunk of terms of one type, and how many characters the token budget cut.
@@ -310,8 +320,12 @@ class Classifier:
         unknown = [j.term for j in reply.judgements if j.term not in by_name]
         got = [j.term for j in reply.judgements]
         complete = prompt.reply == "all"
-        if unknown or len(set(got)) != len(got) or (complete and len(got) != len(terms)):
-            raise InvalidReply(f"reply names terms that were not asked: {unknown}", raw_reply=reply.raw)
+        repeated = sorted({t for t in got if got.count(t) > 1})
+        if unknown or repeated or (complete and len(got) != len(terms)):
+            problem = f"terms that were not asked: {unknown}" if unknown else f"repeated terms: {repeated}"
+            raise InvalidReply(
+                f"reply names {problem}" if unknown or repeated else "reply misses terms", raw_reply=reply.raw
+            )
         # TAGGER_REPLY=relevant: a term the model left out is recorded as judged, every sub-score 0.
         scores = [*reply.judgements, *(not_relevant(n) for n in prompt.names if n not in got)]
         judgements = self._judgements(by_name, scores, content_hash, self.provider.name)
@@ -335,7 +349,8 @@ class Classifier:
         # A type that left the taxonomy altogether still has tagger's terms to take back.
         wanted_types += [t for t in retired if t not in wanted_types and (not types or t in types)]
         terms = self.terms_for(post, types)
-        judgements, usage, hits, cut, llm_seconds = self.judge(post, terms, record)
+        outcome = self.judge(post, terms, record)
+        judgements, usage, hits, cut = outcome.judgements, outcome.usage, outcome.cached, outcome.cut_chars
         decisions: list[Decision] = []
         changes: dict[str, Change] = {}
         assigned = {k: v for k, v in record.assigned.items() if k not in wanted_types}
@@ -418,7 +433,7 @@ class Classifier:
             truncated_chars=cut,
             decisions=decisions,
             cached_terms=hits,
-            llm_seconds=round(llm_seconds, 4),
+            llm_seconds=round(outcome.llm_seconds, 4),
             human_only=post.human_only,
             diff=diff,
         )

@@ -329,7 +329,8 @@ def evaluate(
                 continue  # nothing to judge (classify skips it too)
             site_record = classifier.load_record(post)
             record = site_record if cache_dir is None else _load_cache(cache_dir, root, path)
-            judgements, used, hits, _, _ = classifier.judge(post, classifier.terms_for(post, wanted), record)
+            judged = classifier.judge(post, classifier.terms_for(post, wanted), record)
+            judgements, used, hits = judged.judgements, judged.usage, judged.cached
         except TaggerError as exc:
             failed.append(f"{path}: {exc.kind}: {exc.message}")
             continue
@@ -388,8 +389,8 @@ def evaluate(
         provider=classifier.provider.name,
         model=classifier.provider.model,
         chunk_size=settings.chunk_size,
-        definitions=str(getattr(settings, "definitions", "compact")),
-        reply=str(getattr(settings, "reply", "all")),
+        definitions=settings.definitions,
+        reply=settings.reply,
         posts=evaluated,
         failed=failed,
         types=reports,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -32,6 +33,16 @@ from worker.settings import Settings
 log = structlog.get_logger("tagger.openai")
 # A `TAGGER_REPLY=relevant` reply naming no term for a post this long is suspicious enough to re-ask once.
 LONG_POST_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP call's reply: its raw text, the parsed reply (None when invalid), usage, and what is invalid."""
+
+    raw: str
+    parsed: ReplyBase | None
+    usage: Usage
+    error: str = ""
 
 
 def _is_quota(exc: BaseException) -> bool:
@@ -98,8 +109,9 @@ class OpenAIProvider:
         error = ""
         raw = ""
         for attempt in (1, 2):
-            raw, parsed, call_usage, error = self._call_with_retries(messages, model_cls)
-            usage = usage.add(call_usage)
+            answer = self._call_with_retries(messages, model_cls)
+            raw, parsed, error = answer.raw, answer.parsed, answer.error
+            usage = usage.add(answer.usage)
             if parsed is not None:
                 complete = prompt.reply == "all"
                 error = missing_or_repeated(parsed, prompt.names, complete) or ""
@@ -113,9 +125,7 @@ class OpenAIProvider:
                 messages += [{"role": "assistant", "content": raw}, reask_message(self.templates, error, prompt.reply)]
         raise InvalidReply(f"reply failed validation after one re-ask: {error[:500]}", raw_reply=raw)
 
-    def _call_with_retries(
-        self, messages: list[dict[str, str]], model_cls: type[ReplyBase]
-    ) -> tuple[str, ReplyBase | None, Usage, str]:
+    def _call_with_retries(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> Answer:
         s = self.settings
         backoff = wait_random_exponential(multiplier=0.5, max=s.retry_max_wait)
 
@@ -150,10 +160,8 @@ class OpenAIProvider:
             raise self._translate(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    def _call(
-        self, messages: list[dict[str, str]], model_cls: type[ReplyBase]
-    ) -> tuple[str, ReplyBase | None, Usage, str]:
-        """One HTTP request; returns (raw content, parsed or None, usage, validation error)."""
+    def _call(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> Answer:
+        """One HTTP request: the raw content, the parsed reply or None, usage and the validation error."""
         completions = self.client.chat.completions.with_raw_response
         msgs: Any = messages
         if self.settings.json_mode:
@@ -171,17 +179,17 @@ class OpenAIProvider:
         except openai.ContentFilterFinishReasonError as exc:
             raise Refused("reply was blocked by the provider's content filter", raw_reply=raw) from exc
         except ValidationError as exc:
-            return raw, None, _usage_of_body(response.text), _short_validation(exc)
+            return Answer(raw, None, _usage_of_body(response.text), _short_validation(exc))
         usage = _usage(completion)
         message = completion.choices[0].message
         if getattr(message, "refusal", None):
             raise Refused(f"model refused: {str(message.refusal)[:300]}", raw_reply=raw)
         if not self.settings.json_mode:
-            return raw, message.parsed, usage, "" if message.parsed else "empty reply"
+            return Answer(raw, message.parsed, usage, "" if message.parsed else "empty reply")
         try:
-            return raw, model_cls.model_validate_json(message.content or ""), usage, ""
+            return Answer(raw, model_cls.model_validate_json(message.content or ""), usage)
         except ValidationError as exc:
-            return raw, None, usage, _short_validation(exc)
+            return Answer(raw, None, usage, _short_validation(exc))
 
     def _translate(self, exc: openai.APIError) -> ProviderError:
         status = getattr(exc, "status_code", None)
