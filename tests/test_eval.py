@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from pydantic import ValidationError
 
 from worker.classifier import make_classifier
@@ -130,11 +131,10 @@ def _settings(eval_env: Callable[..., dict[str, str]]) -> Settings:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    # The CLI points structlog at this test's captured stderr, which closes with the test: point it back.
+    result = CliRunner().invoke(main, list(argv), catch_exceptions=False)
+    # The CLI points structlog at the runner's captured stderr, which closes with it: point it back.
     configure(Settings(_env_file=None), stream=sys.__stderr__, quiet=True)  # type: ignore[call-arg]
-    return code, out, err
+    return result.exit_code, result.stdout, result.stderr
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -249,7 +249,7 @@ def test_gold_file_replaces_front_matter_and_bad_lines_are_refused(
     ):
         gold.write_text(line + "\n", encoding="utf-8")
         code, _, err = run_cli(capsys, "eval", str(eval_site / "content"), "--gold", str(gold))
-        assert code == 2 and "bad_gold" in err and message in err, err
+        assert code == 1 and err.startswith("tagger: bad_gold: ") and message in err, err
 
 
 def test_compare_runs_each_settings_file_side_by_side_and_caches_each_apart(
@@ -281,13 +281,15 @@ def test_compare_runs_each_settings_file_side_by_side_and_caches_each_apart(
     assert not any(p.name.endswith(".tagger.json") and "p1" in p.name for p in (eval_site / "content").rglob("*"))
 
     code, _, err = run_cli(capsys, "eval", str(eval_site / "missing"))
-    assert code == 2 and "no content folder at" in err
+    assert code == 2 and "not a folder" in err and "--compare" in err
+    code, _, err = run_cli(capsys, "eval", "--compare")
+    assert code == 2 and "--compare needs settings files" in err
     b.write_text("TAGGER_REPLLY=relevant\n", encoding="utf-8")
     code, _, err = run_cli(capsys, "eval", str(eval_site / "content"), "--compare", str(a), str(b))
-    assert code == 2 and "not tagger settings: TAGGER_REPLLY" in err
+    assert code == 1 and "not tagger settings: TAGGER_REPLLY" in err
     b.write_text("TAGGER_REPLY=some\n", encoding="utf-8")
     code, _, err = run_cli(capsys, "eval", str(eval_site / "content"), "--compare", str(b))
-    assert code == 2 and "bad_settings" in err and "'all' or 'relevant'" in err
+    assert code == 1 and "bad_settings" in err and "'all' or 'relevant'" in err
 
 
 @pytest.mark.parametrize(

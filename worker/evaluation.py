@@ -21,7 +21,7 @@ from worker.errors import TaggerError
 from worker.judgements import Judgement, Usage
 from worker.posts import normal_form
 from worker.records import Record, dumps, loads
-from worker.settings import Price, SelectionRule, Settings
+from worker.settings import FOLDER_SETTINGS, Price, SelectionRule, Settings
 
 SWEEP_CONFIDENCES = range(0, 101)
 SWEEP_TOPS = range(1, 31)
@@ -263,6 +263,10 @@ def read_settings_file(path: Path, base: Settings | None = None) -> Settings:
         raise BadSettingsFile(f"{path}: not tagger settings: {', '.join(unknown)}", path=path)
     fields = {field.alias or name: name for name, field in Settings.model_fields.items()}
     current = (base or Settings()).model_dump(by_alias=True)
+    for key in FOLDER_SETTINGS:  # relative to the file's folder, as in any env file
+        value = values.get(key)
+        if value and not Path(value).expanduser().is_absolute():
+            values[key] = str(path.parent / value)
     for key, value in values.items():
         if isinstance(current.get(key), dict | list):
             # Structured settings (TAGGER_SELECTION, TAGGER_PRICES...) are JSON, as in the environment.

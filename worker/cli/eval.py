@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from worker.backfill import post_files
-from worker.errors import TaggerError
+import click
+
+from worker.backfill import check_types, post_files
+from worker.classifier import make_classifier
+from worker.cli.app import App, err
 from worker.evaluation import Evaluation, evaluate, load_gold, read_settings_file
 from worker.logs import configure
+from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
 from worker.report import render
 from worker.settings import Settings
@@ -39,8 +41,15 @@ def cache_key(settings: Settings) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
-def _posts(settings: Settings, gold: dict[Path, dict[str, list[str]]] | None, limit: int | None) -> list[Path]:
-    paths = sorted(gold) if gold is not None else post_files(settings.content_root())
+def _posts(
+    settings: Settings, folder: Path | None, gold: dict[Path, dict[str, list[str]]] | None, limit: int | None
+) -> list[Path]:
+    if gold is not None:
+        paths = sorted(gold)
+    else:
+        paths, skipped = post_files(settings, folder)
+        for line in skipped:
+            err(f"SKIPPED {line}")
     return paths[:limit] if limit is not None else paths
 
 
@@ -103,40 +112,89 @@ def format_comparison(evaluations: Sequence[Evaluation]) -> list[str]:
     return lines
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate tagger's picks against gold labels, under one or several settings."""
-    base = Settings()
+@click.command("eval")
+@click.argument("args", nargs=-1, metavar="[DIR] [A.env B.env...]")
+@click.option("--gold", type=click.Path(path_type=Path), metavar="FILE", help="JSON Lines gold labels instead.")
+@click.option(
+    "--type", "--types", "types", multiple=True, metavar="TYPE", help="Only this classification type (repeatable)."
+)
+@click.option("--limit", type=click.IntRange(min=0), metavar="N", help="At most N posts (the first, by path).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@click.option(
+    "--report", type=click.Path(path_type=Path), metavar="FILE.html", help="Write a self-contained HTML report."
+)
+@click.option("--compare", is_flag=True, help="Evaluate under each settings file given after DIR, side by side.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CACHE,
+    show_default=True,
+    help="Judgement cache of --compare, one folder per configuration.",
+)
+@click.option(
+    "--provider", type=click.Choice(["openai", "offline"]), help="Use this provider instead of TAGGER_PROVIDER."
+)
+@click.option(
+    "--taxonomy", type=click.Path(path_type=Path), metavar="DIR", help="Term files folder (TAGGER_TAXONOMY_DIR)."
+)
+@click.pass_obj
+def eval_command(
+    app: App,
+    args: tuple[str, ...],
+    gold: Path | None,
+    types: tuple[str, ...],
+    limit: int | None,
+    as_json: bool,
+    report: Path | None,
+    compare: bool,
+    cache_dir: Path,
+    provider: str | None,
+    taxonomy: Path | None,
+) -> None:
+    """Measure tagger's picks against the posts' own labels; no post is written.
+
+    DIR is a folder inside the content root (default: the root). Gold labels are the terms in each post's front
+    matter that tagger did not assign itself, or --gold FILE: JSON Lines, {"post": "<path relative to the content
+    root>", "<type>": ["term", ...]}. Judgements are cached in the records, so a second eval makes no call.
+    With --compare, the files after DIR are settings files (like .env) evaluated side by side. Exit 1 when a
+    post failed.
+    """
+    folders = [Path(a) for a in args if Path(a).is_dir()]
+    files = [Path(a) for a in args if not Path(a).is_dir()]
+    if len(folders) > 1:
+        raise click.UsageError(f"one folder at most, got {', '.join(map(str, folders))}")
+    if files and not compare:
+        raise click.UsageError(f"not a folder: {files[0]} (settings files go with --compare)")
+    if compare and not files:
+        raise click.UsageError("--compare needs settings files, e.g. tagger eval content --compare a.env b.env")
     updates: dict[str, object] = {}
-    if args.dir:
-        updates["content_dir"] = Path(args.dir)
-    if args.provider:
-        updates["provider_choice"] = args.provider
-    if args.taxonomy:
-        updates["taxonomy_dir"] = Path(args.taxonomy)
-    base = base.model_copy(update=updates)
+    if provider:
+        updates["provider_choice"] = provider
+    if taxonomy:
+        updates["taxonomy_dir"] = taxonomy
+    base = app.settings(**updates)
     configure(base, quiet=True)
-    runs: list[tuple[str, Settings, Path | None]] = []
-    if args.compare:
-        for name in args.compare:
-            settings = read_settings_file(Path(name), base).model_copy(update=updates)
-            runs.append((name, settings, Path(args.cache_dir) / cache_key(settings)))
-    else:
-        runs.append(("settings", base, None))
-    if not base.content_root().is_dir():
-        print(
-            f"tagger: no content folder at {base.content_root()} (give DIR or set TAGGER_CONTENT_DIR)", file=sys.stderr
-        )
-        return 2
-    gold = load_gold(Path(args.gold), base.content_root()) if args.gold else None
+    root = content_root(base)
+    runs: list[tuple[str, Settings, Path | None]] = [("settings", base, None)]
+    if compare:
+        configured = [(str(f), read_settings_file(f, base).model_copy(update=updates)) for f in files]
+        runs = [(label, s, cache_dir / cache_key(s)) for label, s in configured]
+    labels = load_gold(gold, root) if gold else None
     results = []
-    for label, settings, cache_dir in runs:
-        if settings.provider == "offline" and not args.json:
-            print(f"[{label}] {OFFLINE_NOTE}", file=sys.stderr)
-        paths = _posts(settings, gold, args.limit)
-        results.append(evaluate(settings, paths, gold=gold, types=args.types or None, cache_dir=cache_dir, label=label))
-    if args.report:
-        Path(args.report).write_text(render(results), encoding="utf-8")
-    if args.json:
+    for label, settings, cache in runs:
+        if settings.provider == "offline" and not as_json:
+            err(f"[{label}] {OFFLINE_NOTE}")
+        classifier = make_classifier(settings)
+        check_types(classifier, types)
+        paths = _posts(settings, folders[0] if folders else None, labels, limit)
+        results.append(
+            evaluate(
+                settings, paths, gold=labels, types=types or None, cache_dir=cache, label=label, classifier=classifier
+            )
+        )
+    if report:
+        report.write_text(render(results), encoding="utf-8")
+    if as_json:
         payload = [
             {
                 **r.model_dump(mode="json"),
@@ -144,49 +202,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             }
             for r in results
         ]
-        print(json.dumps(payload if args.compare else payload[0], indent=1, ensure_ascii=False))
+        click.echo(json.dumps(payload if compare else payload[0], indent=1, ensure_ascii=False))
     else:
         lines: list[str] = []
         for r in results:
             lines += format_evaluation(r)
         if len(results) > 1:
             lines += ["", *format_comparison(results)]
-        if args.report:
-            lines.append(f"report: {args.report}")
-        print("\n".join(lines))
+        if report:
+            lines.append(f"report: {report}")
+        click.echo("\n".join(lines))
     for r in results:
         for line in r.failed:
-            print(f"FAILED [{r.label}] {line}", file=sys.stderr)
-    return 1 if any(r.failed for r in results) else 0
-
-
-def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `tagger eval`."""
-    p = sub.add_parser("eval", help="measure tagger's picks against the posts' own labels (writes no post)")
-    p.add_argument("dir", nargs="?", metavar="DIR", help="content root (default TAGGER_CONTENT_DIR)")
-    p.add_argument("--gold", metavar="FILE", help='JSON Lines: {"post": "<relative path>", "<type>": [terms]}')
-    p.add_argument("--types", nargs="+", metavar="TYPE")
-    p.add_argument("--limit", type=int, metavar="N")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
-    p.add_argument("--compare", nargs="+", metavar="ENV", help="settings files to evaluate side by side")
-    p.add_argument(
-        "--cache-dir", default=str(DEFAULT_CACHE), help="judgement cache for --compare (default .tagger-eval)"
-    )
-    p.add_argument("--provider", choices=["openai", "offline"])
-    p.add_argument("--taxonomy", metavar="DIR")
-    p.set_defaults(func=cmd_eval)
-
-
-def main(argv: Sequence[str]) -> int:
-    """Run `tagger eval` alone (for tests)."""
-    parser = argparse.ArgumentParser(prog="tagger eval")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_command(sub)
-    args = parser.parse_args(["eval", *argv])
-    try:
-        code: int = args.func(args)
-    except TaggerError as exc:
-        print(f"tagger: {exc.kind}: {exc}", file=sys.stderr)
-        return 2
-    return code
+            err(f"FAILED [{r.label}] {line}")
+    if any(r.failed for r in results):
+        raise click.exceptions.Exit(1)
