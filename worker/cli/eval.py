@@ -153,6 +153,8 @@ def eval_command(
 ) -> None:
     """Measure tagger's picks against the posts' own labels; no post is written.
 
+    Arguments: [DIR] [A.env B.env...], the settings files only with --compare.
+
     DIR is a folder inside the content root (default: the root). Gold labels are the terms in each post's front
     matter that tagger did not assign itself, or --gold FILE: JSON Lines, {"post": "<path relative to the content
     root>", "<type>": ["term", ...]}. Judgements are cached in the records, so a second eval makes no call.
