@@ -318,6 +318,8 @@ def test_relevant_reply_records_omitted_terms_as_zero_and_cuts_output_tokens(
     named = {j.term for j in lean.judgements if j.reason != NOT_RELEVANT}
     assert "Kanban" in named
     assert [d.selected for d in lean.decisions] == [d.selected for d in full.decisions]
+    # The fake's replies are the size a model's are: about 60 output tokens an entry (reasons of ~20 words).
+    assert 45 <= full.usage.output_tokens / len(full.judgements) <= 75
     assert lean.usage.output_tokens * 2 < full.usage.output_tokens
     assert all(j.prompt_version != full.judgements[0].prompt_version for j in lean.judgements)
 
@@ -503,3 +505,21 @@ def test_the_diff_is_computed_only_for_dry_runs(make_settings: Callable[..., Set
     assert shown.diff.startswith("---") and "+  - Kanban" in shown.diff
     written = classifier.classify(post)
     assert written.written and written.diff == ""
+
+
+def test_backfill_estimate_prices_a_post_against_one_call_per_term(
+    eval_env: Callable[..., dict[str, str]], eval_site: Path, scripted_llm: FakeLLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    eval_env()
+    code, out, _ = run_cli(capsys, "backfill", "--estimate", str(eval_site / "content"))
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("per post: $"))
+    assert "reply all" in line and "one call per term: $" in line
+    assert float(line.rsplit("(", 1)[1].rstrip("x)")) > 1  # four tags in one call beat four calls
+    eval_env(TAGGER_REPLY="relevant")
+    code, lean, _ = run_cli(capsys, "backfill", "--estimate", str(eval_site / "content"))
+    cheaper = next(line for line in lean.splitlines() if line.startswith("per post: $"))
+    assert "reply relevant" in cheaper and float(cheaper.split("$")[1].split()[0]) < float(
+        line.split("$")[1].split()[0]
+    )
+    assert scripted_llm.counts["requests"] == 0

@@ -116,6 +116,14 @@ def backfill(
             f"{est.input_tokens} input tokens ({est.cached_tokens} cacheable, "
             f"{est.input_tokens - est.cached_tokens} uncached), {est.output_tokens} output tokens, cost {price}"
         )
+        one_per_term = settings.model_copy(update={"chunk_size": 1, "reply": "all"})
+        baseline = backfill_lib.estimate(one_per_term, plan.todo, types or None)
+        if est.cost and baseline.cost and est.posts:
+            click.echo(
+                f"per post: ${est.cost / est.posts:.5f} (definitions {settings.definitions}, reply {settings.reply}, "
+                f"chunks of {settings.chunk_size}); one call per term: ${baseline.cost / est.posts:.5f} "
+                f"({baseline.cost / est.cost:.1f}x)"
+            )
         return
     if inline:
         if settings.provider == "offline":
