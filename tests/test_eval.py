@@ -523,3 +523,16 @@ def test_backfill_estimate_prices_a_post_against_one_call_per_term(
         line.split("$")[1].split()[0]
     )
     assert scripted_llm.counts["requests"] == 0
+
+
+def test_a_post_that_cannot_be_evaluated_fails_alone(
+    eval_env: Callable[..., dict[str, str]], eval_site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    eval_env()
+    bad = eval_site / "content" / "posts" / "p6.md"
+    bad.write_text("---\ntitle: P6\ntags: {a: 1}\n---\nBody.\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "eval", str(eval_site / "content"), "--json")
+    assert code == 1
+    assert "FAILED [settings]" in err and "p6.md: bad_post:" in err
+    result = json.loads(out)
+    assert result["posts"] == 5 and result["types"][0]["posts"] == 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from worker.classifier import Classifier, make_classifier
 from worker.errors import TaggerError
 from worker.judgements import Judgement, Usage
-from worker.posts import normal_form
+from worker.posts import Post, normal_form
 from worker.records import Record, dumps, loads
 from worker.settings import FOLDER_SETTINGS, Price, SelectionRule, Settings
 
@@ -173,6 +174,15 @@ def pick(judgements: Sequence[Judgement], rule: SelectionRule) -> list[str]:
     return [j.term for j in ranked(judgements) if j.confidence >= rule.min_confidence][: rule.top]
 
 
+@dataclass(frozen=True)
+class Labelled:
+    """One evaluated post: its path relative to the root, gold per type (None: left out), judgements per type."""
+
+    post: str
+    gold: dict[str, list[str] | None]
+    judged: dict[str, list[Judgement]]
+
+
 class Case(BaseModel):
     """One post of one type: confidences (ranked) with whether each term is gold, and the gold count."""
 
@@ -323,8 +333,8 @@ def evaluate(
     usage = judging = Usage()
     failed: list[str] = []
     cached_terms = judged_terms = unsaved = evaluated = 0
-    # Per post: (relative path, gold per type or None when the post has none, judgements per type).
-    rows: list[tuple[str, dict[str, list[str] | None], dict[str, list[Judgement]]]] = []
+    rows: list[Labelled] = []
+    known_terms = {(t.type, t.title) for t in classifier.taxonomy}
     outside: Counter[str] = Counter()
     for path in paths:
         try:
@@ -333,6 +343,7 @@ def evaluate(
                 continue  # nothing to judge (classify skips it too)
             site_record = classifier.load_record(post)
             record = site_record if cache_dir is None else _load_cache(cache_dir, root, path)
+            labels = _gold_of(post, site_record, gold, wanted, titles, outside)
             judged = classifier.judge(post, classifier.terms_for(post, wanted), record)
             judgements, used, hits = judged.judgements, judged.usage, judged.cached
         except TaggerError as exc:
@@ -346,7 +357,8 @@ def evaluate(
         cached_terms += hits
         judged_terms += len(judgements)
         if used.calls or hits < len(judgements):
-            kept = {(j.type, j.term): j for j in record.judgements}
+            # Earlier judgements of other types stay (the cache), those of terms gone from the taxonomy do not.
+            kept = {(j.type, j.term): j for j in record.judgements if (j.type, j.term) in known_terms}
             kept.update({(j.type, j.term): j for j in judgements})
             updated = record.model_copy(
                 update={
@@ -368,22 +380,7 @@ def evaluate(
             relative = path.resolve().relative_to(root).as_posix()
         except ValueError:
             relative = str(path)
-        labels: dict[str, list[str] | None] = {}
-        for term_type in wanted:
-            if gold is not None:
-                # In a gold file an explicit empty list is a label ("no term of this type applies").
-                given = gold.get(path.resolve(), {}).get(term_type)
-                raw = list(given) if given is not None else None
-            else:
-                # In front matter an empty list usually means "not classified yet": left out.
-                ai = {normal_form(t) for t in site_record.assigned.get(term_type, [])}
-                raw = [t for t in post.terms(term_type) if normal_form(t) not in ai] or None
-            names = titles[term_type]
-            known = [names[normal_form(t)] for t in raw or [] if normal_form(t) in names]
-            outside[term_type] += len(raw or []) - len(known)
-            # Gold made only of terms outside the taxonomy (e.g. "Uncategorized") cannot be judged: left out.
-            labels[term_type] = None if raw is None or (raw and not known) else list(dict.fromkeys(known))
-        rows.append((relative, labels, {t: [j for j in judgements if j.type == t] for t in wanted}))
+        rows.append(Labelled(relative, labels, {t: [j for j in judgements if j.type == t] for t in wanted}))
 
     reports = [_type_report(t, settings.rule_for(t), rows, outside[t]) for t in wanted]
     worst = _worst_posts(rows, settings)
@@ -413,10 +410,38 @@ def evaluate(
     )
 
 
+def _gold_of(
+    post: Post,
+    record: Record,
+    gold: Mapping[Path, Mapping[str, Sequence[str]]] | None,
+    wanted: Sequence[str],
+    titles: Mapping[str, Mapping[str, str]],
+    outside: Counter[str],
+) -> dict[str, list[str] | None]:
+    """A post's gold terms per type (taxonomy titles), or None for a type it has no usable label for."""
+    labels: dict[str, list[str] | None] = {}
+    for term_type in wanted:
+        raw: list[str] | None
+        if gold is not None:
+            # In a gold file an explicit empty list is a label ("no term of this type applies").
+            given = gold.get(post.path.resolve(), {}).get(term_type)
+            raw = list(given) if given is not None else None
+        else:
+            # In front matter an empty list usually means "not classified yet": left out.
+            ai = {normal_form(t) for t in record.assigned.get(term_type, [])}
+            raw = [t for t in post.terms(term_type) if normal_form(t) not in ai] or None
+        names = titles[term_type]
+        known = [names[normal_form(t)] for t in raw or [] if normal_form(t) in names]
+        outside[term_type] += len(raw or []) - len(known)
+        # Gold made only of terms outside the taxonomy (e.g. "Uncategorized") cannot be judged: left out.
+        labels[term_type] = None if raw is None or (raw and not known) else list(dict.fromkeys(known))
+    return labels
+
+
 def _type_report(
     term_type: str,
     rule: SelectionRule,
-    rows: Sequence[tuple[str, dict[str, list[str] | None], dict[str, list[Judgement]]]],
+    rows: Sequence[Labelled],
     outside: int,
 ) -> TypeReport:
     cases: list[Case] = []
@@ -425,14 +450,14 @@ def _type_report(
     added: Counter[str] = Counter()
     left_out = 0
     gold_terms = 0
-    for _, labels, judged in rows:
-        gold = labels[term_type]
+    for row in rows:
+        gold = row.gold[term_type]
         if gold is None:
             left_out += 1
             continue
         gold_set = set(gold)
         gold_terms += len(gold_set)
-        order = ranked(judged[term_type])
+        order = ranked(row.judged[term_type])
         cases.append(
             Case(
                 confidences=[j.confidence for j in order],
@@ -479,17 +504,15 @@ def _type_report(
     )
 
 
-def _worst_posts(
-    rows: Sequence[tuple[str, dict[str, list[str] | None], dict[str, list[Judgement]]]], settings: Settings
-) -> list[PostReport]:
+def _worst_posts(rows: Sequence[Labelled], settings: Settings) -> list[PostReport]:
     posts = []
-    for relative, labels, judged in rows:
-        gold = {t: g for t, g in labels.items() if g is not None}
+    for row in rows:
+        gold = {t: g for t, g in row.gold.items() if g is not None}
         if not gold:
             continue
-        predicted = {t: pick(judged[t], settings.rule_for(t)) for t in gold}
+        predicted = {t: pick(row.judged[t], settings.rule_for(t)) for t in gold}
         tp = sum(len(set(gold[t]) & set(predicted[t])) for t in gold)
         fp = sum(len(set(predicted[t]) - set(gold[t])) for t in gold)
         fn = sum(len(set(gold[t]) - set(predicted[t])) for t in gold)
-        posts.append(PostReport(post=relative, gold=gold, predicted=predicted, f1=prf(tp, fp, fn).f1))
+        posts.append(PostReport(post=row.post, gold=gold, predicted=predicted, f1=prf(tp, fp, fn).f1))
     return sorted(posts, key=lambda p: (p.f1, p.post))[:WORST_POSTS]
