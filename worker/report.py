@@ -77,7 +77,8 @@ def curve_svg(report: TypeReport) -> str:
 
 def _type_table(evaluation: Evaluation) -> str:
     rows = [
-        "<table class='types'><thead><tr><th>type</th><th>posts</th><th>left out (no gold)</th><th>rule</th>"
+        "<table class='types'><thead><tr><th>type</th><th>posts</th><th>left out (no gold)</th>"
+        "<th>gold outside the taxonomy</th><th>rule</th>"
         "<th>micro P</th><th>micro R</th><th>micro F1</th><th>macro P</th><th>macro R</th><th>macro F1</th>"
         "<th>best rule (F1)</th><th>most missed</th><th>most added</th></tr></thead><tbody>"
     ]
@@ -87,6 +88,7 @@ def _type_table(evaluation: Evaluation) -> str:
         added = ", ".join(f"{escape(a.term)} ({a.posts})" for a in t.added[:5]) or "—"
         rows.append(
             f"<tr><td>{escape(t.type)}</td><td class='n'>{t.posts}</td><td class='n'>{t.left_out}</td>"
+            f"<td class='n'>{t.outside_taxonomy}</td>"
             f"<td>top {t.rule.top} ≥ {t.rule.min_confidence:g}</td>"
             f"<td class='n'>{_pct(t.micro.precision)}</td><td class='n'>{_pct(t.micro.recall)}</td>"
             f"<td class='n'>{t.micro.f1:.3f}</td><td class='n'>{_pct(t.macro.precision)}</td>"
