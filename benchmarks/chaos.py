@@ -1,7 +1,9 @@
-"""Chaos run: posts through real workers while the fake LLM injects faults, workers are SIGKILLed at random
-and a writer edits posts; then checks that nothing was lost or corrupted.
+"""Chaos run: posts through real workers while the fake LLM injects faults, workers are SIGKILLed at random,
+Redis is restarted under them and a writer edits posts; then every worker is killed at once and only burst
+workers (the cron pattern) finish the work. Checks that nothing was lost, corrupted or left in "started".
 
 Usage: .venv/bin/python benchmarks/chaos.py [--posts 300] [--workers 4] [--fault-rate 0.2] [--kills 8]
+(it starts a private redis-server, with an append-only file, so that it may restart it)
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from benchmarks._support import REPO, delete_prefix, redis_url
+from benchmarks._support import REPO, delete_prefix
 from worker.fakellm import FakeLLM
 from worker.posts import ORIGIN_KEY, foreign_changes, read_post
 
@@ -47,6 +51,9 @@ class Report:
     posts: int = 0
     faults: int = 0
     kills: int = 0
+    redis_restarts: int = 0
+    final_kill_busy: int = 0
+    burst_runs: int = 0
     retries: int = 0
     recovered: int = 0
     edits: int = 0
@@ -60,7 +67,9 @@ class Report:
         return [
             f"posts {self.posts}, faults injected {self.faults}, workers killed {self.kills}, "
             f"jobs recovered from killed workers {self.recovered}, job re-runs {self.retries}, "
-            f"concurrent edits {self.edits}",
+            f"concurrent edits {self.edits}, Redis restarts {self.redis_restarts}",
+            f"final kill of every worker ({self.final_kill_busy} mid-job), then burst workers only: "
+            f"{self.burst_runs} burst runs",
             f"failed before `failed retry --all`: {self.failed_before_retry or 'none'}",
             f"lost {len(self.lost)}, corrupted {len(self.corrupted)}, stuck in started {self.stuck_started}",
             *[f"  lost: {p}" for p in self.lost[:10]],
@@ -126,8 +135,54 @@ def read_post_body(text: str) -> str:
     return text
 
 
-def run(url: str, posts: int, workers: int, fault_rate: float, kills: int, limit: float, seed: int = 7) -> Report:
-    """One chaos run; returns its figures."""
+class PrivateRedis:
+    """A redis-server of the run's own (append-only file, as in production), which the run may restart."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.folder = Path(tempfile.mkdtemp(prefix="tagger-chaos-redis-"))
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start (or start again) on the same port and data folder."""
+        command = ["redis-server", "--port", str(self.port), "--dir", str(self.folder), "--save", ""]
+        self.process = subprocess.Popen([*command, "--appendonly", "yes"], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                if redis_lib.Redis.from_url(self.url).ping():
+                    return
+            except redis_lib.RedisError:
+                time.sleep(0.1)
+        raise SystemExit("private redis-server did not start")
+
+    def stop(self) -> None:
+        """Shut down (SIGTERM: Redis flushes its append-only file)."""
+        if self.process:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def restart(self, down: float = 3.0) -> None:
+        """Down for `down` seconds, then back."""
+        self.stop()
+        time.sleep(down)
+        self.start()
+
+
+def run(
+    url: str,
+    posts: int,
+    workers: int,
+    fault_rate: float,
+    kills: int,
+    limit: float,
+    seed: int = 7,
+    restart_redis: Callable[[], None] | None = None,
+) -> Report:
+    """One chaos run; returns its figures. `restart_redis` (when given) restarts Redis halfway through the kills."""
     rnd = random.Random(seed)
     content = Path(tempfile.mkdtemp(prefix="tagger-chaos-"))
     make_content(content, posts)
@@ -186,8 +241,16 @@ def run(url: str, posts: int, workers: int, fault_rate: float, kills: int, limit
         deadline = time.monotonic() + limit
         next_kill = time.monotonic() + rnd.uniform(0.2, 1.0)
         while time.monotonic() < deadline and report.kills < kills:
-            busy = {w.pid for w in Worker.all(connection=client, queue=queue) if w.get_current_job_id()}
-            victims = [w for w in pool if w.pid in busy]
+            if restart_redis and not report.redis_restarts and report.kills >= kills // 2:
+                restart_redis()  # the workers (and their reapers and schedulers) must ride it out
+                report.redis_restarts += 1
+            try:
+                busy = {w.pid for w in Worker.all(connection=client, queue=queue) if w.get_current_job_id()}
+            except redis_lib.RedisError:
+                time.sleep(0.2)
+                continue
+            # `tagger work` supervises its worker process: the victim is the command whose child is busy.
+            victims = [w for w in pool if w.pid in busy or w.pid in {_parent(pid) for pid in busy}]
             if time.monotonic() >= next_kill and victims:
                 victim = rnd.choice(victims)  # a worker in the middle of a job
                 pool.remove(victim)
@@ -199,7 +262,14 @@ def run(url: str, posts: int, workers: int, fault_rate: float, kills: int, limit
             time.sleep(0.05)
         writing.join()
         report.edits = len(edited)
-        _wait_settled(env, deadline)
+        # Every worker killed at once, busy or not; from now on only burst workers run (cron's pattern).
+        report.final_kill_busy = len([w for w in Worker.all(connection=client, queue=queue) if w.get_current_job_id()])
+        for worker in pool:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        pool = []
+        report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit)
         failed = json.loads(
             subprocess.run([*tagger, "status", "--json"], env=env, capture_output=True, text=True).stdout
         )["failed_by_kind"]
@@ -209,7 +279,7 @@ def run(url: str, posts: int, workers: int, fault_rate: float, kills: int, limit
         subprocess.run([*tagger, "failed", "retry", "--all"], env=env, capture_output=True)
         # Posts edited after their last pass were enqueued again by nobody: a backfill picks them up.
         subprocess.run([*tagger, "backfill", str(content)], env=env, capture_output=True)
-        _wait_settled(env, time.monotonic() + limit)
+        report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit)
     finally:
         stop.set()
         for worker in pool:
@@ -231,7 +301,7 @@ def run(url: str, posts: int, workers: int, fault_rate: float, kills: int, limit
             report.recovered += int(job.meta.get("abandoned", 0))
     for priority in ("high", "default", "low"):
         queue = Queue(f"{prefix}-{priority}", connection=client, serializer=JSONSerializer)
-        report.stuck_started += StartedJobRegistry(queue=queue).count
+        report.stuck_started += StartedJobRegistry(queue=queue).get_job_count(cleanup=False)
     stale = subprocess.run(
         [*tagger, "backfill", "--estimate", str(content)], env=env, capture_output=True, text=True
     ).stdout
@@ -244,25 +314,49 @@ def run(url: str, posts: int, workers: int, fault_rate: float, kills: int, limit
     if match and int(match.group(1)):
         report.lost.append(f"{match.group(1)} posts still need classifying: {stale.splitlines()[0]}")
     for job in ours:
-        job.delete()
+        try:
+            job.delete()
+        except ValueError:  # RQ: an execution of a killed worker expired before its index entry
+            job.cleanup(ttl=1)
     delete_prefix(url, f"{RQ_KEY_PREFIX}:*{prefix}-*", f"{prefix}:*")
     shutil.rmtree(content, ignore_errors=True)
     return report
 
 
-def _wait_settled(env: dict[str, str], deadline: float) -> None:
-    """Wait until nothing is queued, scheduled or running (or the deadline passes)."""
+def _parent(pid: int) -> int:
+    """The parent of a process (Linux /proc), or -1."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _burst_until_settled(env: dict[str, str], workers: int, deadline: float) -> int:
+    """Run rounds of `workers` burst workers until nothing is queued, scheduled, running or awaiting recovery;
+    returns how many burst workers ran."""
     tagger = [sys.executable, "-m", "worker"]
-    quiet = 0
+    quiet = runs = 0
     while time.monotonic() < deadline:
         status = json.loads(
             subprocess.run([*tagger, "status", "--json"], env=env, capture_output=True, text=True).stdout
         )
-        busy = sum(q["queued"] + q["running"] + q["scheduled"] for q in status["queues"].values())
+        busy = sum(
+            q["queued"] + q["running"] + q["scheduled"] + q["awaiting_recovery"] for q in status["queues"].values()
+        )
         quiet = quiet + 1 if busy == 0 else 0
         if quiet >= 2:
-            return
+            break
+        burst = [
+            subprocess.Popen(
+                [*tagger, "work", "--burst"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            for _ in range(workers)
+        ]
+        for process in burst:
+            process.wait()
+        runs += len(burst)
         time.sleep(1.0)
+    return runs
 
 
 def main() -> None:
@@ -273,8 +367,15 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=8)
     parser.add_argument("--limit", type=float, default=600.0, help="seconds allowed for each phase")
     args = parser.parse_args()
-    with redis_url() as url:
-        report = run(url, args.posts, args.workers, args.fault_rate, args.kills, args.limit)
+    server = PrivateRedis()
+    server.start()
+    try:
+        report = run(
+            server.url, args.posts, args.workers, args.fault_rate, args.kills, args.limit, restart_redis=server.restart
+        )
+    finally:
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
     print("\n".join(report.lines()))
     if report.lost or report.corrupted or report.stuck_started:
         raise SystemExit(1)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from redis import Redis
+from redis import Redis, RedisError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -17,7 +17,9 @@ from worker.classifier import Classifier, make_classifier
 from worker.errors import SettingsError, TaggerError, TaxonomyError, kind_of
 from worker.paths import confine_folder, not_a_post, walk_posts
 from worker.prompts import estimate_tokens
-from worker.queue.recovery import recover_abandoned
+from worker.queue.jobs import enqueue_posts, job_id_for
+from worker.queue.recovery import recover
+from worker.queue.workers import Backoff, live_workers
 from worker.settings import Settings
 
 Progress = Callable[[int, int, int, float, int], None]
@@ -185,26 +187,77 @@ def run_inline(
 
 
 def follow(
-    settings: Settings, redis: Redis, job_ids: list[str], progress: Progress | None = None, poll: float = 0.5
+    settings: Settings,
+    redis: Redis,
+    job_ids: list[str],
+    progress: Progress | None = None,
+    poll: float = 0.5,
+    posts: Mapping[str, str] | None = None,
+    notice: Callable[[str], None] | None = None,
+    priority: str = "low",
 ) -> Summary:
-    """Wait until every job finished or failed for good, reporting progress."""
+    """Wait until every job finished or failed for good, reporting progress.
+
+    Recovery runs at every poll. Redis trouble is waited out (reconnecting). A job that vanished from Redis
+    (restarted without persistence) is enqueued again when its post is known (`posts`: job id -> post
+    relative to the content root). `notice` hears what the user must know: no live worker, Redis down,
+    posts enqueued again.
+    """
+    say = notice or (lambda _: None)
     summary = Summary()
     started = time.monotonic()
     pending = set(job_ids)
+    known = dict(posts or {})
+    backoff = Backoff()
+    down_since: float | None = None
+    next_worker_check = time.monotonic() + min(2.0, poll * 4)
+    warned_no_worker = False
     while pending:
-        recover_abandoned(settings, redis)
-        for job in Job.fetch_many(list(pending), connection=redis, serializer=JSONSerializer):
-            if job is None:
-                continue
-            status = job.get_status(refresh=False)
-            if status == JobStatus.FINISHED:
-                pending.discard(job.id)
-                summary.done += 1
-                value = job.return_value() or {}
-                summary.tokens += int(value.get("tokens", 0)) if isinstance(value, dict) else 0
-            elif status == JobStatus.FAILED:
-                pending.discard(job.id)
-                summary.failed.append(f"{job.meta.get('post')}: {job.meta.get('kind')}: {job.meta.get('error')}")
+        try:
+            recover(settings, redis)
+            ids = list(pending)
+            vanished = []
+            for job_id, job in zip(ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True):
+                if job is None:
+                    vanished.append(job_id)
+                    continue
+                status = job.get_status(refresh=False)
+                if status == JobStatus.FINISHED:
+                    pending.discard(job.id)
+                    summary.done += 1
+                    value = job.return_value() or {}
+                    summary.tokens += int(value.get("tokens", 0)) if isinstance(value, dict) else 0
+                elif status == JobStatus.FAILED:
+                    pending.discard(job.id)
+                    summary.failed.append(f"{job.meta.get('post')}: {job.meta.get('kind')}: {job.meta.get('error')}")
+            again = [known[j] for j in vanished if j in known]
+            if again:
+                root = settings.content_root()
+                for item in enqueue_posts([root / p for p in again], settings, redis, priority):
+                    pending.discard(job_id_for(item.path, settings))
+                    pending.add(item.job_id)
+                    known[item.job_id] = item.path
+                say(f"enqueued {len(again)} posts again: their jobs vanished from Redis (restart without persistence?)")
+            for job_id in vanished:
+                if job_id not in known:
+                    pending.discard(job_id)
+                    summary.failed.append(f"{job_id}: vanished: the job is gone from Redis; run the backfill again")
+            if time.monotonic() >= next_worker_check and pending:
+                next_worker_check = time.monotonic() + 5
+                live = bool(live_workers(settings, redis))
+                if not live and not warned_no_worker:
+                    say("no worker is running: start 'tagger work'")
+                warned_no_worker = not live
+            if down_since is not None:
+                say(f"Redis is back after {time.monotonic() - down_since:.0f}s")
+                down_since = None
+            backoff.reset()
+        except RedisError as exc:
+            if down_since is None:
+                down_since = time.monotonic()
+                say(f"Redis unavailable ({type(exc).__name__}); waiting for it")
+            time.sleep(backoff.next())
+            continue
         if progress:
             progress(summary.done, len(summary.failed), len(job_ids), started, summary.tokens)
         if pending:

@@ -100,7 +100,14 @@ class Classifier:
                         log.info("stale_temp_removed", file=str(stale))
             stored = self.records.load(path)
             record = reconcile(stored, post)
-            result, new_text, new_record = self._decide(post, record, types, with_diff=dry_run)
+            try:
+                result, new_text, new_record = self._decide(post, record, types, with_diff=dry_run)
+            except TaggerError as exc:
+                # Judgements of the chunks that succeeded are kept, so a retry asks only the missing ones.
+                if exc.partial and not dry_run:
+                    kept = {(j.type, j.term): j for j in [*record.judgements, *exc.partial]}
+                    self._save(path, record.model_copy(update={"judgements": list(kept.values())}))
+                raise
             if dry_run:
                 return result
             if new_text is None:
@@ -217,6 +224,11 @@ class Classifier:
                 judged, used = future.result()
                 fresh.extend(judged)
                 usage = usage.add(used)
+        except TaggerError as exc:
+            pool.shutdown(wait=True, cancel_futures=True)
+            done = [f.result()[0] for f in futures if f.done() and not f.cancelled() and f.exception() is None]
+            exc.partial = [j for judged in done for j in judged]
+            raise
         finally:
             # One failed chunk fails the post: chunks not yet started spend no calls.
             pool.shutdown(wait=True, cancel_futures=True)

@@ -122,8 +122,8 @@ class FakeLLM:
             self._server.server_close()
 
     def inject(self, *faults: str) -> None:
-        """Queue faults for the next requests, one per request, in order."""
-        unknown = set(faults) - set(FAULTS)
+        """Queue faults for the next requests, one per request, in order ("ok": a normal reply)."""
+        unknown = set(faults) - set(FAULTS) - {"ok"}
         if unknown:
             raise ValueError(f"unknown faults: {unknown}")
         with self._lock:
@@ -132,7 +132,8 @@ class FakeLLM:
     def _next_fault(self) -> str | None:
         with self._lock:
             if self.script:
-                return self.script.popleft()
+                fault = self.script.popleft()
+                return None if fault == "ok" else fault
             if self.fault_rate and self._random.random() < self.fault_rate:
                 return self._random.choice(self.fault_mix)
             return None

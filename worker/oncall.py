@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from rq import Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.queue.keys import queue_names, queues
-from worker.queue.recovery import recover_abandoned
+from worker.queue import keys
+from worker.queue.keys import queues
+from worker.queue.recovery import recover, track
 from worker.queue.throttle import RedisThrottle
+from worker.queue.workers import live_workers
 from worker.settings import Settings
 
 
@@ -57,6 +59,11 @@ def failures(settings: Settings, redis: Redis, kind: str | None = None) -> list[
             )
             if kind is None or failure.kind == kind:
                 found.append(failure)
+    for raw in redis.lrange(keys.dropped(settings), 0, -1):
+        entry = json.loads(raw)
+        if kind is None or kind == "bad_job_id":
+            message = f"not a job, dropped from the queue: {entry['reason']}"
+            found.append(Failure(entry["job_id"], entry["queue"], "?", "bad_job_id", 0, entry["at"], message, None))
     return sorted(found, key=lambda f: -f.failed_at)
 
 
@@ -95,6 +102,7 @@ def show(settings: Settings, redis: Redis, job_id: str) -> dict[str, Any] | None
 def retry(settings: Settings, redis: Redis, job_ids: list[str] | None = None, kind: str | None = None) -> list[str]:
     """Requeue failed jobs: the ones named, or all (of one kind); returns the ids requeued."""
     wanted = set(job_ids or [])
+    recover(settings, redis)  # a dead worker's job counts too once it is failed as abandoned
     done = []
     for failure in failures(settings, redis, kind):
         if (job_ids is not None and failure.job_id not in wanted) or failure.job is None:
@@ -104,41 +112,68 @@ def retry(settings: Settings, redis: Redis, job_ids: list[str] | None = None, ki
         job.retries_left = settings.job_retries or None
         job.save()
         FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).requeue(job.id)
+        with redis.pipeline() as pipe:
+            track(settings, pipe, [job.id])
+            pipe.execute()
         done.append(job.id)
     return done
 
 
 def purge(settings: Settings, redis: Redis) -> int:
-    """Delete every failed job; returns how many."""
+    """Delete every failed job (and the record of dropped queue entries); returns how many."""
     count = 0
     for failure in failures(settings, redis):
-        FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).remove(failure.job_id)
-        redis.delete(Job.key_for(failure.job_id), f"{Job.key_for(failure.job_id)}:dependents")
+        if failure.kind == "bad_job_id":
+            continue
+        registry = FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer)
+        try:
+            registry.remove(failure.job or failure.job_id, delete_job=True)
+        except ValueError:
+            # RQ cannot delete a job whose last execution expired before its index entry (a killed worker's):
+            # out of the failed list now, and its hash expires within a minute.
+            registry.remove(failure.job_id)
+            if failure.job is not None:
+                failure.job.cleanup(ttl=60)
         count += 1
+    count += redis.llen(keys.dropped(settings))
+    redis.delete(keys.dropped(settings))
     return count
+
+
+def awaiting_recovery(settings: Settings, redis: Redis) -> int:
+    """Jobs whose worker died (heartbeats stopped, or taken from a queue and never started), not yet requeued."""
+    expired = sum(len(StartedJobRegistry(queue=q).get_expired_job_ids()) for q in queues(settings, redis))
+    return expired + redis.hlen(keys.orphans(settings))
 
 
 def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]:
     """Queue depths, running and scheduled jobs, workers, failures by kind, recent throughput and tokens."""
-    recover_abandoned(settings, redis)
+    recover(settings, redis)
     depth = {}
     for queue in queues(settings, redis):
+        started = StartedJobRegistry(queue=queue)
+        expired = len(started.get_expired_job_ids())
         depth[queue.name] = {
             "queued": queue.count,
-            "running": StartedJobRegistry(queue=queue).count,
+            "running": started.get_job_count(cleanup=False) - expired,
+            "awaiting_recovery": expired,
             "scheduled": ScheduledJobRegistry(queue=queue).count,
             "failed": FailedJobRegistry(queue=queue).count,
         }
+    lost = redis.hlen(keys.orphans(settings))
+    if lost:  # taken from a queue by a worker that died before starting; requeued after a short grace
+        first = next(iter(depth.values()))
+        first["awaiting_recovery"] += lost
     kinds: dict[str, int] = {}
     for failure in failures(settings, redis):
         kinds[failure.kind] = kinds.get(failure.kind, 0) + 1
     now = int(time.time() // 60)
     stats = {}
     for name in ("done", "tokens", "calls"):
-        keys = [f"{settings.redis_prefix}:stats:{name}:{m}" for m in range(now - minutes + 1, now + 1)]
-        stats[name] = sum(int(v or 0) for v in redis.mget(keys))
-    names = set(queue_names(settings))
-    workers = [w for w in Worker.all(connection=redis) if names & set(w.queue_names())]
+        names = [keys.stats(settings, name, m) for m in range(now - minutes + 1, now + 1)]
+        stats[name] = sum(int(v or 0) for v in redis.mget(names))
+    workers = live_workers(settings, redis)
+    waiting = sum(d["queued"] + d["awaiting_recovery"] for d in depth.values())
     throttle = RedisThrottle(settings, redis)
     pause_ms = redis.pttl(throttle.pause_key)
     reason = throttle.reason() if pause_ms > 0 else None
@@ -149,4 +184,5 @@ def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]
         "last_minutes": minutes,
         **stats,
         "workers": [{"name": w.name, "state": _name(w.get_state()), "job": w.get_current_job_id()} for w in workers],
+        "no_worker": bool(waiting and not workers),
     }

@@ -177,6 +177,7 @@ class Settings(BaseSettings):
     job_retry_delays: list[int] = Field(default_factory=lambda: [10, 30, 60, 120, 300], alias="TAGGER_JOB_RETRY_DELAYS")
     lease_seconds: float = Field(default=30.0, gt=0, alias="TAGGER_LEASE_SECONDS")
     abandoned_requeues: int = Field(default=3, ge=0, alias="TAGGER_ABANDONED_REQUEUES")
+    shutdown_grace: float = Field(default=120.0, ge=0, alias="TAGGER_SHUTDOWN_GRACE")
 
     log_format: Literal["auto", "json", "console"] = Field(default="auto", alias="TAGGER_LOG_FORMAT")
     log_level: str = Field(default="INFO", alias="TAGGER_LOG_LEVEL")
@@ -211,11 +212,6 @@ class Settings(BaseSettings):
     def provider_was_guessed(self) -> bool:
         """True when no provider was named and tagger fell back to the offline one."""
         return self.provider_choice is None and self.provider == "offline"
-
-    @property
-    def job_timeout(self) -> int:
-        """RQ job timeout: above the provider's whole retry deadline for every chunk of a post."""
-        return int(self.retry_deadline * 2 + self.request_timeout + 120)
 
     def rule_for(self, term_type: str) -> SelectionRule:
         """The selection rule for one classification type."""

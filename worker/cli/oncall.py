@@ -62,7 +62,8 @@ def list_(app: App, kind: str | None) -> None:
         click.echo(
             f"{f.job_id:<30} {f.kind:<14} {f.attempts:>5}  {when:<19}  {f.post}: {cut(f.message, MESSAGE_WIDTH)}"
         )
-    err(f"{len(rows)} failed")
+    waiting = oncall.awaiting_recovery(settings, redis)
+    err(f"{len(rows)} failed" + (f", {waiting} awaiting recovery (worker died)" if waiting else ""))
 
 
 @failed.command()
@@ -143,6 +144,8 @@ def status(app: App, as_json: bool) -> None:
         )
     for name, depth in info["queues"].items():
         click.echo(f"{name:<24} " + "  ".join(f"{k} {v}" for k, v in depth.items()))
+    if info["no_worker"]:
+        click.echo("WARNING: jobs are waiting and no worker is running: start 'tagger work'")
     click.echo(
         f"workers: {len(info['workers'])}"
         + "".join(f"\n  {w['name']} {w['state']} {w['job'] or ''}" for w in info["workers"])

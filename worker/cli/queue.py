@@ -15,7 +15,7 @@ from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
 from worker.queue.jobs import enqueue_posts
 from worker.queue.keys import PRIORITIES
-from worker.queue.workers import run_processes, run_worker
+from worker.queue.workers import run_processes
 
 ID_WIDTH = 29  # "post-" and 24 hex digits
 
@@ -151,7 +151,15 @@ def backfill(
     click.echo(f"backfill: enqueued {len(enqueued)}, already waiting {len(queued) - len(enqueued)}")
     if wait and queued:
         try:
-            summary = backfill_lib.follow(settings, redis, [r.job_id for r in queued], progress=progress)
+            summary = backfill_lib.follow(
+                settings,
+                redis,
+                [r.job_id for r in queued],
+                progress=progress,
+                posts={r.job_id: r.path for r in queued},
+                notice=lambda text: err(f"\nbackfill: {text}"),
+                priority=priority,
+            )
         except KeyboardInterrupt:
             click.echo("\nbackfill: stopped waiting; the workers carry on")
             raise click.exceptions.Exit(130) from None
@@ -201,14 +209,12 @@ def work(app: App, burst: bool, processes: int, priorities: tuple[str, ...]) -> 
     """Run workers.
 
     RQ workers with tagger's settings: JSON serializer, the scheduler for delayed retries, recovery of jobs
-    whose worker died. SIGTERM lets the current job finish.
+    whose worker died, Redis trouble waited out. The processes are supervised (one that dies is restarted);
+    SIGTERM/SIGINT lets each current job finish within TAGGER_SHUTDOWN_GRACE, a second one stops at once.
     """
     settings = app.settings()
     configure(settings)
-    if processes > 1:
-        redis_for(settings)  # one clear line here rather than one from every child
-        code = run_processes(settings, processes, priorities or None, burst)
-        if code:
-            raise Fail(f"a worker process exited with code {code}")
-        return
-    run_worker(settings, redis_for(settings), priorities or PRIORITIES, burst=burst)
+    redis_for(settings)  # one clear line here rather than one from every child
+    code = run_processes(settings, processes, priorities or None, burst)
+    if code:
+        raise Fail(f"a worker process exited with code {code}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 from redis import Redis
+from redis.exceptions import WatchError
 from rq import Callback, Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
@@ -20,18 +21,23 @@ from rq.serializers import JSONSerializer
 from worker.errors import TaggerError, kind_of
 from worker.logs import redact, secrets_of
 from worker.paths import confine, existing_post
-from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues, redis_key
-from worker.queue.workers import WorkerContext, WorkerState, lease
+from worker.queue import keys
+from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues
+from worker.queue.recovery import track
+from worker.queue.workers import WorkerContext, WorkerState
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.jobs")
 WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 RAW_REPLY_CHARS = 20_000
+BATCH = 500  # posts per atomic enqueue
+# Exceptions that mean the worker was stopped or its process torn down, not that the job is bad.
+INTERRUPTED = ("AbandonedJobError", "SystemExit", "KeyboardInterrupt", "StopRequested")
 
 
-def job_id_for(relative: str) -> str:
-    """One job id per post, so a post has at most one pending job."""
-    return "post-" + hashlib.sha1(relative.encode("utf-8")).hexdigest()[:24]
+def job_id_for(relative: str, settings: Settings) -> str:
+    """One job id per post (and tagger deployment: two prefixes on one Redis never share a job)."""
+    return "post-" + hashlib.sha1(f"{settings.redis_prefix}\0{relative}".encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ def enqueue_posts(
     """Enqueue posts (confined to the content root); a post already waiting is not enqueued twice.
 
     Each path is checked on its own: one that is outside the root, not a post or missing comes back `refused`.
+    Atomic against other producers: each batch reads the posts' job states and enqueues under WATCH, so two
+    producers enqueuing the same posts at once make one pending job per post.
     """
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {PRIORITIES}")
@@ -65,30 +73,11 @@ def enqueue_posts(
         except TaggerError as exc:
             refused.append(Enqueued(str(p), "", "refused", exc.message))
     relatives = list(dict.fromkeys(accepted))
-    ids = [job_id_for(r) for r in relatives]
-    with redis.pipeline() as pipe:
-        for job_id in ids:
-            pipe.hget(f"{Job.redis_job_namespace_prefix}{job_id}", "status")
-        statuses = [s.decode() if s else None for s in pipe.execute()]
     queue = Queue(f"{settings.redis_prefix}-{priority}", connection=redis, serializer=JSONSerializer)
+    timeout = job_timeout(settings) if relatives else 0
     results: list[Enqueued] = list(refused)
-    to_enqueue = []
-    for relative, job_id, status in zip(relatives, ids, statuses, strict=True):
-        if status in WAITING:
-            results.append(Enqueued(relative, job_id, "already-queued"))
-        elif status == JobStatus.STARTED:
-            redis.set(redis_key(settings, "rerun", job_id), "1", ex=7 * 86400)
-            results.append(Enqueued(relative, job_id, "rerun-after-current"))
-        else:
-            to_enqueue.append(job_data(queue, relative, job_id, settings, types))
-            results.append(Enqueued(relative, job_id, "enqueued"))
-    if to_enqueue:
-        # A post enqueued again after failing leaves the failed list: its new job carries the same id.
-        with redis.pipeline() as pipe:
-            for q in queues(settings, redis):
-                pipe.zrem(FailedJobRegistry(queue=q).key, *[d.job_id for d in to_enqueue])
-            pipe.execute()
-        queue.enqueue_many(to_enqueue)
+    for start in range(0, len(relatives), BATCH):
+        results += _enqueue_batch(settings, redis, queue, relatives[start : start + BATCH], types, timeout)
     for item in results:
         if item.action == "refused":
             log.info("enqueue_refused", post=item.path, reason=item.reason)
@@ -102,13 +91,76 @@ def enqueue_posts(
     return results
 
 
-def job_data(queue: Queue, relative: str, job_id: str, settings: Settings, types: Sequence[str] | None = None) -> Any:
+def _enqueue_batch(
+    settings: Settings,
+    redis: Redis,
+    queue: Queue,
+    relatives: list[str],
+    types: Sequence[str] | None,
+    timeout: int,
+) -> list[Enqueued]:
+    ids = [job_id_for(r, settings) for r in relatives]
+    failed = [FailedJobRegistry(queue=q) for q in queues(settings, redis)]
+    while True:
+        with redis.pipeline() as pipe:
+            try:
+                pipe.watch(*[Job.key_for(i) for i in ids])
+                jobs = Job.fetch_many(ids, connection=redis, serializer=JSONSerializer)
+                results: list[Enqueued] = []
+                to_enqueue = []
+                pipe.multi()
+                for relative, job_id, job in zip(relatives, ids, jobs, strict=True):
+                    status = job.get_status(refresh=False) if job is not None else None
+                    if status in WAITING:
+                        results.append(Enqueued(relative, job_id, "already-queued"))
+                    elif status == JobStatus.STARTED:
+                        pipe.set(keys.rerun(settings, job_id), "1", ex=7 * 86400)
+                        results.append(Enqueued(relative, job_id, "rerun-after-current"))
+                    else:
+                        to_enqueue.append(job_data(queue, relative, job_id, settings, types, timeout))
+                        results.append(Enqueued(relative, job_id, "enqueued"))
+                if to_enqueue:
+                    new_ids = [d.job_id for d in to_enqueue]
+                    # A post enqueued again after failing leaves the failed list: its new job has the same id.
+                    for registry in failed:
+                        for job_id in new_ids:
+                            registry.remove(job_id, pipeline=pipe)
+                    queue.enqueue_many(to_enqueue, pipeline=pipe)
+                    track(settings, pipe, new_ids)
+                pipe.execute()
+                return results
+            except WatchError:
+                continue  # another producer enqueued some of these posts meanwhile: read their states again
+
+
+def job_timeout(settings: Settings) -> int:
+    """RQ's job timeout: every wave of chunks (more chunks than TAGGER_CONCURRENCY run in waves) may use
+    the provider's whole retry deadline, twice (one re-ask), plus a margin."""
+    from worker.taxonomy import load_taxonomy
+
+    try:
+        taxonomy = load_taxonomy(settings.taxonomy_dir, known_types=settings.selection)
+        chunks = sum(-(-len(taxonomy.of_type(t)) // settings.chunk_size) for t in taxonomy.types())
+    except TaggerError:
+        chunks = settings.concurrency  # the workers will say what is wrong with the taxonomy
+    waves = max(1, -(-chunks // settings.concurrency))
+    return int(waves * (2 * settings.retry_deadline + settings.request_timeout) + 120)
+
+
+def job_data(
+    queue: Queue,
+    relative: str,
+    job_id: str,
+    settings: Settings,
+    types: Sequence[str] | None = None,
+    timeout: int | None = None,
+) -> Any:
     """RQ job data for classifying one post: JSON args, retries, failure callback, timeout."""
     return Queue.prepare_data(
         JOB_FUNCTION,
         args=[relative, list(types) if types else None],
         job_id=job_id,
-        timeout=settings.job_timeout,
+        timeout=timeout or job_timeout(settings),
         result_ttl=86400,
         failure_ttl=30 * 86400,
         description=f"classify {relative}",
@@ -133,15 +185,15 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     bound = log.bind(job_id=job.id, post=relative, attempt=job.meta["attempts"], model=settings.model)
     bound.info("started")
     # Bound as context too, so the classifier's events (`llm_call`) name the job and the post.
-    with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative), lease(redis, settings, job.id):
+    with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative):
         path = settings.content_root() / confine(relative, settings, from_cwd=False)
         result = context.classifier.classify(path, types=types)
     usage = result.usage
     minute = int(time.time() // 60)
     with redis.pipeline() as pipe:
         for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
-            pipe.incrby(redis_key(settings, "stats", name, str(minute)), amount)
-            pipe.expire(redis_key(settings, "stats", name, str(minute)), 3 * 3600)
+            pipe.incrby(keys.stats(settings, name, minute), amount)
+            pipe.expire(keys.stats(settings, name, minute), 3 * 3600)
         pipe.execute()
     bound.info(
         "written" if result.written else "skipped",
@@ -162,33 +214,65 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
 
 
 def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> None:
-    if redis.delete(redis_key(settings, "rerun", job.id)):
+    if redis.delete(keys.rerun(settings, job.id)):
         # A producer asked again while this job ran: run once more after it, on the same queue.
         queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
-        queue.enqueue_many([job_data(queue, job.meta["post"], job.id + "-again", settings, job.meta.get("types"))])
+        again = job.id + "-again"
+        with redis.pipeline() as pipe:
+            data = job_data(queue, job.meta["post"], again, settings, job.meta.get("types"))
+            queue.enqueue_many([data], pipeline=pipe)
+            track(settings, pipe, [again])
+            pipe.execute()
+
+
+def _transient(settings: Settings, connection: Redis, job: Job, value: BaseException) -> bool:
+    """Whether a failure is worth retrying: tagger's transient kinds, interruptions, and Redis trouble."""
+    from redis.exceptions import RedisError
+
+    if isinstance(value, TaggerError):
+        return value.transient
+    if type(value).__name__ in INTERRUPTED or isinstance(value, RedisError | OSError):
+        return True
+    if type(value).__name__ == "JobTimeoutException":
+        # Out of time while the provider was rate limiting (chunks waiting in the shared pause): transient.
+        try:
+            limited = float(connection.get(keys.last_rate_limit(settings)) or 0)
+        except RedisError:
+            return True
+        started = job.started_at.timestamp() if job.started_at else 0.0
+        return limited >= started
+    return False
 
 
 def on_failure(job: Job, connection: Redis, exc_type: Any, value: BaseException, tb: Any) -> None:
     """Record why a job failed; permanent failures are not retried."""
     settings = Settings()
     kind = kind_of(value)
-    transient = isinstance(value, TaggerError) and value.transient
+    if type(value).__name__ in INTERRUPTED:
+        kind = "abandoned"
+    transient = _transient(settings, connection, job, value)
     if kind == "abandoned":
-        transient = True
+        abandoned = int(job.meta.get("abandoned", 0)) + 1
+        job.meta["abandoned"] = abandoned
+        transient = abandoned <= settings.abandoned_requeues
+        if transient and not job.retries_left:
+            job.retries_left = 1  # a dead worker's job gets its own requeues, whatever retries it used
     if not transient:
         job.retries_left = 0
     secrets = secrets_of(settings)
     raw = value.raw_reply if isinstance(value, TaggerError) else None
+    message = str(value) or type(value).__name__
+    if kind == "abandoned":
+        message = f"worker died or was stopped while running the job ({type(value).__name__})"
     job.meta.update(
         kind=kind,
-        error=redact(str(value) or type(value).__name__, secrets),
+        error=redact(message, secrets),
         raw_reply=redact(raw[:RAW_REPLY_CHARS], secrets) if raw else None,
         traceback=redact("".join(traceback.format_exception(exc_type, value, tb))[-8000:], secrets) if tb else None,
         failed_at=time.time(),
         transient=transient,
     )
     job.save_meta()
-    connection.delete(redis_key(settings, "lease", job.id))
     log.warning(
         "failed" if not transient or not job.retries_left else "retried",
         job_id=job.id,

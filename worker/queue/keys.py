@@ -1,8 +1,17 @@
-"""Tagger's queues in Redis: their names, the connection, and what may run on them."""
+"""Tagger's queues in Redis: their names, the connection, what may run on them, and every key tagger owns.
+
+RQ's own keys (jobs, queues, registries, workers) are reached only through RQ's API; the keys below are
+tagger's, all under `TAGGER_REDIS_PREFIX`, and this module is the only place their names are spelled.
+"""
 
 from __future__ import annotations
 
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as RedisRetry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -15,8 +24,18 @@ FAILURE_CALLBACK = "worker.queue.jobs.on_failure"
 
 
 def connect(settings: Settings) -> Redis:
-    """A Redis connection for the configured URL (`rediss://` for TLS, password in the URL)."""
-    return Redis.from_url(settings.redis_url)
+    """A Redis connection for the configured URL (`rediss://` for TLS, password in the URL).
+
+    Each command is retried a few times on connection errors, timeouts and `LOADING` (a restarting Redis),
+    so a short blip costs a pause, not an exception; longer outages are handled by the callers' loops.
+    """
+    return Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+        retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, BusyLoadingError],
+    )
 
 
 def queue_names(settings: Settings) -> list[str]:
@@ -30,5 +49,60 @@ def queues(settings: Settings, redis: Redis) -> list[Queue]:
 
 
 def redis_key(settings: Settings, *parts: str) -> str:
-    """A key of tagger's own (leases, pause, stats), under its prefix."""
+    """A key of tagger's own, under its prefix (use the named helpers below)."""
     return ":".join([settings.redis_prefix, *parts])
+
+
+def pending_index(settings: Settings) -> str:
+    """Sorted set of the job ids tagger enqueued and has not seen end (score: when enqueued)."""
+    return redis_key(settings, "jobs")
+
+
+def orphans(settings: Settings) -> str:
+    """Hash: job id -> when it was first seen `queued` in no queue (lost between dequeue and start)."""
+    return redis_key(settings, "orphans")
+
+
+def reaper_lock(settings: Settings) -> str:
+    """Lock held by the one process recovering jobs at a time (no job requeued twice)."""
+    return redis_key(settings, "reaper")
+
+
+def sweep_due(settings: Settings) -> str:
+    """Set while the last sweep for lost jobs is recent: one sweep per interval across the fleet."""
+    return redis_key(settings, "swept")
+
+
+def rerun(settings: Settings, job_id: str) -> str:
+    """Set when a producer asked for a post again while its job ran: run once more after it."""
+    return redis_key(settings, "rerun", job_id)
+
+
+def stats(settings: Settings, name: str, minute: int) -> str:
+    """Per-minute counter (done, tokens, calls)."""
+    return redis_key(settings, "stats", name, str(minute))
+
+
+def pause(settings: Settings) -> str:
+    """The shared pause every worker honours before calling the provider (value: the reason)."""
+    return redis_key(settings, "pause")
+
+
+def last_rate_limit(settings: Settings) -> str:
+    """When the provider last rate limited anyone (a job timing out after that is transient)."""
+    return redis_key(settings, "rate-limited-at")
+
+
+def limits_prefix(settings: Settings) -> str:
+    """Prefix of the `limits` library's moving windows."""
+    return redis_key(settings, "limits")
+
+
+def dropped(settings: Settings) -> str:
+    """List of entries found on the queues that were not jobs at all (odd ids), newest first, capped."""
+    return redis_key(settings, "dropped")
+
+
+def all_patterns(settings: Settings) -> list[str]:
+    """Patterns matching every key tagger owns (for clean-up in tests and benchmarks)."""
+    return [f"{settings.redis_prefix}:*"]

@@ -1,63 +1,160 @@
-"""Recovery: jobs of dead workers and delayed retries whose scheduler died are put back on the queues."""
+"""Recovery: jobs of dead workers, jobs lost between dequeue and start, and overdue delayed retries.
+
+Liveness is RQ's own: a running job's execution entry in the StartedJobRegistry is kept alive by the worker's
+heartbeats; an entry that expires belongs to a dead worker, and `StartedJobRegistry.cleanup()` hands the job
+to tagger's failure callback (`AbandonedJobError`) and retries it. What RQ cannot see is a job a worker
+popped from a queue (BLPOP, on several queues) and died before starting: it stays `queued` in no list. Tagger
+keeps an index of the job ids it enqueued and sweeps it for such jobs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass, field
 
 import structlog
 from redis import Redis
-from rq.job import JobStatus
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from redis.exceptions import LockError
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 
-from worker.queue.keys import queues, redis_key
+from worker.queue import keys
+from worker.queue.keys import queues
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.recovery")
+ENDED = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+
+
+@dataclass
+class Recovered:
+    """What one recovery pass did."""
+
+    abandoned: list[str] = field(default_factory=list)  # running jobs of dead workers, handed to RQ's cleanup
+    lost: list[str] = field(default_factory=list)  # jobs taken from a queue by a worker that died before starting
+    promoted: list[str] = field(default_factory=list)  # delayed retries overdue while no scheduler ran
+    skipped: bool = False  # another process was recovering at that moment
+
+    @property
+    def count(self) -> int:
+        """How many jobs went back to work (or to the failed list)."""
+        return len(self.abandoned) + len(self.lost) + len(self.promoted)
+
+
+def lost_grace(settings: Settings) -> float:
+    """Seconds a job must stay `queued` in no queue before it counts as lost (a live worker starts it in ms)."""
+    return max(5.0, min(30.0, 2 * settings.lease_seconds))
+
+
+def recover(settings: Settings, redis: Redis, sweep: bool = True) -> Recovered:
+    """One recovery pass, by one process at a time across the fleet; RedisError propagates to the caller."""
+    lock = redis.lock(keys.reaper_lock(settings), timeout=120, blocking=False)
+    if not lock.acquire(blocking=False):
+        return Recovered(skipped=True)
+    try:
+        done = Recovered(abandoned=reap_abandoned(settings, redis), promoted=promote_overdue(settings, redis))
+        if sweep and redis.set(keys.sweep_due(settings), "1", nx=True, px=int(lost_grace(settings) * 250)):
+            done.lost = sweep_lost(settings, redis)
+        return done
+    finally:
+        with contextlib.suppress(LockError):  # it expired meanwhile: nothing to release
+            lock.release()
+
+
+def reap_abandoned(settings: Settings, redis: Redis) -> list[str]:
+    """Hand running jobs whose heartbeats stopped to RQ's cleanup: retried, or failed as `abandoned`."""
+    found = []
+    for queue in queues(settings, redis):
+        # The failure callback runs here, maybe outside the main thread: a timer, not SIGALRM, bounds it.
+        registry = StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty)
+        expired = registry.get_expired_job_ids()
+        if expired:
+            registry.cleanup()
+            found += expired
+    return found
 
 
 def promote_overdue(settings: Settings, redis: Redis, grace: float = 5.0) -> list[str]:
-    """Enqueue delayed retries that are overdue: RQ's scheduler may be gone with a killed worker for a while."""
+    """Enqueue delayed retries that are overdue: RQ's scheduler may be down with a dead worker for a while."""
     promoted = []
     for queue in queues(settings, redis):
         registry = ScheduledJobRegistry(queue=queue)
         for job_id in registry.get_jobs_to_schedule(int(time.time() - grace)):
-            if not redis.zrem(registry.key, job_id):
-                continue  # another worker or the scheduler took it
+            if not registry.remove(job_id):
+                continue  # the scheduler took it
             job = queue.fetch_job(job_id)
             if job is not None:
                 queue.enqueue_job(job)
                 promoted.append(job_id)
+                log.info("promoted", job_id=job_id, post=job.meta.get("post"))
     return promoted
 
 
-def recover_abandoned(settings: Settings, redis: Redis) -> list[str]:
-    """Requeue started jobs whose lease lapsed (worker killed); fail them as `abandoned` after a few times."""
-    recovered = []
-    for queue in queues(settings, redis):
-        registry = StartedJobRegistry(queue=queue)
-        for job_id in registry.get_job_ids(cleanup=False):
-            if redis.exists(redis_key(settings, "lease", job_id)):
-                continue
-            job = queue.fetch_job(job_id)
-            if job is None or job.get_status() != JobStatus.STARTED:
-                continue
-            if job.started_at and time.time() - job.started_at.timestamp() < settings.lease_seconds:
-                continue  # just started: the lease may not be set yet
-            entries = [e.decode() for e in redis.zrange(registry.key, 0, -1) if isinstance(e, bytes)]
-            stale = [e for e in entries if e.startswith(f"{job_id}:")]  # entries are "<job id>:<execution id>"
-            if not stale or not redis.zrem(registry.key, *stale):
-                continue  # another worker's reaper claimed it first
-            abandoned = int(job.meta.get("abandoned", 0)) + 1
-            job.meta.update(
-                abandoned=abandoned, kind="abandoned", error="worker died while running the job", failed_at=time.time()
-            )
+def track(settings: Settings, pipe: Redis, job_ids: list[str]) -> None:
+    """Add job ids to the index of jobs tagger enqueued (in the caller's pipeline)."""
+    if job_ids:
+        now = time.time()
+        pipe.zadd(keys.pending_index(settings), dict.fromkeys(job_ids, now))
+
+
+def sweep_lost(settings: Settings, redis: Redis) -> list[str]:
+    """Requeue jobs that stayed `queued` (or `started`) in no queue and no registry for `lost_grace` seconds."""
+    index = keys.pending_index(settings)
+    ids = [_text(i) for i in redis.zrange(index, 0, -1) if isinstance(i, bytes | str)]
+    if not ids:
+        return []
+    mine = queues(settings, redis)
+    listed: set[str] = set()
+    started: set[str] = set()
+    scheduled: set[str] = set()
+    for queue in mine:
+        listed.update(queue.get_job_ids())
+        started.update(StartedJobRegistry(queue=queue).get_job_ids(cleanup=False))
+        scheduled.update(ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False))
+    ended, lost = [], []
+    for job_id, job in zip(ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True):
+        status = job.get_status(refresh=False) if job is not None else None
+        if job is None or status is None or status in ENDED:
+            ended.append(job_id)
+        elif (
+            (status == JobStatus.QUEUED and job_id not in listed and job_id not in started)
+            or (status == JobStatus.STARTED and job_id not in started)
+            or (status == JobStatus.SCHEDULED and job_id not in scheduled)
+        ):
+            lost.append(job)
+    if ended:
+        redis.zrem(index, *ended)
+    seen = {_text(k): float(v) for k, v in redis.hgetall(keys.orphans(settings)).items()}
+    now = time.time()
+    requeued = []
+    for job in lost:
+        first = seen.pop(job.id, None)
+        if first is None:
+            redis.hsetnx(keys.orphans(settings), job.id, str(now))
+        elif now - first >= lost_grace(settings) and redis.hdel(keys.orphans(settings), job.id):
+            queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
+            queue.intermediate_queue.remove(job.id)  # a single-queue worker's LMOVE leaves it there
+            job.meta["lost"] = int(job.meta.get("lost", 0)) + 1
             job.save_meta()
-            if abandoned <= settings.abandoned_requeues:
-                queue.enqueue_job(job)
-                log.warning("retried", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
-            else:
-                job.set_status(JobStatus.FAILED)
-                FailedJobRegistry(queue=queue).add(job, exc_string="abandoned: worker died while running the job")
-                log.warning("failed", job_id=job_id, post=job.meta.get("post"), kind="abandoned", attempt=abandoned)
-            recovered.append(job_id)
-    return recovered
+            queue.enqueue_job(job)
+            requeued.append(job.id)
+            log.warning("recovered", job_id=job.id, post=job.meta.get("post"), reason="lost between dequeue and start")
+    if seen:  # no longer orphaned (started, or ended)
+        redis.hdel(keys.orphans(settings), *seen)
+    return requeued
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def pending(settings: Settings, redis: Redis) -> int:
+    """Jobs waiting in the queues or due from the scheduled registries (what a burst worker must not leave)."""
+    count = 0
+    for queue in queues(settings, redis):
+        count += queue.count + len(ScheduledJobRegistry(queue=queue).get_jobs_to_schedule(int(time.time())))
+    return count

@@ -12,6 +12,7 @@ from limits.strategies import MovingWindowRateLimiter
 from redis import Redis
 
 from worker.errors import RateLimited
+from worker.queue import keys
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.throttle")
@@ -49,9 +50,9 @@ class RedisThrottle:
     def __init__(self, settings: Settings, redis: Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self.pause_key = f"{settings.redis_prefix}:pause"
+        self.pause_key = keys.pause(settings)
         storage = RedisStorage(
-            "redis://", connection_pool=redis.connection_pool, key_prefix=f"{settings.redis_prefix}:limits"
+            "redis://", connection_pool=redis.connection_pool, key_prefix=keys.limits_prefix(settings)
         )
         self.limiter = MovingWindowRateLimiter(storage)
         self.rpm = RateLimitItemPerMinute(settings.rpm) if settings.rpm else None
@@ -113,6 +114,8 @@ class RedisThrottle:
             self.pause(self.settings.quota_pause, "quota exhausted")
             return
         if status == 429:
+            # Remembered so that a job timing out while the provider throttled counts as transient.
+            self.redis.set(keys.last_rate_limit(self.settings), str(time.time()), ex=86400)
             after = _seconds(headers.get("retry-after")) or 1.0
             self.pause(min(after, self.settings.retry_max_wait), "rate limited (429)")
             return

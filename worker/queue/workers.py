@@ -1,54 +1,47 @@
-"""Worker processes: a warm classifier per process, job leases, recovery, and refusing foreign jobs."""
+"""Worker processes: a warm classifier per process, RQ heartbeats, recovery, Redis trouble, supervision."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import structlog
 from redis import Redis, RedisError
-from rq import Queue, SimpleWorker
-from rq.exceptions import DeserializationError
+from rq import Queue, SimpleWorker, Worker
+from rq.exceptions import DeserializationError, StopRequested
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker
 
 from worker.classifier import Classifier, make_classifier
-from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues, redis_key
-from worker.queue.recovery import promote_overdue, recover_abandoned
+from worker.logs import redact, secrets_of
+from worker.queue import keys
+from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, connect, queue_names, queues
+from worker.queue.recovery import pending, recover
 from worker.queue.throttle import RedisThrottle
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.workers")
-
-
-@contextmanager
-def lease(redis: Redis, settings: Settings, job_id: str) -> Iterator[None]:
-    """Hold a renewed lease while the job runs: a job whose lease lapses was abandoned by a dead worker."""
-    key = redis_key(settings, "lease", job_id)
-    stop = threading.Event()
-    ttl = max(1, int(settings.lease_seconds))
-
-    def renew() -> None:
-        while not stop.wait(settings.lease_seconds / 3):
-            try:
-                redis.set(key, "1", ex=ttl)
-            except RedisError:
-                log.warning("lease_renewal_failed", job_id=job_id)  # keep trying: a lapsed lease means a rerun
-
-    redis.set(key, "1", ex=ttl)
-    thread = threading.Thread(target=renew, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        redis.delete(key)
+# RQ's worker TTL: an idle worker heartbeats every WORKER_TTL - 15 s; one silent for longer is dead.
+WORKER_TTL = 35
+LIVE_WITHIN = WORKER_TTL + 30
+MAINTENANCE_INTERVAL = 30  # RQ's registry maintenance, which also restarts a scheduler that died
+DROPPED_KEEP = 1000
+STOPPING = threading.Event()  # set by SIGTERM/SIGINT in a worker process
 
 
 def _signature(settings: Settings) -> tuple[tuple[str, int, int], ...]:
@@ -94,68 +87,307 @@ def refusal(job: Job) -> str | None:
         return "job data is not JSON (a pickled or foreign payload); not run"
     if name != JOB_FUNCTION:
         return f"job calls {name!r}, not {JOB_FUNCTION}; not run"
-    callbacks = {job._success_callback_name, job._failure_callback_name, job._stopped_callback_name}
-    foreign = sorted(str(c) for c in callbacks if c is not None and c != FAILURE_CALLBACK)
+    # The stored callback names, read without importing them (importing a foreign module runs its code).
+    stored = job.to_dict(include_meta=False, include_result=False)
+    names = {stored.get(f"{kind}_callback_name") for kind in ("success", "failure", "stopped")}
+    foreign = sorted(str(c) for c in names if c and c != FAILURE_CALLBACK)
     if foreign:
         return f"job names foreign callbacks {foreign}; not run"
     return None
 
 
+class Backoff:
+    """Growing waits (0.5 s doubling to 30 s) while Redis is in trouble; reset once it answers."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
+        self.first, self.cap, self.current = first, cap, first
+
+    def next(self) -> float:
+        """The wait to use now; the next one is longer."""
+        delay, self.current = self.current, min(self.cap, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        """Redis answered: start again from the shortest wait."""
+        self.current = self.first
+
+
 class TaggerWorker(SimpleWorker):
-    """Runs jobs in this process (connections and classifier stay warm) and refuses anything not tagger's."""
+    """Runs jobs in this process (connections and classifier stay warm) and refuses anything not tagger's.
+
+    Liveness is RQ's: while a job runs, a thread sends RQ's heartbeats (worker, execution, job) every third of
+    TAGGER_LEASE_SECONDS, and the execution's entry in the StartedJobRegistry expires TAGGER_LEASE_SECONDS
+    after the last one. A worker that dies (kill -9, OOM, lost machine) stops beating, and any process's
+    recovery hands its job back through RQ's `StartedJobRegistry.cleanup()`.
+    """
+
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        # RQ scores registry entries in whole seconds: one more second so a beat is never due before it lapses.
+        self.liveness_ttl = math.ceil(settings.lease_seconds) + 1
+        self.secrets = secrets_of(settings)
+        self.stop_requested = False
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """How long a running job's entry lives without a heartbeat (short: a dead worker is found fast)."""
+        return self.liveness_ttl
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT: finish the current job, then stop (a second signal stops at once)."""
+        self.stop_requested = True
+        STOPPING.set()
+        super().request_stop(signum, frame)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run the job, unless it is not tagger's own: then fail it without running any of its code."""
+        """Run the job with heartbeats, unless it is not tagger's own: then fail it without running its code."""
         problem = refusal(job)
-        if problem is None:
-            super().execute_job(job, queue)
+        if problem is not None:
+            self._refuse(job, queue, problem)
             return
-        # Callbacks are cleared first: a foreign job's failure callback is code too.
-        job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
+        done = threading.Event()
+        beating = threading.Thread(target=self._beat, args=(job, done), daemon=True)
+        beating.start()
+        try:
+            super().execute_job(job, queue)
+        finally:
+            done.set()
+
+    def _beat(self, job: Job, done: threading.Event) -> None:
+        interval = max(0.2, self.settings.lease_seconds / 3)
+        while not done.wait(interval):
+            execution: Execution | None = self.execution
+            if execution is None:
+                continue
+            try:
+                self.maintain_heartbeats(job, execution)
+            except RedisError as exc:  # keep beating: a missed beat only risks running the job twice
+                log.warning("redis_unavailable", where="heartbeat", job_id=job.id, error=self._clean(exc))
+
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Execution | None = None,
+    ) -> None:
+        """RQ stores the traceback (results stream, failed registry): redact secrets from it first."""
+        super().handle_job_failure(job, queue, started_job_registry, redact(exc_string, self.secrets), execution)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's dequeue, except that an entry that is not a readable job is dropped with a log line."""
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except RedisError:
+                raise
+            except Exception as exc:
+                job_id = getattr(exc, "job_id", None)
+                if job_id is None:
+                    raise
+                self._drop(str(job_id), getattr(getattr(exc, "queue", None), "name", "?"), exc)
+
+    def _refuse(self, job: Job, queue: Queue, problem: str) -> None:
         job.meta = {"kind": "foreign_job", "error": problem, "failed_at": time.time(), "attempts": 0}
+        # Failed here, never through RQ's failure handling: a foreign job's callbacks are code too, never run.
         job.save_meta()
-        job.set_status(JobStatus.FAILED)
-        FailedJobRegistry(queue=queue).add(job, exc_string=f"refused: {problem}")
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            FailedJobRegistry(queue=queue).add(job, exc_string=f"refused: {problem}", pipeline=pipe)
+            pipe.execute()
         log.error("refused", job_id=job.id, reason=problem)
+
+    def _drop(self, job_id: str, queue: str, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {self._clean(exc)}"
+        entry = {"job_id": job_id, "queue": queue, "reason": reason, "at": time.time()}
+        with self.connection.pipeline() as pipe:
+            pipe.lpush(keys.dropped(self.settings), json.dumps(entry))
+            pipe.ltrim(keys.dropped(self.settings), 0, DROPPED_KEEP - 1)
+            pipe.execute()
+        log.error("dropped", job_id=job_id, queue=queue, reason=reason)
+
+    def _clean(self, exc: BaseException) -> str:
+        return redact(str(exc), self.secrets)[:300]
+
+
+def _reaper(settings: Settings, redis: Redis, stop: threading.Event) -> None:
+    """Recover dead workers' and lost jobs every half lease, whatever Redis does meanwhile."""
+    backoff = Backoff()
+    interval = max(0.5, settings.lease_seconds / 2)
+    while not stop.wait(interval):
+        try:
+            recover(settings, redis)
+            backoff.reset()
+        except RedisError as exc:
+            delay = backoff.next()
+            error = redact(str(exc), secrets_of(settings))
+            log.warning("redis_unavailable", where="reaper", error=error, retry_in=delay)
+            if stop.wait(delay):
+                return
+        except Exception:
+            log.exception("reaper_error")  # never let recovery die with the first surprise
+
+
+def live_workers(settings: Settings, redis: Redis) -> list[BaseWorker]:
+    """RQ workers on tagger's queues that heartbeat recently (a killed worker's entry lingers in Redis).
+
+    An idle worker beats at least every WORKER_TTL - 15 s; a busy one every third of TAGGER_LEASE_SECONDS, so
+    a worker killed mid-job drops out of the list (and out of "busy") within a couple of leases.
+    """
+    names = set(queue_names(settings))
+    now = datetime.now(UTC)
+    busy_within = 2 * settings.lease_seconds + 2
+    found = []
+    for worker in Worker.all(connection=redis):
+        if not names & set(worker.queue_names()) or worker.last_heartbeat is None:
+            continue
+        beat = worker.last_heartbeat if worker.last_heartbeat.tzinfo else worker.last_heartbeat.replace(tzinfo=UTC)
+        age = (now - beat).total_seconds()
+        if age <= LIVE_WITHIN and (str(worker.get_state()) != "busy" or age <= busy_within):
+            found.append(worker)
+    return found
 
 
 def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRIORITIES, burst: bool = False) -> None:
-    """Work the queues (highest priority first) until stopped, or until empty with `burst`."""
+    """Work the queues (highest priority first) until stopped, or until nothing is left with `burst`.
+
+    Recovery runs at start, in a background reaper, and before a burst worker decides it is done. Redis
+    trouble (restart, LOADING, out of memory, failover) never ends the process: it waits with backoff and a
+    log line, then works again.
+    """
     selected = [q for q in queues(settings, redis) if q.name.rsplit("-", 1)[-1] in priorities]
     stop = threading.Event()
-
-    def reaper() -> None:
-        while not stop.wait(max(0.5, settings.lease_seconds / 2)):
-            recover_abandoned(settings, redis)
-            promote_overdue(settings, redis)
-
-    threading.Thread(target=reaper, daemon=True).start()
-    WorkerState.context = WorkerContext.build(redis)
-    # Jobs run in this process (no fork per job): connections and the classifier stay warm. A worker that
-    # dies mid-job loses nothing: its lease lapses and the job is requeued.
-    worker = TaggerWorker(selected, connection=redis, serializer=JSONSerializer)
+    threading.Thread(target=_reaper, args=(settings, redis, stop), daemon=True).start()
+    backoff = Backoff()
+    secrets = secrets_of(settings)
     try:
-        worker.work(burst=burst, with_scheduler=True)
+        while not STOPPING.is_set():
+            try:
+                if WorkerState.context is None:
+                    WorkerState.context = WorkerContext.build(redis)
+                recover(settings, redis)
+                worker = TaggerWorker(
+                    selected,
+                    connection=redis,
+                    serializer=JSONSerializer,
+                    settings=settings,
+                    worker_ttl=WORKER_TTL,
+                    maintenance_interval=MAINTENANCE_INTERVAL,
+                )
+                worker.work(burst=burst, with_scheduler=True)
+                if worker.stop_requested or STOPPING.is_set():
+                    return
+                if burst:
+                    # Before deciding it is done: jobs of dead workers and lost jobs go back to the queues.
+                    recover(settings, redis)
+                    if not pending(settings, redis):
+                        return
+                    continue
+                problem = "the worker loop ended on an error (see above)"
+            except RedisError as exc:
+                problem = f"{type(exc).__name__}: {redact(str(exc), secrets)[:300]}"
+            delay = backoff.next()
+            log.warning("redis_unavailable", where="worker", error=problem, retry_in=delay)
+            STOPPING.wait(delay)
+    except StopRequested:
+        return  # a signal arrived between two runs of RQ's loop
     finally:
         stop.set()
 
 
-def run_processes(settings: Settings, processes: int, priorities: Sequence[str] | None, burst: bool) -> int:
-    """Run `processes` worker processes (each `tagger work --processes 1`) and wait for them; their worst exit code."""
-    command = [
-        sys.executable,
-        "-m",
-        "worker",
-        "work",
-        "--processes",
-        "1",
-        *(["--burst"] if burst else []),
-        *[arg for priority in priorities or () for arg in ("--queue", priority)],
-    ]
-    children = [subprocess.Popen(command) for _ in range(processes)]
+def _child(settings: Settings, priorities: Sequence[str], burst: bool) -> None:
+    """One supervised worker process (with RQ's scheduler as its own child)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    run_worker(settings, connect(settings), priorities, burst)
+
+
+def _children_of(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc; empty elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def run_processes(
+    settings: Settings, processes: int, priorities: Sequence[str] | None = PRIORITIES, burst: bool = False
+) -> int:
+    """Run and supervise `processes` worker processes; returns the exit code (0 on a clean stop).
+
+    A child that dies is restarted. SIGTERM/SIGINT reach every child, which finishes its job (within
+    TAGGER_SHUTDOWN_GRACE, else it is stopped); a second signal stops them at once (their jobs are recovered).
+    The children share the command's process group: Ctrl-C on a terminal reaches them all, and RQ ignores the
+    repeat that forwarding makes.
+    """
+    priorities = list(priorities or PRIORITIES)
+    context = multiprocessing.get_context("fork")
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def start() -> Any:
+        child = context.Process(target=_child, args=(settings, list(priorities), burst), daemon=False)
+        child.start()
+        log.info("worker_started", pid=child.pid)
+        return child
+
+    children = [start() for _ in range(processes)]
+    handled = 0
+    stop_at: float | None = None
+    forced_at: float | None = None
+    restarts: dict[int, float] = {}
     try:
-        return max(child.wait() for child in children)
-    except KeyboardInterrupt:
+        while True:
+            now = time.monotonic()
+            while handled < len(received):
+                signum = received[handled]
+                handled += 1
+                if stop_at is None:
+                    stop_at = now
+                    log.info("stopping", signal=signum, grace=settings.shutdown_grace)
+                else:
+                    forced_at = forced_at or now
+                    log.warning("stopping_now", signal=signum)
+                for child in children:
+                    if child.is_alive():
+                        os.kill(child.pid, signal.SIGTERM)
+            if stop_at is not None and forced_at is None and now - stop_at > settings.shutdown_grace:
+                forced_at = now
+                log.warning("grace_over", grace=settings.shutdown_grace)
+                for child in children:
+                    if child.is_alive():
+                        os.kill(child.pid, signal.SIGTERM)  # a second signal: RQ's cold shutdown
+            if forced_at is not None and now - forced_at > 5:
+                for child in children:
+                    if child.is_alive():
+                        for pid in [*_children_of(child.pid), child.pid]:  # RQ's scheduler, then the worker
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGKILL)
+            dead = [
+                slot
+                for slot, child in enumerate(children)
+                if not child.is_alive() and stop_at is None and not (burst and child.exitcode == 0)
+            ]
+            for slot in dead:
+                if now - restarts.get(slot, 0.0) < 2.0:
+                    continue  # a child that keeps dying is restarted at most every 2 s
+                children[slot].join()
+                log.warning("worker_died", pid=children[slot].pid, exitcode=children[slot].exitcode)
+                restarts[slot] = now
+                children[slot] = start()
+            if not dead and not any(c.is_alive() for c in children) and (stop_at is not None or burst):
+                break
+            time.sleep(0.2)
+    finally:
         for child in children:
-            child.terminate()
-        return max(child.wait() for child in children)
+            child.join(timeout=1)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0 if stop_at is not None else max((c.exitcode or 0) for c in children)
