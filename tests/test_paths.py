@@ -30,6 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 KANBAN = "---\ntitle: Kanban outside\n---\nKanban board, WIP limits, pull work.\n"
 
 
+def job_id(env: dict[str, str], relative: str) -> str:
+    """The job id tagger gives a post under this test's prefix."""
+    return job_id_for(relative, Settings(_env_file=None, TAGGER_REDIS_PREFIX=env["TAGGER_REDIS_PREFIX"]))  # type: ignore[call-arg]
+
+
 @pytest.fixture
 def hostile(site: Path) -> Iterator[dict[str, Path]]:
     """A content root (site/site) with every kind of path that must not be classified, and files outside it."""
@@ -230,7 +235,7 @@ def test_enqueue_and_the_python_api_refuse_each_bad_path_and_take_the_rest(
     for path, reason in cases.items():
         assert any(line.startswith(f"REFUSED {path}: ") and reason in line for line in refused), (path, refused)
     assert len(refused) == len(cases)
-    assert result.stdout.split() == [job_id_for("posts/limiting-wip.md"), "enqueued", "posts/limiting-wip.md"]
+    assert result.stdout.split() == [job_id(queue_env, "posts/limiting-wip.md"), "enqueued", "posts/limiting-wip.md"]
     # The Python API the same way: one Enqueued per path, the bad ones refused with their reason.
     for name, value in queue_env.items():
         monkeypatch.setenv(name, value)
@@ -277,7 +282,7 @@ def test_changed_since_reports_deleted_posts(
     assert result.exit_code == 0, result.output
     lines = [line.split() for line in result.stdout.splitlines()]
     assert lines == [
-        [job_id_for("posts/shipping-daily.md"), "enqueued", "posts/shipping-daily.md"],
+        [job_id(queue_env, "posts/shipping-daily.md"), "enqueued", "posts/shipping-daily.md"],
         ["-", "skipped", "(deleted)", "posts/backlog-by-value.md"],
     ]
 
@@ -314,7 +319,7 @@ def test_subfolder_backfill_through_real_workers(
         post = root / "posts" / name / "index.md"
         assert read_post(post).terms("tags"), name  # each bundle's index.md is its own job, relative to the root
         assert record_path(post).exists()
-    ids = {job_id_for(f"posts/{n}/index.md") for n in ("kanban-bundle", "delivery-bundle")}
+    ids = {job_id(env, f"posts/{n}/index.md") for n in ("kanban-bundle", "delivery-bundle")}
     assert len(ids) == 2
     untouched(hostile, before, site)
 
@@ -381,7 +386,7 @@ def test_enqueue_changed_script_works_from_a_site_repository(drained: dict[str, 
         [str(REPO / "scripts" / "enqueue-changed.sh"), "HEAD"], cwd=content, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == [job_id_for("posts/limiting-wip.md"), "enqueued", "posts/limiting-wip.md"]
+    assert run.stdout.split() == [job_id(queue_env, "posts/limiting-wip.md"), "enqueued", "posts/limiting-wip.md"]
 
 
 def test_term_pages_inside_the_root_are_content_unless_excluded(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
