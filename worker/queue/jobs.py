@@ -73,7 +73,7 @@ def enqueue_posts(
         except TaggerError as exc:
             refused.append(Enqueued(str(p), "", "refused", exc.message))
     relatives = list(dict.fromkeys(accepted))
-    queue = Queue(f"{settings.redis_prefix}-{priority}", connection=redis, serializer=JSONSerializer)
+    queue = Queue(keys.queue_name(settings, priority), connection=redis, serializer=JSONSerializer)
     timeout = job_timeout(settings) if relatives else 0
     results: list[Enqueued] = list(refused)
     for start in range(0, len(relatives), BATCH):

@@ -38,9 +38,14 @@ def connect(settings: Settings) -> Redis:
     )
 
 
+def queue_name(settings: Settings, priority: str) -> str:
+    """The queue of one priority."""
+    return f"{settings.redis_prefix}-{priority}"
+
+
 def queue_names(settings: Settings) -> list[str]:
     """Queue names in priority order."""
-    return [f"{settings.redis_prefix}-{p}" for p in PRIORITIES]
+    return [queue_name(settings, p) for p in PRIORITIES]
 
 
 def queues(settings: Settings, redis: Redis) -> list[Queue]:
@@ -101,8 +106,3 @@ def limits_prefix(settings: Settings) -> str:
 def dropped(settings: Settings) -> str:
     """List of entries found on the queues that were not jobs at all (odd ids), newest first, capped."""
     return redis_key(settings, "dropped")
-
-
-def all_patterns(settings: Settings) -> list[str]:
-    """Patterns matching every key tagger owns (for clean-up in tests and benchmarks)."""
-    return [f"{settings.redis_prefix}:*"]
