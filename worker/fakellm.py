@@ -100,6 +100,7 @@ class FakeLLM:
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self._server: ThreadingHTTPServer | None = None
+        self.batch_api = FakeBatchAPI(self)
 
     @property
     def base_url(self) -> str:
@@ -236,8 +237,15 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output quiet."""
 
+    def do_GET(self) -> None:
+        self._send(*self.fake.batch_api.route("GET", self.path, b"", ""))
+
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
+        if "/files" in self.path or "/batches" in self.path:
+            raw = self.rfile.read(length)
+            self._send(*self.fake.batch_api.route("POST", self.path, raw, self.headers.get("content-type", "")))
+            return
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
         except ValueError:
@@ -258,3 +266,245 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout it asked for)
+
+    def _send(self, status: int, content_type: str, data: bytes) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+# The Batch API: /v1/files and /v1/batches, as OpenAI documents them.
+BATCH_OUTCOMES = ("complete", "expire_half", "fail_validation", "never_finish")
+_TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def _error(status: int, message: str, code: str = "invalid_request_error") -> tuple[int, str, bytes]:
+    body = {"error": {"message": message, "type": code, "code": code, "param": None}}
+    return status, "application/json", json.dumps(body).encode()
+
+
+def _json(payload: Any) -> tuple[int, str, bytes]:
+    return 200, "application/json", json.dumps(payload).encode()
+
+
+class FakeBatchAPI:
+    """Files and batches held in memory; a batch is processed, through the chat fake, once its delay has passed.
+
+    Knobs: `delay` (seconds before a batch finishes), `outcomes` (one per batch created, in order: complete,
+    expire_half, fail_validation, never_finish) and `line_faults` (line index -> a chat fault from FAULTS for
+    that line of the next batches, e.g. `server_error` for an erroring line, `refusal` or `schema_invalid` for a
+    bad reply). `supported = False` answers 404 like servers without a Batch API.
+    """
+
+    def __init__(self, fake: FakeLLM) -> None:
+        self.fake = fake
+        self.delay = 0.0
+        self.outcomes: deque[str] = deque()
+        self.line_faults: dict[int, str] = {}
+        self.supported = True
+        self.files: dict[str, dict[str, Any]] = {}
+        self.contents: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.RLock()
+
+    def script(self, *outcomes: str) -> None:
+        """Outcomes for the next batches created, one each, in order."""
+        unknown = set(outcomes) - set(BATCH_OUTCOMES)
+        if unknown:
+            raise ValueError(f"unknown batch outcomes: {unknown}")
+        self.outcomes.extend(outcomes)
+
+    def route(self, method: str, path: str, raw: bytes, content_type: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for one request under /v1/files or /v1/batches."""
+        if not self.supported:
+            return _error(404, f"Invalid URL ({method} {path.split('?')[0]})", "not_found")
+        parts = [p for p in path.split("?")[0].split("/") if p and p != "v1"]
+        with self._lock:
+            self.counts[f"{method} {parts[0] if parts else ''}"] += 1
+            if parts == ["files"] and method == "POST":
+                return self._upload(raw, content_type)
+            if len(parts) == 2 and parts[0] == "files" and method == "GET":
+                known = self.files.get(parts[1])
+                return _json(known) if known else _error(404, f"No such File object: {parts[1]}")
+            if len(parts) == 3 and parts[0] == "files" and parts[2] == "content" and method == "GET":
+                data = self.contents.get(parts[1])
+                return (200, "application/octet-stream", data) if data is not None else _error(404, "no such file")
+            if parts == ["batches"] and method == "POST":
+                return self._create(json.loads(raw or b"{}"))
+            if parts == ["batches"] and method == "GET":
+                data = [self._advance(b) for b in sorted(self.batches.values(), key=lambda b: -b["created_at"])]
+                first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+                return _json({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": False})
+            if len(parts) >= 2 and parts[0] == "batches" and parts[1] in self.batches:
+                batch = self.batches[parts[1]]
+                if len(parts) == 3 and parts[2] == "cancel" and method == "POST":
+                    self._advance(batch)
+                    if batch["status"] not in _TERMINAL:
+                        batch.update(status="cancelled", cancelling_at=int(time.time()), cancelled_at=int(time.time()))
+                        self._finish(batch, done=0, reason="batch_cancelled")
+                    return _json(batch)
+                if len(parts) == 2 and method == "GET":
+                    return _json(self._advance(batch))
+            return _error(404, f"Invalid URL ({method} {path})", "not_found")
+
+    def _store(self, data: bytes, filename: str, purpose: str) -> str:
+        file_id = f"file-fake{len(self.files) + 1:05d}"
+        self.files[file_id] = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        self.contents[file_id] = data
+        return file_id
+
+    def _upload(self, raw: bytes, content_type: str) -> tuple[int, str, bytes]:
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        message = BytesParser(policy=HTTP).parsebytes(f"content-type: {content_type}\r\n\r\n".encode() + raw)
+        fields: dict[str, tuple[str | None, bytes]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            fields[str(name)] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+        if "file" not in fields:
+            return _error(400, "'file' is a required property")
+        purpose = fields.get("purpose", (None, b""))[1].decode()
+        return _json(self.files[self._store(fields["file"][1], fields["file"][0] or "upload", purpose)])
+
+    def _create(self, body: dict[str, Any]) -> tuple[int, str, bytes]:
+        file_id = str(body.get("input_file_id"))
+        if file_id not in self.files:
+            return _error(400, f"No such File object: {file_id}")
+        if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+            return _error(400, "endpoint must be /v1/chat/completions and completion_window 24h")
+        now = int(time.time())
+        batch_id = f"batch_fake{len(self.batches) + 1:05d}"
+        self.batches[batch_id] = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"),
+            "_outcome": self.outcomes.popleft() if self.outcomes else "complete",
+            "_line_faults": dict(self.line_faults),
+            "_started": time.monotonic(),
+        }
+        return _json(self._public(self.batches[batch_id]))
+
+    @staticmethod
+    def _public(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def _lines(self, batch: dict[str, Any]) -> list[dict[str, Any]] | str:
+        """The input file's requests, or why the file fails validation."""
+        lines = []
+        seen: set[str] = set()
+        for number, line in enumerate(self.contents[batch["input_file_id"]].decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+            except ValueError:
+                return f"line {number}: not valid JSON"
+            custom_id = request.get("custom_id")
+            if not custom_id or custom_id in seen:
+                return f"line {number}: custom_id missing or repeated"
+            if request.get("method") != "POST" or request.get("url") != batch["endpoint"]:
+                return f"line {number}: method must be POST and url {batch['endpoint']}"
+            seen.add(custom_id)
+            lines.append(request)
+        return lines or "the input file holds no requests"
+
+    def _advance(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move a batch on as time passes: validating -> in_progress -> (after `delay`) its outcome."""
+        if batch["status"] in _TERMINAL:
+            return self._public(batch)
+        lines = self._lines(batch)
+        if isinstance(lines, str) or batch["_outcome"] == "fail_validation":
+            why = lines if isinstance(lines, str) else "line 1: the model of the request is not available for Batch"
+            line = int(why.split(":")[0].split()[-1]) if why.startswith("line ") else None
+            batch.update(
+                status="failed",
+                failed_at=int(time.time()),
+                errors={"object": "list", "data": [{"code": "invalid_request", "message": why, "line": line}]},
+            )
+            return self._public(batch)
+        batch["request_counts"]["total"] = len(lines)
+        if batch["status"] == "validating":
+            batch.update(status="in_progress", in_progress_at=int(time.time()))
+        if batch["_outcome"] == "never_finish" or time.monotonic() - batch["_started"] < self.delay:
+            return self._public(batch)
+        if batch["_outcome"] == "expire_half":
+            batch.update(status="expired", expired_at=int(time.time()))
+            self._finish(batch, done=len(lines) // 2, reason="batch_expired", lines=lines)
+        else:
+            batch.update(status="completed", finalizing_at=int(time.time()), completed_at=int(time.time()))
+            self._finish(batch, done=len(lines), reason="", lines=lines)
+        return self._public(batch)
+
+    def _finish(self, batch: dict[str, Any], done: int, reason: str, lines: list[dict[str, Any]] | None = None) -> None:
+        """Answer the first `done` lines through the chat fake; the rest end with `reason` in the error file."""
+        if lines is None:
+            parsed = self._lines(batch)
+            lines = parsed if isinstance(parsed, list) else []
+        out: list[str] = []
+        errors: list[str] = []
+        completed = failed = 0
+        for index, request in enumerate(lines):
+            line_id = f"batch_req_{batch['id']}_{index}"
+            if index >= done:
+                message = {"batch_expired": "This request could not be executed before the completion window expired."}
+                error = {"code": reason, "message": message.get(reason, "The batch was cancelled.")}
+                errors.append(
+                    json.dumps({"id": line_id, "custom_id": request["custom_id"], "response": None, "error": error})
+                )
+                failed += 1
+                continue
+            fault = batch["_line_faults"].get(index)
+            if fault:
+                with self.fake._lock:
+                    self.fake.script.appendleft(fault)  # the very next chat answer is this line's
+            status, _, body = self.fake.respond(request.get("body") or {})
+            response = {"status_code": status, "request_id": f"req_{line_id}", "body": body}
+            row = json.dumps({"id": line_id, "custom_id": request["custom_id"], "response": response, "error": None})
+            if status == 200:
+                out.append(row)
+                completed += 1
+            else:
+                errors.append(row)
+                failed += 1
+        if out:
+            batch["output_file_id"] = self._store(
+                ("\n".join(out) + "\n").encode(), "batch_output.jsonl", "batch_output"
+            )
+        if errors:
+            batch["error_file_id"] = self._store(
+                ("\n".join(errors) + "\n").encode(), "batch_errors.jsonl", "batch_output"
+            )
+        batch["request_counts"].update(total=len(lines), completed=completed, failed=failed)
