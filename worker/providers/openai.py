@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import openai
 import structlog
+from openai import omit
+from openai._models import construct_type
+
+# The SDK's own converters, so that a batch line carries the very body `parse` sends and is read back the same way.
+from openai.lib._parsing._completions import parse_chat_completion, type_to_response_format_param
+from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_random_exponential
@@ -98,34 +104,64 @@ class OpenAIProvider:
             api_key=key, base_url=settings.openai_base_url, max_retries=0, timeout=settings.request_timeout
         )
 
+    def messages_for(self, prompt: Prompt) -> list[dict[str, str]]:
+        """The prompt's messages as sent (in JSON mode the schema rides in the system message)."""
+        messages: list[dict[str, str]] = list(prompt.messages)
+        if self.settings.json_mode:
+            schema = json.dumps(reply_model(prompt.names).model_json_schema())
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\nJSON schema:\n{schema}"}
+        return messages
+
+    def request(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> dict[str, Any]:
+        """The chat-completions arguments for the SDK (`response_format` a pydantic model for `parse`)."""
+        response_format: Any = {"type": "json_object"} if self.settings.json_mode else model_cls
+        return {"model": self.model, "messages": messages, "temperature": 0, "response_format": response_format}
+
+    def request_body(self, prompt: Prompt) -> dict[str, Any]:
+        """The JSON body the synchronous path sends for `prompt` (the strict schema as the SDK writes it)."""
+        body = self.request(self.messages_for(prompt), reply_model(prompt.names))
+        if not self.settings.json_mode:
+            # as `parse` writes it (tests/test_batch.py compares the two bodies byte for byte)
+            body.update(response_format=type_to_response_format_param(body["response_format"]), stream=False)
+        return body
+
+    def validate(self, prompt: Prompt, body: str, last_try: bool = False) -> Answer:
+        """Check one raw chat-completion body against `prompt`; `error` says why it is not usable.
+
+        Raises Refused or Truncated. The synchronous path and batch collection both validate through here. A
+        reply naming no term for a long post is worth one re-ask (`TAGGER_REPLY=relevant`), so it is an error
+        unless `last_try`.
+        """
+        answer = self._read(body, reply_model(prompt.names))
+        parsed = answer.parsed
+        if parsed is None:
+            return answer
+        complete = prompt.reply == "all"
+        error = missing_or_repeated(parsed, prompt.names, complete) or ""
+        silent = not complete and not parsed.judgements and len(prompt.post.body) >= LONG_POST_CHARS
+        if not error and silent and not last_try:
+            error = "the reply names no term at all; check again which listed terms apply to this post"
+        return Answer(answer.raw, None if error else parsed, answer.usage, error)
+
     def judge(self, prompt: Prompt) -> Reply:
         """Ask once; if the reply is invalid, re-ask once with the error, then give up."""
         model_cls = reply_model(prompt.names)
-        messages: list[dict[str, str]] = list(prompt.messages)
-        if self.settings.json_mode:
-            schema = json.dumps(model_cls.model_json_schema())
-            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\nJSON schema:\n{schema}"}
+        messages = self.messages_for(prompt)
         usage = Usage()
         error = ""
         raw = ""
         for attempt in (1, 2):
-            answer = self._call_with_retries(messages, model_cls)
+            answer = self.validate(prompt, self._call_with_retries(messages, model_cls), last_try=attempt == 2)
             raw, parsed, error = answer.raw, answer.parsed, answer.error
             usage = usage.add(answer.usage)
             if parsed is not None:
-                complete = prompt.reply == "all"
-                error = missing_or_repeated(parsed, prompt.names, complete) or ""
-                silent = not complete and not parsed.judgements and len(prompt.post.body) >= LONG_POST_CHARS
-                if not error and silent and attempt == 1:
-                    error = "the reply names no term at all; check again which listed terms apply to this post"
-                if not error:
-                    return Reply(judgements=list(parsed.judgements), usage=usage, raw=raw)
+                return Reply(judgements=list(parsed.judgements), usage=usage, raw=raw)
             log.warning("llm_invalid_reply", attempt=attempt, model=self.model, error=error[:300])
             if attempt == 1:
                 messages += [{"role": "assistant", "content": raw}, reask_message(self.templates, error, prompt.reply)]
         raise InvalidReply(f"reply failed validation after one re-ask: {error[:500]}", raw_reply=raw)
 
-    def _call_with_retries(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> Answer:
+    def _call_with_retries(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> str:
         s = self.settings
         backoff = wait_random_exponential(multiplier=0.5, max=s.retry_max_wait)
 
@@ -160,27 +196,34 @@ class OpenAIProvider:
             raise self._translate(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    def _call(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> Answer:
-        """One HTTP request: the raw content, the parsed reply or None, usage and the validation error."""
+    def _call(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> str:
+        """One HTTP request; returns the raw response body."""
         completions = self.client.chat.completions.with_raw_response
-        msgs: Any = messages
-        if self.settings.json_mode:
-            response: Any = completions.create(
-                model=self.model, messages=msgs, temperature=0, response_format={"type": "json_object"}
-            )
-        else:
-            response = completions.parse(model=self.model, messages=msgs, temperature=0, response_format=model_cls)
-        raw = _content_of(response.text)
+        kwargs = self.request(messages, model_cls)
+        response: Any = (completions.create if self.settings.json_mode else completions.parse)(**kwargs)
         self.throttle.observe(200, response.headers)
+        return str(response.text)
+
+    def _read(self, body: str, model_cls: type[ReplyBase]) -> Answer:
+        """A raw completion body parsed as the SDK's `parse` does: raw content, parsed or None, usage, error."""
+        raw = _content_of(body)
         try:
-            completion = response.parse()
+            completion = parse_chat_completion(
+                response_format=omit if self.settings.json_mode else model_cls,
+                input_tools=omit,
+                chat_completion=cast(ChatCompletion, construct_type(type_=ChatCompletion, value=json.loads(body))),
+            )
         except openai.LengthFinishReasonError as exc:
             raise Truncated("reply was cut off by the token limit", raw_reply=raw) from exc
         except openai.ContentFilterFinishReasonError as exc:
             raise Refused("reply was blocked by the provider's content filter", raw_reply=raw) from exc
         except ValidationError as exc:
-            return Answer(raw, None, _usage_of_body(response.text), _short_validation(exc))
+            return Answer(raw, None, _usage_of_body(body), _short_validation(exc))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return Answer(raw, None, _usage_of_body(body), f"not a chat completion: {exc}"[:300])
         usage = _usage(completion)
+        if not completion.choices:
+            return Answer(raw, None, usage, "no choices in the reply")
         message = completion.choices[0].message
         if getattr(message, "refusal", None):
             raise Refused(f"model refused: {str(message.refusal)[:300]}", raw_reply=raw)
