@@ -125,7 +125,7 @@ class Estimate:
     cost: float | None = None
 
 
-def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None = None) -> Estimate:
+def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None = None, batch: bool = False) -> Estimate:
     """Calls, tokens (the part a prefix cache can serve) and cost for `todo` with the configured model."""
     classifier = make_classifier(settings.model_copy(update={"provider_choice": "openai"}))
     seen: set[str] = set()
@@ -150,6 +150,8 @@ def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None =
                 result.cached_tokens += prefix // CACHE_STEP * CACHE_STEP
             seen.add(system)
     price = settings.prices.get(settings.model)
+    if price and batch:
+        price = price.batch()
     if price:
         uncached = result.input_tokens - result.cached_tokens
         result.cost = (

@@ -140,6 +140,19 @@ class Truncated(InvalidReply):
     kind = "truncated"
 
 
+class BatchUnsupported(ProviderError):
+    """The provider has no Batch API (`/v1/files`, `/v1/batches`), or the provider is the offline one."""
+
+    kind = "batch_unsupported"
+
+
+class NotInBatch(TaggerError):
+    """Collecting a batch, the classifier asked for a request the batch did not answer (the post or a term changed)."""
+
+    kind = "not_in_batch"
+    transient = True
+
+
 def kind_of(exc: BaseException) -> str:
     """A short failure kind for any exception, for `failed list` and logs."""
     if isinstance(exc, TaggerError):

@@ -51,6 +51,18 @@ class Price(BaseModel):
     input: float
     cached_input: float
     output: float
+    # Through the Batch API (default: half of each price above, as OpenAI charges).
+    batch_input: float | None = None
+    batch_cached_input: float | None = None
+    batch_output: float | None = None
+
+    def batch(self) -> Price:
+        """The prices a request costs through the Batch API."""
+        return Price(
+            input=self.input / 2 if self.batch_input is None else self.batch_input,
+            cached_input=self.cached_input / 2 if self.batch_cached_input is None else self.batch_cached_input,
+            output=self.output / 2 if self.batch_output is None else self.batch_output,
+        )
 
 
 DEFAULT_PRICES: dict[str, Price] = {
@@ -170,6 +182,11 @@ class Settings(BaseSettings):
     tpm: int = Field(default=0, ge=0, alias="TAGGER_TPM")
     quota_pause: float = Field(default=600.0, ge=0, alias="TAGGER_QUOTA_PAUSE")
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES), alias="TAGGER_PRICES")
+
+    # The provider's Batch API limits per input file (OpenAI: 50,000 requests, 200 MB).
+    batch_max_requests: int = Field(default=50_000, ge=1, alias="TAGGER_BATCH_MAX_REQUESTS")
+    batch_max_bytes: int = Field(default=200_000_000, ge=1024, alias="TAGGER_BATCH_MAX_BYTES")
+    batch_poll: float = Field(default=30.0, gt=0, alias="TAGGER_BATCH_POLL")
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
     redis_prefix: str = Field(default="tagger", alias="TAGGER_REDIS_PREFIX")

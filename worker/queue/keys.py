@@ -106,3 +106,13 @@ def limits_prefix(settings: Settings) -> str:
 def dropped(settings: Settings) -> str:
     """List of entries found on the queues that were not jobs at all (odd ids), newest first, capped."""
     return redis_key(settings, "dropped")
+
+
+def batch_index_key(settings: Settings) -> str:
+    """The sorted set of tagger's Batch API batches (score: creation time)."""
+    return redis_key(settings, "batches")
+
+
+def batch_key(settings: Settings, batch_id: str, part: str = "state") -> str:
+    """One batch's state (`state`: what it holds) or its collection log (`collected`: post -> outcome)."""
+    return redis_key(settings, "batch", batch_id, part)

@@ -1,0 +1,513 @@
+"""Backfill through the provider's Batch API: submit a site's requests, follow them, collect (idempotent), cancel.
+
+Submission plans each post exactly as the classifier would (cached terms skipped, the same prompts and chunks)
+and sends the very request bodies of the synchronous path. Collection runs the classifier on each post with a
+provider that answers from the batch (`BatchReplies`), so validation, selection, records and the write-back are
+the synchronous path's own. A post that changed since submission, a failed line, an invalid reply and every
+request of an expired or cancelled batch go to the normal queue (or into a new batch): nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, Field
+from redis import Redis
+
+from worker import backfill
+from worker.classifier import Classifier, make_classifier
+from worker.errors import TaggerError
+from worker.posts import Post, atomic_write
+from worker.prompts import Prompt
+from worker.providers.batch import TERMINAL, BatchAPI, BatchReplies, LineResult, batch_api, body_digest, read_results
+from worker.providers.batch import request_line as line_for
+from worker.providers.openai import OpenAIProvider
+from worker.queue.keys import batch_index_key, batch_key
+from worker.settings import Settings
+
+STATE_FILE = ".tagger-batches.json"
+COLLECTED_FILE = ".tagger-batches.collected.jsonl"
+Progress = Callable[[int, int, int, float, int], None]
+
+
+class PostEntry(BaseModel):
+    """One post in a batch: its path below the content root, its content hash then, its requests."""
+
+    path: str
+    content_hash: str
+    requests: dict[str, str] = Field(default_factory=dict)  # custom_id -> digest of the request body
+
+
+class BatchState(BaseModel):
+    """What tagger knows of one batch it submitted."""
+
+    id: str
+    input_file_id: str
+    created_at: float
+    model: str
+    requests: int
+    bytes: int
+    estimated_cost: float | None = None
+    types: list[str] | None = None
+    posts: dict[str, PostEntry] = Field(default_factory=dict)  # post key -> entry
+
+
+class BatchStore(Protocol):
+    """Where batch state lives: Redis under tagger's prefix, or a state file for `--inline`."""
+
+    def add(self, state: BatchState) -> None:
+        """Remember a new batch (or save it again)."""
+        ...
+
+    def get(self, batch_id: str) -> BatchState | None:
+        """One batch, or None."""
+        ...
+
+    def all(self) -> list[BatchState]:
+        """Every batch, oldest first."""
+        ...
+
+    def collected(self, batch_id: str) -> dict[str, str]:
+        """Posts of a batch already settled by `collect` (post key -> outcome)."""
+        ...
+
+    def mark(self, batch_id: str, outcomes: dict[str, str]) -> None:
+        """Record that posts were settled (written, unchanged, enqueued, rebatched...)."""
+        ...
+
+
+class RedisBatchStore:
+    """Batch state in Redis: one JSON value per batch, a sorted index, and a hash of settled posts."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+
+    def add(self, state: BatchState) -> None:
+        """Remember a new batch (or save it again)."""
+        with self.redis.pipeline() as pipe:
+            pipe.set(batch_key(self.settings, state.id), state.model_dump_json())
+            pipe.zadd(batch_index_key(self.settings), {state.id: state.created_at})
+            pipe.execute()
+
+    def get(self, batch_id: str) -> BatchState | None:
+        """One batch, or None."""
+        raw = self.redis.get(batch_key(self.settings, batch_id))
+        return BatchState.model_validate_json(raw) if raw else None
+
+    def all(self) -> list[BatchState]:
+        """Every batch, oldest first."""
+        ids = [_text(i) for i in self.redis.zrange(batch_index_key(self.settings), 0, -1)]
+        return [s for s in (self.get(i) for i in ids) if s is not None]
+
+    def collected(self, batch_id: str) -> dict[str, str]:
+        """Posts of a batch already settled (post key -> outcome)."""
+        raw = self.redis.hgetall(batch_key(self.settings, batch_id, "collected"))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def mark(self, batch_id: str, outcomes: dict[str, str]) -> None:
+        """Record that posts were settled."""
+        if outcomes:
+            self.redis.hset(batch_key(self.settings, batch_id, "collected"), mapping=outcomes)  # type: ignore[arg-type]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class FileBatchStore:
+    """Batch state in files under the records location (no Redis): the batches, and an append-only log."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / STATE_FILE
+        self.log = folder / COLLECTED_FILE
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _load(self) -> dict[str, BatchState]:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        return {k: BatchState.model_validate(v) for k, v in data.get("batches", {}).items()}
+
+    def add(self, state: BatchState) -> None:
+        """Remember a new batch (the file is replaced atomically)."""
+        with self._locked():
+            batches = self._load()
+            batches[state.id] = state
+            data = {"batches": {k: v.model_dump(mode="json") for k, v in batches.items()}}
+            atomic_write(self.path, json.dumps(data, indent=1).encode("utf-8"))
+
+    def get(self, batch_id: str) -> BatchState | None:
+        """One batch, or None."""
+        return self._load().get(batch_id)
+
+    def all(self) -> list[BatchState]:
+        """Every batch, oldest first."""
+        return sorted(self._load().values(), key=lambda s: s.created_at)
+
+    def collected(self, batch_id: str) -> dict[str, str]:
+        """Posts of a batch already settled (a line cut short by a crash is ignored)."""
+        out: dict[str, str] = {}
+        try:
+            lines = self.log.read_bytes().splitlines()
+        except FileNotFoundError:
+            return out
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("batch") == batch_id:
+                out[str(row["post"])] = str(row["outcome"])
+        return out
+
+    def mark(self, batch_id: str, outcomes: dict[str, str]) -> None:
+        """Append settled posts to the log and fsync it."""
+        if not outcomes:
+            return
+        with self._locked(), open(self.log, "ab") as handle:
+            for key, outcome in outcomes.items():
+                handle.write(json.dumps({"batch": batch_id, "post": key, "outcome": outcome}).encode() + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def state_folder(settings: Settings) -> Path:
+    """Where the `--inline` state file lives: the records folder, else the content root."""
+    return (settings.records_dir or settings.content_root()).expanduser().resolve()
+
+
+def store_for(settings: Settings, redis: Redis | None) -> BatchStore:
+    """Redis when given, else the state file."""
+    return RedisBatchStore(settings, redis) if redis is not None else FileBatchStore(state_folder(settings))
+
+
+def post_key(relative: str) -> str:
+    """A short key for a post's path below the content root (part of each request's custom_id)."""
+    return hashlib.sha1(relative.encode("utf-8")).hexdigest()[:16]
+
+
+def pending_prompts(classifier: Classifier, post: Post, types: Sequence[str] | None) -> list[Prompt]:
+    """The prompts the classifier would send for this post now (cached terms and the shortlist skipped)."""
+    _, todo = classifier.split_cached(post, classifier.terms_for(post, types), classifier.load_record(post))
+    if classifier.settings.shortlist_min and todo:
+        _, todo = classifier.shortlist(post, todo)
+    prompts, _ = classifier.prompts_for(post, todo)
+    return prompts
+
+
+@dataclass
+class Submitted:
+    """What `submit` did."""
+
+    batches: list[BatchState] = field(default_factory=list)
+    requests: int = 0
+    estimated_cost: float | None = None
+    settled: dict[str, str] = field(default_factory=dict)  # posts that needed no request: path -> outcome
+    failed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Pack:
+    posts: dict[str, PostEntry] = field(default_factory=dict)
+    paths: list[Path] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
+    requests: int = 0
+
+
+def submit(
+    settings: Settings, todo: Sequence[Path], store: BatchStore, types: Sequence[str] | None = None
+) -> Submitted:
+    """Write the posts' requests as JSON Lines, split within the provider's limits, upload and start batches."""
+    classifier = make_classifier(settings)
+    api = batch_api(classifier.provider)
+    provider = api.provider
+    root = settings.content_root()
+    result = Submitted()
+    packs: list[_Pack] = []
+    for path in todo:
+        try:
+            post = classifier.read(path)
+        except TaggerError as exc:
+            result.failed.append(f"{path}: {exc.kind}: {exc.message}")
+            continue
+        prompts = pending_prompts(classifier, post, types)
+        if not prompts:  # nothing to ask (retired terms to take back, say): settle it now, without a call
+            result.settled[str(path)] = _settle_now(classifier, provider, path, types)
+            continue
+        relative = path.resolve().relative_to(root).as_posix()
+        key = post_key(relative)
+        entry = PostEntry(path=relative, content_hash=post.content_hash)
+        lines = bytearray()
+        for chunk, prompt in enumerate(prompts):
+            body = provider.request_body(prompt)
+            custom_id = f"{key}-{chunk}-{post.content_hash[:16]}"
+            entry.requests[custom_id] = body_digest(body)
+            lines += line_for(custom_id, body)
+        # A post's requests stay in one file, so one batch settles the post.
+        pack = packs[-1] if packs else None
+        if (
+            pack is None
+            or pack.requests + len(prompts) > settings.batch_max_requests
+            or len(pack.data) + len(lines) > settings.batch_max_bytes
+        ):
+            pack = _Pack()
+            packs.append(pack)
+        pack.posts[key] = entry
+        pack.paths.append(path)
+        pack.data += lines
+        pack.requests += len(prompts)
+    for number, pack in enumerate(packs, 1):
+        file_id = api.upload(bytes(pack.data), f"tagger-backfill-{int(time.time())}-{number}.jsonl")
+        batch = api.create(file_id, {"tagger": settings.redis_prefix, "posts": str(len(pack.posts))})
+        cost = backfill.estimate(settings, pack.paths, types, batch=True).cost
+        state = BatchState(
+            id=batch.id,
+            input_file_id=file_id,
+            created_at=float(batch.created_at or time.time()),
+            model=settings.model,
+            requests=pack.requests,
+            bytes=len(pack.data),
+            estimated_cost=cost,
+            types=list(types) if types else None,
+            posts=pack.posts,
+        )
+        store.add(state)
+        result.batches.append(state)
+        result.requests += pack.requests
+        if cost is not None:
+            result.estimated_cost = (result.estimated_cost or 0.0) + cost
+    return result
+
+
+def _settle_now(classifier: Classifier, provider: OpenAIProvider, path: Path, types: Sequence[str] | None) -> str:
+    try:
+        written = dataclasses.replace(classifier, provider=BatchReplies(provider, {})).classify(path, types=types)
+    except TaggerError as exc:
+        return f"failed: {exc.kind}: {exc.message}"
+    return "written" if written.written else "unchanged"
+
+
+@dataclass
+class BatchRow:
+    """One batch as `batch status` shows it."""
+
+    id: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    age: float
+    estimated_cost: float | None
+    posts: int
+    settled: int
+
+
+def status(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> list[BatchRow]:
+    """Tagger's batches (or those named) with the provider's state and counts."""
+    api = batch_api(make_classifier(settings).provider)
+    rows = []
+    for state in _selected(store, ids):
+        batch = api.retrieve(state.id)
+        counts = batch.request_counts
+        rows.append(
+            BatchRow(
+                id=state.id,
+                status=batch.status,
+                total=counts.total if counts and counts.total else state.requests,
+                completed=counts.completed if counts else 0,
+                failed=counts.failed if counts else 0,
+                age=time.time() - state.created_at,
+                estimated_cost=state.estimated_cost,
+                posts=len(state.posts),
+                settled=len(store.collected(state.id)),
+            )
+        )
+    return rows
+
+
+def _selected(store: BatchStore, ids: Sequence[str]) -> list[BatchState]:
+    if not ids:
+        return store.all()
+    states = []
+    for batch_id in ids:
+        state = store.get(batch_id)
+        if state is None:
+            raise TaggerError(f"no batch {batch_id} in tagger's batch state")
+        states.append(state)
+    return states
+
+
+def cancel(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Cancel tagger's unfinished batches (or those named); `collect` then sends their requests elsewhere."""
+    api = batch_api(make_classifier(settings).provider)
+    done: list[tuple[str, str]] = []
+    for state in _selected(store, ids):
+        batch = api.retrieve(state.id)
+        if batch.status not in TERMINAL and batch.status != "cancelling":
+            batch = api.cancel(state.id)
+        done.append((state.id, batch.status))
+    return done
+
+
+def wait(
+    settings: Settings, store: BatchStore, ids: Sequence[str], progress: Progress | None = None, poll: float = 0
+) -> list[str]:
+    """Follow batches until each is finished (completed, failed, expired or cancelled); their final states."""
+    api = batch_api(make_classifier(settings).provider)
+    started = time.monotonic()
+    while True:
+        batches = [api.retrieve(state.id) for state in _selected(store, ids)]
+        done = sum(b.request_counts.completed for b in batches if b.request_counts)
+        failed = sum(b.request_counts.failed for b in batches if b.request_counts)
+        total = sum(b.request_counts.total for b in batches if b.request_counts) or 1
+        if progress:
+            progress(done, failed, total, started, 0)
+        if all(b.status in TERMINAL for b in batches):
+            return [b.status for b in batches]
+        time.sleep(poll or settings.batch_poll)
+
+
+@dataclass
+class Collected:
+    """What `collect` did, by post."""
+
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    enqueued: list[str] = field(default_factory=list)  # "path: why"
+    rebatched: list[str] = field(default_factory=list)
+    inline: list[str] = field(default_factory=list)  # classified in this process (no Redis)
+    failed: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)  # batch ids still running
+    already: int = 0
+    new_batches: list[BatchState] = field(default_factory=list)
+
+
+def collect(
+    settings: Settings,
+    store: BatchStore,
+    ids: Sequence[str] = (),
+    redis: Redis | None = None,
+    rebatch: bool = False,
+) -> Collected:
+    """Write back every finished batch's posts; send the rest to the queue (or inline, or a new batch).
+
+    Idempotent: each settled post is logged in the store, and a post written before a crash is fresh, so a
+    second run writes it no more.
+    """
+    classifier = make_classifier(settings)
+    api = batch_api(classifier.provider)
+    summary = Collected()
+    for state in _selected(store, ids):
+        settled = store.collected(state.id)
+        if len(settled) >= len(state.posts):
+            summary.already += len(state.posts)
+            continue
+        batch = api.retrieve(state.id)
+        if batch.status not in TERMINAL:
+            summary.unfinished.append(state.id)
+            continue
+        results = read_results(api.content(batch.output_file_id), api.content(batch.error_file_id))
+        if batch.status == "failed" and batch.errors and batch.errors.data:
+            why = "; ".join(f"{e.code}: {e.message}" for e in batch.errors.data[:3])
+            results = {}
+        else:
+            why = f"not answered (batch {batch.status})"
+        retry: dict[str, tuple[PostEntry, str]] = {}
+        for key, entry in state.posts.items():
+            if key in settled:
+                summary.already += 1
+                continue
+            outcome = _collect_post(classifier, api, state, entry, results, why)
+            if outcome in ("written", "unchanged"):
+                store.mark(state.id, {key: outcome})
+                (summary.written if outcome == "written" else summary.unchanged).append(entry.path)
+            else:
+                retry[key] = (entry, outcome)
+        _retry(settings, store, state, retry, redis, rebatch, summary)
+    return summary
+
+
+def _collect_post(
+    classifier: Classifier,
+    api: BatchAPI,
+    state: BatchState,
+    entry: PostEntry,
+    results: dict[str, LineResult],
+    why: str,
+) -> str:
+    """`written` or `unchanged`, else why the post goes back to the queue."""
+    for custom_id in entry.requests:
+        line = results.get(custom_id)
+        if line is None or line.body is None:
+            return line.error if line is not None else why
+    path = classifier.settings.content_root() / entry.path
+    try:
+        post = classifier.read(path)
+    except TaggerError as exc:
+        return f"{exc.kind}: {exc.message}"
+    if post.content_hash != entry.content_hash:
+        return "the post changed after it was submitted"
+    bodies = {entry.requests[cid]: str(results[cid].body) for cid in entry.requests}
+    judged = dataclasses.replace(classifier, provider=BatchReplies(api.provider, bodies))
+    try:
+        result = judged.classify(path, types=state.types)
+    except TaggerError as exc:
+        return f"{exc.kind}: {exc.message}"
+    return "written" if result.written else "unchanged"
+
+
+def _retry(
+    settings: Settings,
+    store: BatchStore,
+    state: BatchState,
+    retry: dict[str, tuple[PostEntry, str]],
+    redis: Redis | None,
+    rebatch: bool,
+    summary: Collected,
+) -> None:
+    """Posts a batch did not settle: the normal queue, a new batch, or (no Redis) this process."""
+    if not retry:
+        return
+    root = settings.content_root()
+    paths = [root / entry.path for entry, _ in retry.values()]
+    if rebatch:
+        again = submit(settings, paths, store, state.types)
+        summary.new_batches += again.batches
+        summary.rebatched += [f"{e.path}: {why}" for e, why in retry.values()]
+        summary.failed += again.failed
+        ids = ",".join(b.id for b in again.batches)
+        store.mark(state.id, {key: f"rebatched {ids}" for key in retry})
+        return
+    if redis is not None:
+        from worker.queue.jobs import enqueue_posts  # the queue only when there is Redis
+
+        enqueue_posts(paths, settings, redis, "low", types=state.types)
+        summary.enqueued += [f"{e.path}: {why}" for e, why in retry.values()]
+        store.mark(state.id, {key: f"enqueued: {why}"[:300] for key, (_, why) in retry.items()})
+        return
+    inline = backfill.run_inline(settings, paths, types=state.types)
+    summary.inline += [f"{e.path}: {why}" for e, why in retry.values()]
+    summary.failed += inline.failed
+    failed = {line.split(": ", 1)[0] for line in inline.failed}
+    store.mark(
+        state.id,
+        {key: "inline" if str(root / e.path) not in failed else "inline failed" for key, (e, _) in retry.items()},
+    )
