@@ -338,9 +338,9 @@ class FakeBatchAPI:
             if parts == ["batches"] and method == "POST":
                 return self._create(json.loads(raw or b"{}"))
             if parts == ["batches"] and method == "GET":
-                data = [self._advance(b) for b in sorted(self.batches.values(), key=lambda b: -b["created_at"])]
-                first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
-                return _json({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": False})
+                rows = [self._advance(b) for b in sorted(self.batches.values(), key=lambda b: -b["created_at"])]
+                first, last = (rows[0]["id"], rows[-1]["id"]) if rows else (None, None)
+                return _json({"object": "list", "data": rows, "first_id": first, "last_id": last, "has_more": False})
             if len(parts) >= 2 and parts[0] == "batches" and parts[1] in self.batches:
                 batch = self.batches[parts[1]]
                 if len(parts) == 3 and parts[2] == "cancel" and method == "POST":
