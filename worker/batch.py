@@ -183,6 +183,8 @@ class FileBatchStore:
         if not outcomes:
             return
         with self._locked(), open(self.log, "ab") as handle:
+            if handle.tell() and not self.log.read_bytes().endswith(b"\n"):
+                handle.write(b"\n")  # a line a kill cut short stays alone on its line (and is ignored)
             for key, outcome in outcomes.items():
                 handle.write(json.dumps({"batch": batch_id, "post": key, "outcome": outcome}).encode() + b"\n")
             handle.flush()
@@ -261,6 +263,12 @@ def submit(
             custom_id = f"{key}-{chunk}-{post.content_hash[:16]}"
             entry.requests[custom_id] = body_digest(body)
             lines += line_for(custom_id, body)
+        if len(prompts) > settings.batch_max_requests or len(lines) > settings.batch_max_bytes:
+            result.failed.append(
+                f"{path}: batch_limit: {len(prompts)} requests, {len(lines)} bytes exceed one batch file's limits"
+                " (TAGGER_BATCH_MAX_REQUESTS, TAGGER_BATCH_MAX_BYTES)"
+            )
+            continue
         # A post's requests stay in one file, so one batch settles the post.
         pack = packs[-1] if packs else None
         if (

@@ -490,6 +490,7 @@ class FakeBatchAPI:
             if fault:
                 with self.fake._lock:
                     self.fake.script.appendleft(fault)  # the very next chat answer is this line's
+            self.counts["lines"] += 1
             status, _, body = self.fake.respond(request.get("body") or {})
             response = {"status_code": status, "request_id": f"req_{line_id}", "body": body}
             row = json.dumps({"id": line_id, "custom_id": request["custom_id"], "response": response, "error": None})
