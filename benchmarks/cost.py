@@ -3,23 +3,28 @@
 All are measured in the same run through the real openai SDK against the fake server (tokens estimated at
 4 characters a token, the same way for all; the fake's replies follow the requested schema with reasons of
 about 20 words, so output tokens are realistic). Dollars at gpt-4o-mini's price in the default TAGGER_PRICES.
-Usage: .venv/bin/python benchmarks/cost.py
+Last, dollars per post for a synchronous backfill against a Batch API backfill (`backfill --batch`).
+Usage: .venv/bin/python benchmarks/cost.py [--batch-only]
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._support import fake_settings, need_corpus, scratch_posts
+from worker import batch
+from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.evaluation import dollars
 from worker.fakellm import FakeLLM
 from worker.judgements import Usage
 from worker.logs import configure
 from worker.posts import read_post
+from worker.records import load_record
 from worker.settings import DEFAULT_PRICES, Settings
 
 PRICE = DEFAULT_PRICES["gpt-4o-mini"]
@@ -31,6 +36,51 @@ CONFIGURATIONS = (  # label, TAGGER_CHUNK_SIZE, TAGGER_DEFINITIONS, TAGGER_REPLY
     ("one call per term, compact", 1, "compact", "all"),
     ("one call per term, full", 1, "full", "all"),
 )
+
+
+def spent(posts: list[Path]) -> Usage:
+    """The usage the posts' records hold (what their last classification spent)."""
+    total = Usage()
+    for path in posts:
+        total = total.add(load_record(path).usage)
+    return total
+
+
+def sync_vs_batch(corpus: Path) -> None:
+    """Dollars per post: a synchronous backfill and a Batch API backfill of the same posts, same fake answers."""
+    taxonomy = corpus / "taxonomy"
+    results = {}
+    for mode in ("synchronous", "batch"):
+        content = scratch_posts(corpus / "posts")
+        fake = FakeLLM().start()
+        try:
+            settings = fake_settings(fake, taxonomy, TAGGER_MODEL="gpt-4o-mini", TAGGER_CONTENT_DIR=str(content))
+            todo = plan(settings).todo
+            if mode == "synchronous":
+                failed = run_inline(settings, todo).failed
+            else:
+                store = batch.store_for(settings, None)
+                submitted = batch.submit(settings, todo, store)
+                collected = batch.collect(settings, store)
+                failed = submitted.failed + collected.failed + collected.inline
+            assert not failed, failed
+            posts = sorted(content.rglob("index.md"))
+            results[mode] = (len(posts), spent(posts), {p.relative_to(content): p.read_bytes() for p in posts})
+        finally:
+            fake.stop()
+            shutil.rmtree(content, ignore_errors=True)
+    n, sync_usage, sync_posts = results["synchronous"]
+    _, batch_usage, batch_posts = results["batch"]
+    assert sync_posts == batch_posts, "a batch backfill must write what a synchronous one writes"
+    sync_cost, batch_cost = (dollars(sync_usage, PRICE) or 0) / n, (dollars(batch_usage, PRICE.batch()) or 0) / n
+    print("dollars per post, synchronous against --batch (gpt-4o-mini, TAGGER_PRICES defaults; batch: half):")
+    print(f"{'':28}{'synchronous':>14}{'--batch':>14}{'ratio':>8}")
+    print(f"{'LLM requests / post':28}{sync_usage.calls / n:14.2f}{batch_usage.calls / n:14.2f}")
+    print(f"{'input tokens / post':28}{sync_usage.input_tokens / n:14.1f}{batch_usage.input_tokens / n:14.1f}")
+    print(f"{'output tokens / post':28}{sync_usage.output_tokens / n:14.1f}{batch_usage.output_tokens / n:14.1f}")
+    print(f"{'$ / post':28}{sync_cost:14.6f}{batch_cost:14.6f}{sync_cost / batch_cost:8.2f}x")
+    print(f"{'$ for a 1,800-post site':28}{sync_cost * 1800:14.2f}{batch_cost * 1800:14.2f}")
+    print(f"posts written identically by both: {len(sync_posts)}/{n}")
 
 
 def run(
@@ -87,6 +137,9 @@ def dollars_table(posts: list[Path], taxonomy: Path) -> None:
 def main() -> None:
     configure(Settings(_env_file=None, TAGGER_LOG_LEVEL="WARNING"))  # type: ignore[call-arg]
     corpus = need_corpus()
+    if "--batch-only" in sys.argv:
+        sync_vs_batch(corpus)
+        return
     content = scratch_posts(corpus / "posts")
     posts = sorted(content.rglob("index.md"))
     taxonomy = corpus / "taxonomy"
@@ -143,6 +196,7 @@ def main() -> None:
             f"recall {recall(asked) / max(picks, 1):.3f}"
         )
     dollars_table(posts, taxonomy)
+    sync_vs_batch(corpus)
 
 
 if __name__ == "__main__":
