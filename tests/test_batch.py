@@ -348,3 +348,78 @@ def test_state_file_survives_a_line_cut_short(tmp_path: Path) -> None:
     store.mark("b1", {"k3": "unchanged"})
     assert store.collected("b1") == {"k1": "written", "k3": "unchanged"}
     assert os.path.exists(store.log)
+
+
+CRASHING_SUBMIT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from worker import batch
+    from worker.backfill import plan
+    from worker.providers.batch import BatchAPI
+    from worker.settings import Settings
+
+    if sys.argv[1] == "after_create":  # the provider made the batch; tagger has not saved its id
+        real = batch.FileBatchStore.add
+        def add(self, state):
+            if not state.id.startswith(batch.PENDING):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(self, state)
+        batch.FileBatchStore.add = add
+    else:  # uploaded, killed before the batch was made
+        def create(self, file_id, metadata):
+            os.kill(os.getpid(), signal.SIGKILL)
+        BatchAPI.create = create
+    settings = Settings()
+    batch.submit(settings, plan(settings).todo, batch.store_for(settings, None))
+    """
+)
+
+
+@pytest.mark.parametrize("when", ["after_create", "before_create"])
+def test_a_submission_killed_around_batch_creation_loses_no_batch_and_no_post(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path, queue_env: dict[str, str], when: str
+) -> None:
+    settings = make_settings()
+    store = inline_store(settings)
+    env = {**queue_env, "REDIS_URL": NO_REDIS}
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_SUBMIT, when], env=env, capture_output=True, timeout=120)
+    assert crashed.returncode == -9, crashed.stderr
+    rows = batch.status(settings, store)
+    if when == "after_create":
+        # the provider's batch is found by its input file and adopted: collected like any other
+        assert [r.id for r in rows] == ["batch_fake00001"] and rows[0].posts == 3
+    else:
+        assert rows == [] and len(fake_llm.batch_api.batches) == 0  # nothing was started, nothing charged
+        assert len(plan(settings).todo) == 3  # the posts are still to do: a new backfill --batch takes them
+        batch.submit(settings, plan(settings).todo, store)
+    result = batch.collect(settings, store)
+    assert len(result.written) == 2 and len(result.unchanged) == 1
+    assert plan(settings).todo == []
+
+
+def test_batch_commands_with_redis_from_the_command_line(
+    site: Path, fake_llm: FakeLLM, queue_env: dict[str, str], redis: redis_lib.Redis
+) -> None:
+    tagger = [sys.executable, "-m", "worker"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([*tagger, *args], env=queue_env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    estimate_out = run("backfill", str(site / "site"), "--estimate", "--batch").stdout
+    assert "9 calls" in estimate_out and "at batch prices" in estimate_out
+    assert fake_llm.batch_api.files == {}  # an estimate submits nothing
+    fake_llm.batch_api.delay = 60
+    submitted = run("backfill", str(site / "site"), "--batch").stdout
+    assert "batch batch_fake00001: 9 requests, 3 posts" in submitted
+    assert "in_progress" in run("batch", "status").stdout
+    assert "1 batches unfinished" in run("batch", "collect").stdout
+    fake_llm.batch_api.delay = 0
+    collected = run("batch", "collect").stdout
+    assert "collect: 2 written, 1 unchanged, 0 enqueued" in collected
+    assert "settled before" in run("batch", "collect").stdout
+    status = run("batch", "status").stdout
+    assert "completed" in status and "      3 " in status
+    assert not (site / "site" / batch.STATE_FILE).exists()  # with Redis, the state is in Redis
+    assert redis.zcard(f"{queue_env['TAGGER_REDIS_PREFIX']}:batches") == 1

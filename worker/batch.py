@@ -36,6 +36,9 @@ from worker.queue.keys import batch_index_key, batch_key
 from worker.settings import Settings
 
 STATE_FILE = ".tagger-batches.json"
+PENDING = "pending-"  # the id of a batch's state between its upload and `batches.create`
+PENDING_GRACE = 600.0  # seconds a submission may take between upload and create before it counts as killed
+KEEP_SECONDS = 30 * 86400  # how long Redis keeps a batch's state
 COLLECTED_FILE = ".tagger-batches.collected.jsonl"
 Progress = Callable[[int, int, int, float, int], None]
 
@@ -85,6 +88,10 @@ class BatchStore(Protocol):
         """Record that posts were settled (written, unchanged, enqueued, rebatched...)."""
         ...
 
+    def drop(self, batch_id: str) -> None:
+        """Forget a batch."""
+        ...
+
 
 class RedisBatchStore:
     """Batch state in Redis: one JSON value per batch, a sorted index, and a hash of settled posts."""
@@ -94,10 +101,18 @@ class RedisBatchStore:
         self.redis = redis
 
     def add(self, state: BatchState) -> None:
-        """Remember a new batch (or save it again)."""
+        """Remember a new batch (or save it again); batches are forgotten 30 days after they were made."""
         with self.redis.pipeline() as pipe:
-            pipe.set(batch_key(self.settings, state.id), state.model_dump_json())
+            pipe.set(batch_key(self.settings, state.id), state.model_dump_json(), ex=KEEP_SECONDS)
             pipe.zadd(batch_index_key(self.settings), {state.id: state.created_at})
+            pipe.zremrangebyscore(batch_index_key(self.settings), 0, time.time() - KEEP_SECONDS)
+            pipe.execute()
+
+    def drop(self, batch_id: str) -> None:
+        """Forget a batch."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(batch_key(self.settings, batch_id), batch_key(self.settings, batch_id, "collected"))
+            pipe.zrem(batch_index_key(self.settings), batch_id)
             pipe.execute()
 
     def get(self, batch_id: str) -> BatchState | None:
@@ -118,7 +133,11 @@ class RedisBatchStore:
     def mark(self, batch_id: str, outcomes: dict[str, str]) -> None:
         """Record that posts were settled."""
         if outcomes:
-            self.redis.hset(batch_key(self.settings, batch_id, "collected"), mapping=outcomes)  # type: ignore[arg-type]
+            key = batch_key(self.settings, batch_id, "collected")
+            with self.redis.pipeline() as pipe:
+                pipe.hset(key, mapping=outcomes)  # type: ignore[arg-type]
+                pipe.expire(key, KEEP_SECONDS)
+                pipe.execute()
 
 
 def _text(value: object) -> str:
@@ -151,8 +170,18 @@ class FileBatchStore:
         with self._locked():
             batches = self._load()
             batches[state.id] = state
-            data = {"batches": {k: v.model_dump(mode="json") for k, v in batches.items()}}
-            atomic_write(self.path, json.dumps(data, indent=1).encode("utf-8"))
+            self._save(batches)
+
+    def drop(self, batch_id: str) -> None:
+        """Forget a batch."""
+        with self._locked():
+            batches = self._load()
+            if batches.pop(batch_id, None) is not None:
+                self._save(batches)
+
+    def _save(self, batches: dict[str, BatchState]) -> None:
+        data = {"batches": {k: v.model_dump(mode="json") for k, v in batches.items()}}
+        atomic_write(self.path, json.dumps(data, indent=1).encode("utf-8"))
 
     def get(self, batch_id: str) -> BatchState | None:
         """One batch, or None."""
@@ -284,20 +313,24 @@ def submit(
         pack.requests += len(prompts)
     for number, pack in enumerate(packs, 1):
         file_id = api.upload(bytes(pack.data), f"tagger-backfill-{int(time.time())}-{number}.jsonl")
-        batch = api.create(file_id, {"tagger": settings.redis_prefix, "posts": str(len(pack.posts))})
-        cost = backfill.estimate(settings, pack.paths, types, batch=True).cost
         state = BatchState(
-            id=batch.id,
+            id=PENDING + file_id,
             input_file_id=file_id,
-            created_at=float(batch.created_at or time.time()),
+            created_at=time.time(),
             model=settings.model,
             requests=pack.requests,
             bytes=len(pack.data),
-            estimated_cost=cost,
+            estimated_cost=backfill.estimate(settings, pack.paths, types, batch=True).cost,
             types=list(types) if types else None,
             posts=pack.posts,
         )
+        # Saved before the batch exists: a kill between `create` and the save below is settled by `_adopt`.
         store.add(state)
+        batch = api.create(file_id, {"tagger": settings.redis_prefix, "posts": str(len(pack.posts))})
+        state = state.model_copy(update={"id": batch.id, "created_at": float(batch.created_at or state.created_at)})
+        store.add(state)
+        store.drop(PENDING + file_id)
+        cost = state.estimated_cost
         result.batches.append(state)
         result.requests += pack.requests
         if cost is not None:
@@ -332,7 +365,7 @@ def status(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> li
     """Tagger's batches (or those named) with the provider's state and counts."""
     api = batch_api(make_classifier(settings).provider)
     rows = []
-    for state in _selected(store, ids):
+    for state in _selected(store, ids, api):
         batch = api.retrieve(state.id)
         counts = batch.request_counts
         rows.append(
@@ -351,9 +384,26 @@ def status(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> li
     return rows
 
 
-def _selected(store: BatchStore, ids: Sequence[str]) -> list[BatchState]:
+def _adopt(api: BatchAPI, store: BatchStore) -> None:
+    """Settle submissions a kill interrupted: a batch the provider made from the file is adopted, else dropped."""
+    pending = {s.input_file_id: s for s in store.all() if s.id.startswith(PENDING)}
+    if not pending:
+        return
+    for batch in api.list():
+        state = pending.pop(batch.input_file_id, None)
+        if state is not None:
+            store.add(state.model_copy(update={"id": batch.id, "created_at": float(batch.created_at)}))
+            store.drop(state.id)
+    for state in pending.values():  # no batch was made: nothing was charged, and the posts are not fresh
+        if time.time() - state.created_at > PENDING_GRACE:
+            store.drop(state.id)
+
+
+def _selected(store: BatchStore, ids: Sequence[str], api: BatchAPI | None = None) -> list[BatchState]:
+    if api is not None:
+        _adopt(api, store)
     if not ids:
-        return store.all()
+        return [s for s in store.all() if not s.id.startswith(PENDING)]
     states = []
     for batch_id in ids:
         state = store.get(batch_id)
@@ -367,7 +417,7 @@ def cancel(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> li
     """Cancel tagger's unfinished batches (or those named); `collect` then sends their requests elsewhere."""
     api = batch_api(make_classifier(settings).provider)
     done: list[tuple[str, str]] = []
-    for state in _selected(store, ids):
+    for state in _selected(store, ids, api):
         batch = api.retrieve(state.id)
         if batch.status not in TERMINAL and batch.status != "cancelling":
             batch = api.cancel(state.id)
@@ -382,7 +432,7 @@ def wait(
     api = batch_api(make_classifier(settings).provider)
     started = time.monotonic()
     while True:
-        batches = [api.retrieve(state.id) for state in _selected(store, ids)]
+        batches = [api.retrieve(state.id) for state in _selected(store, ids, api)]
         done = sum(b.request_counts.completed for b in batches if b.request_counts)
         failed = sum(b.request_counts.failed for b in batches if b.request_counts)
         total = sum(b.request_counts.total for b in batches if b.request_counts) or 1
@@ -423,7 +473,7 @@ def collect(
     classifier = make_classifier(settings)
     api = batch_api(classifier.provider)
     summary = Collected()
-    for state in _selected(store, ids):
+    for state in _selected(store, ids, api):
         settled = store.collected(state.id)
         if len(settled) >= len(state.posts):
             summary.already += len(state.posts)

@@ -87,6 +87,10 @@ class BatchAPI:
         """The batch as the provider sees it now."""
         return self._call("GET /batches", lambda: self.client.batches.retrieve(batch_id))
 
+    def list(self) -> list[Batch]:
+        """The account's batches (every page)."""
+        return self._call("GET /batches", lambda: list(self.client.batches.list(limit=100)))
+
     def cancel(self, batch_id: str) -> Batch:
         """Ask the provider to cancel a batch."""
         return self._call("POST /batches/cancel", lambda: self.client.batches.cancel(batch_id))
