@@ -32,6 +32,7 @@ from worker.prompts import Prompt
 from worker.providers.batch import TERMINAL, BatchAPI, BatchReplies, LineResult, batch_api, body_digest, read_results
 from worker.providers.batch import request_line as line_for
 from worker.providers.openai import OpenAIProvider
+from worker.queue.jobs import confine, enqueue_posts
 from worker.queue.keys import batch_index_key, batch_key
 from worker.settings import Settings
 
@@ -270,11 +271,11 @@ def submit(
     classifier = make_classifier(settings)
     api = batch_api(classifier.provider)
     provider = api.provider
-    root = settings.content_root()
     result = Submitted()
     packs: list[_Pack] = []
     for path in todo:
         try:
+            relative = confine(path, settings)
             post = classifier.read(path)
         except TaggerError as exc:
             result.failed.append(f"{path}: {exc.kind}: {exc.message}")
@@ -283,7 +284,6 @@ def submit(
         if not prompts:  # nothing to ask (retired terms to take back, say): settle it now, without a call
             result.settled[str(path)] = _settle_now(classifier, provider, path, types)
             continue
-        relative = path.resolve().relative_to(root).as_posix()
         key = post_key(relative)
         entry = PostEntry(path=relative, content_hash=post.content_hash)
         lines = bytearray()
@@ -330,11 +330,10 @@ def submit(
         state = state.model_copy(update={"id": batch.id, "created_at": float(batch.created_at or state.created_at)})
         store.add(state)
         store.drop(PENDING + file_id)
-        cost = state.estimated_cost
         result.batches.append(state)
         result.requests += pack.requests
-        if cost is not None:
-            result.estimated_cost = (result.estimated_cost or 0.0) + cost
+        if state.estimated_cost is not None:
+            result.estimated_cost = (result.estimated_cost or 0.0) + state.estimated_cost
     return result
 
 
@@ -363,7 +362,7 @@ class BatchRow:
 
 def status(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> list[BatchRow]:
     """Tagger's batches (or those named) with the provider's state and counts."""
-    api = batch_api(make_classifier(settings).provider)
+    api = _api(settings)
     rows = []
     for state in _selected(store, ids, api):
         batch = api.retrieve(state.id)
@@ -382,6 +381,14 @@ def status(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> li
             )
         )
     return rows
+
+
+def _api(settings: Settings) -> BatchAPI:
+    """The Batch API of the configured provider (no taxonomy needed to look at batches)."""
+    from worker.prompts import load_templates
+    from worker.providers import make_provider
+
+    return batch_api(make_provider(settings, load_templates(settings.prompts_dir)))
 
 
 def _adopt(api: BatchAPI, store: BatchStore) -> None:
@@ -415,7 +422,7 @@ def _selected(store: BatchStore, ids: Sequence[str], api: BatchAPI | None = None
 
 def cancel(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> list[tuple[str, str]]:
     """Cancel tagger's unfinished batches (or those named); `collect` then sends their requests elsewhere."""
-    api = batch_api(make_classifier(settings).provider)
+    api = _api(settings)
     done: list[tuple[str, str]] = []
     for state in _selected(store, ids, api):
         batch = api.retrieve(state.id)
@@ -429,7 +436,7 @@ def wait(
     settings: Settings, store: BatchStore, ids: Sequence[str], progress: Progress | None = None, poll: float = 0
 ) -> list[str]:
     """Follow batches until each is finished (completed, failed, expired or cancelled); their final states."""
-    api = batch_api(make_classifier(settings).provider)
+    api = _api(settings)
     started = time.monotonic()
     while True:
         batches = [api.retrieve(state.id) for state in _selected(store, ids, api)]
@@ -555,8 +562,6 @@ def _retry(
         store.mark(state.id, {key: f"rebatched {ids}" for key in retry})
         return
     if redis is not None:
-        from worker.queue.jobs import enqueue_posts  # the queue only when there is Redis
-
         enqueue_posts(paths, settings, redis, "low", types=state.types)
         summary.enqueued += [f"{e.path}: {why}" for e, why in retry.values()]
         store.mark(state.id, {key: f"enqueued: {why}"[:300] for key, (_, why) in retry.items()})
