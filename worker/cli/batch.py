@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from worker import batch as batch_lib
+import click
+from redis import Redis
+
+from worker.backfill import Progress
+from worker.cli.app import App, err, redis_for
 from worker.logs import configure
-from worker.queue.keys import connect
 from worker.settings import Settings
 
+if TYPE_CHECKING:
+    from worker import batch as batch_types
 
-def _store(settings: Settings, inline: bool) -> tuple[batch_lib.BatchStore, Any]:
-    redis = None if inline else connect(settings)
-    return batch_lib.store_for(settings, redis), redis
+
+def _lib() -> ModuleType:
+    """`worker.batch`, imported when a batch command runs (it loads the SDK; other commands start faster)."""
+    return importlib.import_module("worker.batch")
 
 
 def _cost(value: float | None, settings: Settings) -> str:
@@ -24,84 +30,117 @@ def _cost(value: float | None, settings: Settings) -> str:
 
 
 def submit(
-    settings: Settings, todo: list[Path], types: Sequence[str] | None, inline: bool, wait: bool, progress: Any
-) -> int:
-    """Submit a planned backfill as batches; with `wait`, follow and collect them."""
-    store, redis = _store(settings, inline)
-    done = batch_lib.submit(settings, todo, store, types)
+    settings: Settings,
+    todo: list[Path],
+    types: Sequence[str] | None,
+    redis: Redis | None,
+    wait: bool,
+    progress: Progress,
+) -> bool:
+    """Submit a planned backfill as batches (`backfill --batch`); with `wait`, follow and collect. True if all went."""
+    store = _lib().store_for(settings, redis)
+    done = _lib().submit(settings, todo, store, types)
     for state in done.batches:
-        print(
+        click.echo(
             f"batch {state.id}: {state.requests} requests, {len(state.posts)} posts, {state.bytes} bytes, "
             f"estimated {_cost(state.estimated_cost, settings)} at batch prices"
         )
-    print(
+    settled = f"; {len(done.settled)} posts needed no request" if done.settled else ""
+    click.echo(
         f"backfill --batch: {len(done.batches)} batches, {done.requests} requests, "
-        f"estimated cost {_cost(done.estimated_cost, settings)} at batch prices"
-        + (f"; {len(done.settled)} posts needed no request" if done.settled else "")
+        f"estimated cost {_cost(done.estimated_cost, settings)} at batch prices{settled}"
     )
     for line in done.failed:
-        print(f"FAILED {line}", file=sys.stderr)
+        err(f"FAILED {line}")
+    inline = " --inline" if redis is None else ""
     if not wait or not done.batches:
         if done.batches:
-            print(
-                f"then: tagger batch status{' --inline' if inline else ''}; "
-                f"tagger batch collect{' --inline' if inline else ''}"
-            )
-        return 1 if done.failed else 0
-    ids = [b.id for b in done.batches]
+            click.echo(f"then: tagger batch status{inline}; tagger batch collect{inline}")
+        return not done.failed
     try:
-        batch_lib.wait(settings, store, ids, progress)
+        _lib().wait(settings, store, [b.id for b in done.batches], progress)
     except KeyboardInterrupt:
-        print("\nbackfill: stopped waiting; the batches carry on (tagger batch collect later)")
-        return 130
-    print()
-    return _print_collected(batch_lib.collect(settings, store, ids, redis), settings) or int(bool(done.failed))
+        click.echo(f"\nbackfill: stopped waiting; the batches carry on (tagger batch collect{inline} later)")
+        raise click.exceptions.Exit(130) from None
+    click.echo()
+    collected = _lib().collect(settings, store, [b.id for b in done.batches], redis)
+    return _print_collected(collected, settings) and not done.failed
 
 
-def _print_collected(result: batch_lib.Collected, settings: Settings) -> int:
-    print(
-        f"collect: {len(result.written)} written, {len(result.unchanged)} unchanged, "
-        f"{len(result.enqueued)} enqueued, {len(result.rebatched)} rebatched, {len(result.inline)} classified inline, "
-        f"{result.already} settled before, {len(result.unfinished)} batches unfinished"
+def _print_collected(result: batch_types.Collected, settings: Settings) -> bool:
+    click.echo(
+        f"collect: {len(result.written)} written, {len(result.unchanged)} unchanged, {len(result.enqueued)} enqueued, "
+        f"{len(result.rebatched)} rebatched, {len(result.inline)} classified inline, {result.already} settled "
+        f"before, {len(result.unfinished)} batches unfinished"
     )
-    for line in result.enqueued:
-        print(f"  enqueued {line}")
-    for line in result.rebatched:
-        print(f"  rebatched {line}")
-    for line in result.inline:
-        print(f"  inline {line}")
+    for label, lines in (("enqueued", result.enqueued), ("rebatched", result.rebatched), ("inline", result.inline)):
+        for line in lines:
+            click.echo(f"  {label} {line}")
     for state in result.new_batches:
-        print(f"batch {state.id}: {state.requests} requests, estimated {_cost(state.estimated_cost, settings)}")
+        click.echo(f"batch {state.id}: {state.requests} requests, estimated {_cost(state.estimated_cost, settings)}")
     for batch_id in result.unfinished:
-        print(f"  unfinished {batch_id} (collect again when it is done)")
+        click.echo(f"  unfinished {batch_id} (collect again when it is done)")
     for line in result.failed:
-        print(f"FAILED {line}", file=sys.stderr)
-    return 1 if result.failed else 0
+        err(f"FAILED {line}")
+    return not result.failed
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
-    """`tagger batch status | collect | cancel [BATCH...]`."""
-    settings = Settings()
-    configure(settings, quiet=True)
-    store, redis = _store(settings, args.inline)
-    if args.action == "status":
-        rows = batch_lib.status(settings, store, args.batches)
-        print(
-            f"{'batch':<28} {'status':<11} {'done':>7} {'failed':>7} {'total':>7} {'posts':>6} {'settled':>7} "
-            f"{'age':>8}  est. cost"
+def _setup(app: App, inline: bool) -> tuple[Settings, batch_types.BatchStore, Redis | None]:
+    settings = app.settings()
+    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table
+    redis = None if inline else redis_for(settings)
+    return settings, _lib().store_for(settings, redis), redis
+
+
+INLINE_HELP = "State in a file under the records folder (else the content root): no Redis."
+
+
+@click.group()
+def batch() -> None:
+    """Batch API backfills (`backfill DIR --batch`): status, collect, cancel."""
+
+
+@batch.command()
+@click.argument("batches", nargs=-1, metavar="[BATCH]...")
+@click.option("--inline", is_flag=True, help=INLINE_HELP)
+@click.pass_obj
+def status(app: App, batches: tuple[str, ...], inline: bool) -> None:
+    """List tagger's batches: state, request counts, posts settled, age and estimated cost."""
+    settings, store, _ = _setup(app, inline)
+    rows = _lib().status(settings, store, batches)
+    click.echo(
+        f"{'batch':<28} {'status':<11} {'done':>7} {'failed':>7} {'total':>7} {'posts':>6} {'settled':>7} "
+        f"{'age':>8}  est. cost"
+    )
+    for r in rows:
+        click.echo(
+            f"{r.id:<28} {r.status:<11} {r.completed:>7} {r.failed:>7} {r.total:>7} {r.posts:>6} "
+            f"{r.settled:>7} {_age(r.age):>8}  {_cost(r.estimated_cost, settings)}"
         )
-        for r in rows:
-            print(
-                f"{r.id:<28} {r.status:<11} {r.completed:>7} {r.failed:>7} {r.total:>7} {r.posts:>6} "
-                f"{r.settled:>7} {_age(r.age):>8}  {_cost(r.estimated_cost, settings)}"
-            )
-        print(f"{len(rows)} batches", file=sys.stderr)
-        return 0
-    if args.action == "cancel":
-        for batch_id, state in batch_lib.cancel(settings, store, args.batches):
-            print(f"{batch_id}: {state}")
-        return 0
-    return _print_collected(batch_lib.collect(settings, store, args.batches, redis, rebatch=args.rebatch), settings)
+    err(f"{len(rows)} batches")
+
+
+@batch.command()
+@click.argument("batches", nargs=-1, metavar="[BATCH]...")
+@click.option("--inline", is_flag=True, help=INLINE_HELP + " What failed is classified in this process.")
+@click.option("--rebatch", is_flag=True, help="Send what failed into a new batch instead of the queue.")
+@click.pass_obj
+def collect(app: App, batches: tuple[str, ...], inline: bool, rebatch: bool) -> None:
+    """Write back finished batches' posts; what failed goes to the queue. Safe to run again at any time."""
+    settings, store, redis = _setup(app, inline)
+    if not _print_collected(_lib().collect(settings, store, batches, redis, rebatch=rebatch), settings):
+        raise click.exceptions.Exit(1)
+
+
+@batch.command()
+@click.argument("batches", nargs=-1, metavar="[BATCH]...")
+@click.option("--inline", is_flag=True, help=INLINE_HELP)
+@click.pass_obj
+def cancel(app: App, batches: tuple[str, ...], inline: bool) -> None:
+    """Cancel tagger's unfinished batches; `batch collect` then sends their posts to the queue."""
+    settings, store, _ = _setup(app, inline)
+    for batch_id, state in _lib().cancel(settings, store, batches):
+        click.echo(f"{batch_id}: {state}")
 
 
 def _age(seconds: float) -> str:
@@ -110,13 +149,3 @@ def _age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
-
-
-def add_commands(sub: Any) -> None:
-    """Register `batch` on the main parser."""
-    batch = sub.add_parser("batch", help="Batch API backfills: status, collect, cancel")
-    batch.add_argument("action", choices=["status", "collect", "cancel"])
-    batch.add_argument("batches", nargs="*", metavar="BATCH", help="batch ids (default: all of tagger's)")
-    batch.add_argument("--inline", action="store_true", help="state in a file under the records folder, no Redis")
-    batch.add_argument("--rebatch", action="store_true", help="collect: send what failed into a new batch")
-    batch.set_defaults(func=cmd_batch)
