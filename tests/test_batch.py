@@ -174,6 +174,13 @@ def test_post_edited_between_submission_and_collection_is_enqueued_not_overwritt
     assert len(result.written) + len(result.unchanged) == 2
     job = Job.fetch(job_id_for(relative), connection=redis, serializer=JSONSerializer)
     assert job.get_status() == "queued"
+    work = subprocess.run(
+        [sys.executable, "-m", "worker", "work", "--burst"], env=queue_env, capture_output=True, text=True, timeout=120
+    )
+    assert work.returncode == 0, work.stderr
+    assert job.get_status() == "finished"  # the normal queue classified it, the edit kept
+    assert b"A paragraph added after the batch was submitted." in edited.read_bytes()
+    assert plan(settings).todo == []
     # the batch state lives in Redis under tagger's prefix
     assert redis.exists(f"{settings.redis_prefix}:batches")
     assert batch.collect(settings, store, redis=redis).already == 3

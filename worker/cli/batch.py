@@ -105,7 +105,7 @@ def batch() -> None:
 @click.option("--inline", is_flag=True, help=INLINE_HELP)
 @click.pass_obj
 def status(app: App, batches: tuple[str, ...], inline: bool) -> None:
-    """List tagger's batches: state, request counts, posts settled, age and estimated cost."""
+    """List tagger's batches (or each BATCH id given): state, request counts, posts settled, age, estimated cost."""
     settings, store, _ = _setup(app, inline)
     rows = _lib().status(settings, store, batches)
     click.echo(
@@ -126,7 +126,10 @@ def status(app: App, batches: tuple[str, ...], inline: bool) -> None:
 @click.option("--rebatch", is_flag=True, help="Send what failed into a new batch instead of the queue.")
 @click.pass_obj
 def collect(app: App, batches: tuple[str, ...], inline: bool, rebatch: bool) -> None:
-    """Write back finished batches' posts; what failed goes to the queue. Safe to run again at any time."""
+    """Write back the posts of finished batches (all of tagger's, or each BATCH id given).
+
+    What failed goes to the queue (or a new batch with --rebatch). Safe to run again at any time.
+    """
     settings, store, redis = _setup(app, inline)
     if not _print_collected(_lib().collect(settings, store, batches, redis, rebatch=rebatch), settings):
         raise click.exceptions.Exit(1)
@@ -137,7 +140,7 @@ def collect(app: App, batches: tuple[str, ...], inline: bool, rebatch: bool) -> 
 @click.option("--inline", is_flag=True, help=INLINE_HELP)
 @click.pass_obj
 def cancel(app: App, batches: tuple[str, ...], inline: bool) -> None:
-    """Cancel tagger's unfinished batches; `batch collect` then sends their posts to the queue."""
+    """Cancel tagger's unfinished batches (or each BATCH id given); `batch collect` then queues their posts."""
     settings, store, _ = _setup(app, inline)
     for batch_id, state in _lib().cancel(settings, store, batches):
         click.echo(f"{batch_id}: {state}")
