@@ -96,6 +96,20 @@ def test_batch_backfill_writes_what_a_synchronous_backfill_writes(
     assert len(submitted.batches[0].posts) == 3
 
 
+def test_a_second_submission_does_not_send_posts_already_in_a_batch(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
+) -> None:
+    settings = make_settings()
+    store = inline_store(settings)
+    fake_llm.batch_api.script("never_finish")
+    assert len(batch.submit(settings, plan(settings).todo, store).batches) == 1
+    edited = posts_of(site)[0]
+    edited.write_bytes(edited.read_bytes() + b"\nEdited after submission.\n")
+    second = batch.submit(settings, plan(settings).todo, store)
+    assert len(second.in_flight) == 2 and second.requests == 3  # only the edited post goes again
+    assert [len(b.posts) for b in second.batches] == [1]
+
+
 def test_collect_twice_writes_each_post_once(
     make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
 ) -> None:
@@ -328,11 +342,11 @@ def test_requests_are_split_within_the_limits_keeping_each_post_whole(
     assert [b.requests for b in submitted.batches] == [3, 3, 3]
     total = sum(b.bytes for b in submitted.batches)
     settings = make_settings(TAGGER_BATCH_MAX_BYTES=total - 1)
-    submitted = batch.submit(settings, plan(settings).todo, inline_store(settings))
+    submitted = batch.submit(settings, plan(settings).todo, inline_store(settings), again=True)
     assert sorted(len(b.posts) for b in submitted.batches) == [1, 2]
     assert all(b.bytes <= settings.batch_max_bytes for b in submitted.batches)
     tiny = make_settings(TAGGER_BATCH_MAX_REQUESTS=2)
-    refused = batch.submit(tiny, plan(tiny).todo, inline_store(tiny))
+    refused = batch.submit(tiny, plan(tiny).todo, inline_store(tiny), again=True)
     assert not refused.batches and len(refused.failed) == 3 and "batch_limit" in refused.failed[0]
 
 

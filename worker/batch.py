@@ -254,6 +254,7 @@ class Submitted:
     requests: int = 0
     estimated_cost: float | None = None
     settled: dict[str, str] = field(default_factory=dict)  # posts that needed no request: path -> outcome
+    in_flight: list[str] = field(default_factory=list)  # posts already in a batch not yet collected
     failed: list[str] = field(default_factory=list)
 
 
@@ -265,13 +266,34 @@ class _Pack:
     requests: int = 0
 
 
+def in_flight(store: BatchStore) -> dict[str, str]:
+    """Posts in batches not yet collected: post key -> the content hash they were submitted with."""
+    out: dict[str, str] = {}
+    for state in store.all():
+        if state.id.startswith(PENDING):  # no batch made (yet): a killed submission must not hold its posts back
+            continue
+        settled = store.collected(state.id)
+        out.update({key: e.content_hash for key, e in state.posts.items() if key not in settled})
+    return out
+
+
 def submit(
-    settings: Settings, todo: Sequence[Path], store: BatchStore, types: Sequence[str] | None = None
+    settings: Settings,
+    todo: Sequence[Path],
+    store: BatchStore,
+    types: Sequence[str] | None = None,
+    again: bool = False,
 ) -> Submitted:
-    """Write the posts' requests as JSON Lines, split within the provider's limits, upload and start batches."""
+    """Write the posts' requests as JSON Lines, split within the provider's limits, upload and start batches.
+
+    A post already waiting, unchanged, in a batch not yet collected is not sent twice (unless `again`).
+    """
     classifier = make_classifier(settings)
     api = batch_api(classifier.provider)
     provider = api.provider
+    if not again:
+        _adopt(api, store)
+    busy = {} if again else in_flight(store)
     result = Submitted()
     packs: list[_Pack] = []
     for path in todo:
@@ -280,6 +302,9 @@ def submit(
             post = classifier.read(path)
         except TaggerError as exc:
             result.failed.append(f"{path}: {exc.kind}: {exc.message}")
+            continue
+        if busy.get(post_key(relative)) == post.content_hash:
+            result.in_flight.append(relative)
             continue
         prompts = pending_prompts(classifier, post, types)
         if not prompts:  # nothing to ask (retired terms to take back, say): settle it now, without a call
@@ -555,7 +580,7 @@ def _retry(
     root = settings.content_root()
     paths = [root / entry.path for entry, _ in retry.values()]
     if rebatch:
-        again = submit(settings, paths, store, state.types)
+        again = submit(settings, paths, store, state.types, again=True)
         summary.new_batches += again.batches
         summary.rebatched += [f"{e.path}: {why}" for e, why in retry.values()]
         summary.failed += again.failed

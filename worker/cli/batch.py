@@ -46,6 +46,8 @@ def submit(
             f"estimated {_cost(state.estimated_cost, settings)} at batch prices"
         )
     settled = f"; {len(done.settled)} posts needed no request" if done.settled else ""
+    if done.in_flight:
+        settled += f"; {len(done.in_flight)} posts already in a batch not yet collected (tagger batch collect)"
     click.echo(
         f"backfill --batch: {len(done.batches)} batches, {done.requests} requests, "
         f"estimated cost {_cost(done.estimated_cost, settings)} at batch prices{settled}"
