@@ -142,7 +142,8 @@ class BatchReplies:
         body = self.bodies.get(body_digest(self.provider.request_body(prompt)))
         if body is None:
             raise NotInBatch("the batch holds no reply to this request (the post, a term or the prompt changed)")
-        parsed, usage, raw, error = self.provider.validate(prompt, body)
-        if parsed is None:
-            raise InvalidReply(f"batch reply failed validation: {error[:500]}", raw_reply=raw)
-        return Reply(judgements=list(parsed.judgements), usage=usage, raw=raw)
+        # Not the last try: a reply the synchronous path would re-ask goes back to it (the queue), which re-asks.
+        answer = self.provider.validate(prompt, body)
+        if answer.parsed is None:
+            raise InvalidReply(f"batch reply failed validation: {answer.error[:500]}", raw_reply=answer.raw)
+        return Reply(judgements=list(answer.parsed.judgements), usage=answer.usage, raw=answer.raw)
