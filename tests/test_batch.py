@@ -66,15 +66,17 @@ def test_batch_lines_carry_the_synchronous_request_body(
     assert all(b["response_format"]["json_schema"]["strict"] for b in lines)  # type: ignore[index]
 
 
+@pytest.mark.parametrize(("definitions", "reply"), [("compact", "all"), ("full", "relevant")])
 def test_batch_backfill_writes_what_a_synchronous_backfill_writes(
-    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path, tmp_path: Path
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path, tmp_path: Path, definitions: str, reply: str
 ) -> None:
+    shapes = {"TAGGER_DEFINITIONS": definitions, "TAGGER_REPLY": reply}
     twin = tmp_path / "twin"
     shutil.copytree(site / "site", twin)
-    sync = make_settings(TAGGER_CONTENT_DIR=str(twin))
+    sync = make_settings(TAGGER_CONTENT_DIR=str(twin), **shapes)
     reference = run_inline(sync, plan(sync).todo)
     assert not reference.failed and reference.written == 2  # one demo post already lists what it gets
-    settings = make_settings()
+    settings = make_settings(**shapes)
     store = inline_store(settings)
     submitted = batch.submit(settings, plan(settings).todo, store)
     before = fake_llm.counts["requests"]
