@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import structlog
 from pydantic import BaseModel, Field
 from redis import Redis
 
@@ -37,6 +38,7 @@ from worker.queue.jobs import enqueue_posts
 from worker.queue.keys import batch_index_key, batch_key
 from worker.settings import Settings
 
+log = structlog.get_logger("tagger.batch")
 STATE_FILE = ".tagger-batches.json"
 PENDING = "pending-"  # the id of a batch's state between its upload and `batches.create`
 PENDING_GRACE = 600.0  # seconds a submission may take between upload and create before it counts as killed
@@ -356,6 +358,7 @@ def submit(
         state = state.model_copy(update={"id": batch.id, "created_at": float(batch.created_at or state.created_at)})
         store.add(state)
         store.drop(PENDING + file_id)
+        log.info("batch_submitted", batch=batch.id, posts=len(pack.posts), requests=pack.requests, bytes=len(pack.data))
         result.batches.append(state)
         result.requests += pack.requests
         if state.estimated_cost is not None:
@@ -527,6 +530,7 @@ def collect(
                 summary.already += 1
                 continue
             outcome = _collect_post(classifier, api, state, entry, results, why)
+            log.info("batch_collected", batch=state.id, post=entry.path, outcome=outcome[:300])
             if outcome in ("written", "unchanged"):
                 store.mark(state.id, {key: outcome})
                 (summary.written if outcome == "written" else summary.unchanged).append(entry.path)
