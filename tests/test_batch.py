@@ -160,7 +160,7 @@ def test_expired_half_done_batch_ends_with_every_post_written_after_collect_and_
     assert len(result.written) + len(result.unchanged) == 1 and len(result.enqueued) == 2
     assert all("batch_expired" in line for line in result.enqueued)
     for line in result.enqueued:
-        job = Job.fetch(job_id_for(line.split(":")[0]), connection=redis, serializer=JSONSerializer)
+        job = Job.fetch(job_id_for(line.split(":")[0], settings), connection=redis, serializer=JSONSerializer)
         assert job.get_status() == "queued"
     work = subprocess.run(
         [sys.executable, "-m", "worker", "work", "--burst"], env=queue_env, capture_output=True, text=True, timeout=120
@@ -188,7 +188,7 @@ def test_post_edited_between_submission_and_collection_is_enqueued_not_overwritt
     relative = edited.relative_to(site / "site").as_posix()
     assert result.enqueued == [f"{relative}: the post changed after it was submitted"]
     assert len(result.written) + len(result.unchanged) == 2
-    job = Job.fetch(job_id_for(relative), connection=redis, serializer=JSONSerializer)
+    job = Job.fetch(job_id_for(relative, settings), connection=redis, serializer=JSONSerializer)
     assert job.get_status() == "queued"
     work = subprocess.run(
         [sys.executable, "-m", "worker", "work", "--burst"], env=queue_env, capture_output=True, text=True, timeout=120
