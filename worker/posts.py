@@ -42,13 +42,15 @@ _YAML_KEY = re.compile(r"""^(?P<key>"[^"]*"|'[^']*'|[^\s#:'"\-?&*!|>%@`{\[][^:#]
 _TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"]*"|'[^']*')[ \t]*=""")
 _TOML_TABLE = re.compile(r"^[ \t]*\[")
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)-(?:[ \t]+|\r?$)")
-# No-break, zero-width and other odd spaces people paste into front matter.
-_ODD_SPACE = re.compile("[\u00a0\u1680\u2000-\u200d\u2028\u2029\u202f\u205f\u2060\u3000\ufeff]")
+# No-break and other odd spaces people paste into front matter.
+_ODD_SPACE = re.compile("[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+# Invisible characters (zero-width, word joiner, BOM, soft hyphen): "Kan\u200bban" looks exactly like "Kanban".
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200d\u2060\ufeff]")
 
 
 def normal_form(term: str) -> str:
-    """How terms are compared: Unicode NFC, case-folded, whitespace (no-break and zero-width too) collapsed."""
-    text = _ODD_SPACE.sub(" ", unicodedata.normalize("NFC", term))
+    """How terms are compared: Unicode NFC, case-folded, odd spaces collapsed, invisible characters dropped."""
+    text = _ODD_SPACE.sub(" ", _INVISIBLE.sub("", unicodedata.normalize("NFC", term)))
     return " ".join(text.casefold().split())
 
 
