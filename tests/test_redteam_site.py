@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from worker.classifier import Classifier
+import pytest
+
+from worker.classifier import Classifier, make_classifier
+from worker.errors import PostWriteFailed
 from worker.posts import normal_form, read_post
+from worker.settings import Settings
 
 
 def test_an_invisible_character_inside_a_term_is_the_same_spelling() -> None:
@@ -24,3 +33,42 @@ def test_a_post_with_an_invisible_spelling_of_a_term_gets_no_second_spelling(
     )
     classifier.classify(path)
     assert read_post(path).meta["tags"] == ["Kan\u200bban"]
+
+
+@pytest.fixture
+def site_on_a_full_disk(site: Path, tmp_path: Path) -> Iterator[Path]:
+    """The demo site's content on a 256 KB tmpfs filled to the last byte (needs root; skips otherwise)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs as a full disk")
+    try:
+        shutil.copytree(site / "site", mount / "site")
+        with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
+            while True:
+                filler.write(b"x" * 4096)
+                filler.flush()
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_under_the_post_is_a_named_transient_failure_and_loses_nothing(
+    make_settings: Callable[..., Settings], site_on_a_full_disk: Path, tmp_path: Path
+) -> None:
+    # The record fits (it lives elsewhere), the post's temp file does not: a full disk, retried, not a "crash".
+    path = site_on_a_full_disk / "site" / "posts" / "limiting-wip.md"
+    original = path.read_bytes()
+    settings = make_settings(
+        TAGGER_CONTENT_DIR=str(site_on_a_full_disk / "site"), TAGGER_RECORDS_DIR=str(tmp_path / "records")
+    )
+    classifier = make_classifier(settings)
+    with pytest.raises(PostWriteFailed, match="No space left on device") as caught:
+        classifier.classify(path)
+    assert caught.value.kind == "post_write" and caught.value.transient
+    assert path.read_bytes() == original
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tagger-tmp")]
+    (site_on_a_full_disk / "filler").unlink()
+    classifier.classify(path)
+    assert read_post(path).terms("tags") == ["Lean", "Kanban"]
+    assert classifier.records.load(path).assigned["tags"] == ["Kanban"]  # tagger's, not a person's

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from worker.errors import InvalidReply, PostChanged, RecordWriteFailed, TaggerError
+from worker.errors import InvalidReply, PostChanged, PostWriteFailed, RecordWriteFailed, TaggerError
 from worker.judgements import (
     Classification,
     Decision,
@@ -136,6 +136,9 @@ class Classifier:
                 if attempt == CHANGED_POST_PASSES:
                     raise
                 continue
+            except OSError as exc:
+                # The announced record is settled from the post's file hash at the next run, as after a kill.
+                raise PostWriteFailed(f"cannot replace the post: {exc.strerror or exc}", path=path) from exc
             result.written = True
             try:
                 self._save(path, announced.model_copy(update={"pending": None}))

@@ -49,6 +49,13 @@ class RecordWriteFailed(TaggerError):
     transient = True
 
 
+class PostWriteFailed(TaggerError):
+    """The post could not be replaced (a full disk, say): it was left as it was."""
+
+    kind = "post_write"
+    transient = True
+
+
 class OutsideContentRoot(TaggerError):
     """A path resolves outside the configured content root."""
 
