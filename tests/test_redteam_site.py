@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from worker.classifier import Classifier, make_classifier
-from worker.errors import PostWriteFailed
+from worker.errors import BadPost, PostWriteFailed
 from worker.posts import normal_form, read_post
 from worker.settings import Settings
 
@@ -72,3 +72,29 @@ def test_a_full_disk_under_the_post_is_a_named_transient_failure_and_loses_nothi
     classifier.classify(path)
     assert read_post(path).terms("tags") == ["Lean", "Kanban"]
     assert classifier.records.load(path).assigned["tags"] == ["Kanban"]  # tagger's, not a person's
+
+
+BODY = "Our Kanban board and WIP limits shortened cycle time.\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Hugo reads a post that starts with "{" as JSON front matter and "#+" as Org front matter: a YAML block
+        # put in front would turn the post's own title and terms into body text.
+        ('{\n"title": "Boards",\n"tags": ["Lean"]\n}\n' + BODY, "JSON front matter"),
+        ('  \n{"title": "Boards"}\n' + BODY, "JSON front matter"),
+        ("#+title: Boards\n#+tags[]: Lean\n\n" + BODY, "Org front matter"),
+        # Hugo's front-matter keys are case-insensitive: "Tags" is the list Hugo shows; a second "tags" key is not.
+        ("---\ntitle: Boards\nTags: [Lean]\n---\n" + BODY, "'Tags' is read by Hugo as 'tags'"),
+        ("---\ntitle: Boards\nCategories:\n  - DevOps\n---\n" + BODY, "'Categories' is read by Hugo as 'categories'"),
+    ],
+)
+def test_front_matter_hugo_reads_differently_is_refused_and_left_alone(
+    classifier: Classifier, site: Path, text: str, message: str
+) -> None:
+    path = site / "site" / "posts" / "odd.md"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(BadPost, match=message):
+        classifier.classify(path)
+    assert path.read_text(encoding="utf-8") == text

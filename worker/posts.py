@@ -129,6 +129,9 @@ class Post:
 
         Any other value (a boolean, a number, a mapping) is reported as BadPost and the post left as it is.
         """
+        for key in self.meta:
+            if key != term_type and str(key).casefold() == term_type.casefold():
+                raise BadPost(f"'{key}' is read by Hugo as '{term_type}' (keys ignore case); rename it", path=self.path)
         value = self.meta.get(term_type)
         if value is None:
             return []
@@ -167,6 +170,12 @@ def _split(path: Path, text: str) -> tuple[Format, str, str, str, str]:
         if not end:
             raise BadPost(f"{fmt.upper()} front matter is never closed", path=path)
         return fmt, text[: start.end()], text[start.end() : end.start()], end.group(0), text[end.end() :]  # type: ignore[return-value]
+    # Hugo reads these as front matter too: a YAML block put in front would turn it into body text.
+    for lead, name in (("{", "JSON"), ("#+", "Org")):
+        if text.lstrip().startswith(lead):
+            raise BadPost(
+                f"{name} front matter is not supported (only YAML and TOML); the post is left as it is", path=path
+            )
     return "none", "", "", "", text
 
 
