@@ -6,11 +6,13 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from worker.backfill import Plan, plan
 from worker.classifier import Classifier, make_classifier
 from worker.errors import BadPost, PostWriteFailed
 from worker.posts import normal_form, read_post
@@ -98,3 +100,20 @@ def test_front_matter_hugo_reads_differently_is_refused_and_left_alone(
     with pytest.raises(BadPost, match=message):
         classifier.classify(path)
     assert path.read_text(encoding="utf-8") == text
+
+
+def test_a_fifo_named_like_a_post_is_skipped_and_never_blocks_a_backfill(
+    make_settings: Callable[..., Settings], site: Path
+) -> None:
+    fifo = site / "site" / "posts" / "pipe.md"
+    os.mkfifo(fifo)
+    planned: list[Plan] = []
+    walker = threading.Thread(target=lambda: planned.append(plan(make_settings())), daemon=True)
+    walker.start()
+    walker.join(timeout=10)
+    if walker.is_alive():  # blocked opening the FIFO for reading: open its other end so the thread can end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        walker.join(timeout=5)
+        pytest.fail("planning a backfill blocked forever on a FIFO named pipe.md")
+    assert fifo not in planned[0].todo and len(planned[0].todo) == 3
+    assert any("pipe.md" in s and "not a regular file" in s for s in planned[0].skipped)

@@ -122,6 +122,10 @@ def walk_posts(folder: Path, settings: Settings) -> Iterator[Found]:
             except (OutsideContentRoot, NotAPost) as exc:
                 yield Found(path, None, exc.message)
                 continue
+            target = root / relative
+            if target.exists() and not target.is_file():  # a FIFO or a device: reading it could block forever
+                yield Found(path, None, "is not a regular file")
+                continue
             if relative not in seen:  # a symlink inside and its target are one post
                 seen.add(relative)
                 yield Found(path, relative)
