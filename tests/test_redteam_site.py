@@ -17,6 +17,7 @@ from worker.classifier import Classifier, make_classifier
 from worker.errors import BadPost, PostWriteFailed
 from worker.posts import normal_form, read_post
 from worker.settings import Settings
+from worker.taxonomy import load_taxonomy
 
 
 def test_an_invisible_character_inside_a_term_is_the_same_spelling() -> None:
@@ -117,3 +118,17 @@ def test_a_fifo_named_like_a_post_is_skipped_and_never_blocks_a_backfill(
         pytest.fail("planning a backfill blocked forever on a FIFO named pipe.md")
     assert fifo not in planned[0].todo and len(planned[0].todo) == 3
     assert any("pipe.md" in s and "not a regular file" in s for s in planned[0].skipped)
+
+
+def test_a_type_spelled_with_other_case_is_a_problem_not_a_second_key(
+    classifier: Classifier, make_settings: Callable[..., Settings], site: Path
+) -> None:
+    # Hugo reads "Tags:" and "tags:" as one key: one mis-cased term file must not make every post fail.
+    term = site / "taxonomy" / "tags" / "kanban.md"
+    term.write_text(term.read_text().replace("ClassificationType: tags", "ClassificationType: Tags"), encoding="utf-8")
+    taxonomy = load_taxonomy(site / "taxonomy")
+    assert sorted(taxonomy.types()) == ["categories", "concepts", "tags"]
+    assert any("kanban.md" in p and "'Tags' differs from type 'tags' only by case" in p for p in taxonomy.problems)
+    path = site / "site" / "posts" / "limiting-wip.md"
+    make_classifier(make_settings()).classify(path)
+    assert "Tags" not in read_post(path).meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,8 +225,15 @@ def load_taxonomy(root: Path, known_types: Iterable[str] = ()) -> Taxonomy:
         if term is not None:
             loaded.append((path, term))
     declared = {t.type for _, t in loaded if t.declared_type} | set(known_types)
+    # Hugo reads front-matter keys ignoring case: of spellings of one type, the one most terms use is the type.
+    uses = Counter(t.type for _, t in loaded)
+    spelling = {t: min(uses, key=lambda u: (u.casefold() != t.casefold(), -uses[u], u)) for t in uses}
     for path, term in loaded:
         refused = type_problem(term.type)
+        if not refused and spelling[term.type] != term.type:
+            refused = (
+                f"type '{term.type}' differs from type '{spelling[term.type]}' only by case (Hugo reads them as one)"
+            )
         if refused:
             problems.append(f"{path}: {refused}; not loaded")
             continue
