@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench dist clean
+.PHONY: demo test lint typecheck pytest bench dist mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,5 +39,14 @@ dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist
 
+# Mutation testing (a measurement, not part of `make test`): mutmut mutates the guarantee-critical modules
+# ([tool.mutmut] in pyproject.toml) and runs the fast in-process tests against each mutant. Niced, two
+# children: about 20 minutes on the project's 2-core machine. Results: docs/benchmarks.md.
+mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
+	rm -rf mutants
+	nice -n 10 $(BIN)/mutmut run --max-children 2 > mutation.log 2>&1 || (tail -c 3000 mutation.log; exit 1)
+	$(BIN)/mutmut results --all true | $(BIN)/python tests/mutation_summary.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build mutants mutation.log

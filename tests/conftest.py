@@ -1,4 +1,9 @@
-"""Shared fixtures: the fake OpenAI server, settings pointing at it, a scratch site, the corpus."""
+"""Shared fixtures: the fake OpenAI server, settings pointing at it, a scratch site, the corpus, Redis.
+
+Redis hygiene: every key a test creates lives under this session's prefixes (`rq<session>`, `tagger<session>`)
+and is deleted by the fixture that made the prefix; a key still there after a test's own clean-up is reported,
+deleted (so the next test starts clean, whatever the order) and fails the run at the end of the session.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import os
 SESSION = f"tt{os.getpid()}"
 os.environ["RQ_KEY_PREFIX"] = f"rq{SESSION}"
 
+import itertools
 import shutil
 import socket
 import subprocess
@@ -25,6 +31,14 @@ from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus" / "nkdagility"
+SESSION_PATTERNS = (f"rq{SESSION}*", f"tagger{SESSION}*")
+_numbers = itertools.count(1)
+_leftovers: list[str] = []  # "test id: keys" for keys a test's own clean-up left behind
+
+
+def liveness_env(seconds: float) -> dict[str, str]:
+    """Worker environment that declares a running job's worker dead after about `seconds` without a sign of life."""
+    return {"TAGGER_LEASE_SECONDS": str(seconds)}
 
 
 @pytest.fixture
@@ -33,6 +47,7 @@ def fake_llm() -> Iterator[FakeLLM]:
     server = FakeLLM().start()
     server.retry_after = "0.1"
     yield server
+    server.release()  # calls a failed test left held must not outlive it
     server.stop()
 
 
@@ -115,27 +130,72 @@ def redis_url() -> Iterator[str]:
     yield url
     # Delete only the keys this session created (its own prefixes), never the whole database.
     client = redis_lib.Redis.from_url(url)
-    for pattern in (f"rq{SESSION}:*", f"tagger{SESSION}*"):
-        for key in client.scan_iter(pattern, count=1000):
-            client.delete(key)
+    left = delete_keys(client, *SESSION_PATTERNS)
+    if left:
+        _leftovers.append(f"end of session: {left}")
     if process:
         process.terminate()
 
 
+def delete_keys(client: redis_lib.Redis, *patterns: str) -> list[str]:
+    """Delete every key matching the patterns; the names deleted."""
+    keys = sorted({k for pattern in patterns for k in client.scan_iter(pattern, count=1000)})
+    for key in keys:
+        client.delete(key)
+    return [k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in keys]
+
+
+@pytest.fixture(autouse=True)
+def _redis_hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a Redis test's own clean-up: report and delete any key of this session it left behind."""
+    yield
+    if "redis_url" not in request.fixturenames:
+        return
+    try:
+        url = request.getfixturevalue("redis_url")
+    except pytest.skip.Exception:
+        return  # no Redis in this run: nothing to check
+    left = delete_keys(redis_lib.Redis.from_url(url), *SESSION_PATTERNS)
+    if left:
+        _leftovers.append(f"{request.node.nodeid}: {left[:20]}{' ...' if len(left) > 20 else ''}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when any test left a Redis key behind."""
+    if _leftovers:
+        print("\nRedis keys left behind by tests (deleted now):", *_leftovers, sep="\n  ")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture
 def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
-    """A client on the test Redis; each test gets fresh key prefixes via `queue_env`."""
+    """A client on the test Redis; each test gets fresh key prefixes via `queue_env` or `redis_prefix`."""
     yield redis_lib.Redis.from_url(redis_url)
 
 
 @pytest.fixture
-def queue_env(site: Path, fake_llm: FakeLLM, redis_url: str, request: pytest.FixtureRequest) -> dict[str, str]:
-    """Environment for tagger processes (producers and workers) in this test, with its own Redis prefix."""
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A tagger key prefix (TAGGER_REDIS_PREFIX) of this test's own; its keys are deleted after the test."""
+    prefix = f"tagger{SESSION}t{next(_numbers)}"
+    yield prefix
+    # Its keys and queues: `<prefix>:...` and `<prefix>-default` (not `<prefix>0...`, another test's prefix).
+    delete_keys(redis_lib.Redis.from_url(redis_url), prefix, f"{prefix}:*", f"{prefix}-*", f"*:{prefix}-*")
+
+
+@pytest.fixture
+def queue_env(site: Path, fake_llm: FakeLLM, redis_url: str, redis_prefix: str) -> Iterator[dict[str, str]]:
+    """Environment for tagger processes (producers and workers) in this test, with its own Redis prefix.
+
+    RQ's job keys carry no queue name (a job id is the post's path, the same in every test), so the session's
+    RQ keys are deleted before and after each queue test: no job of one test is seen by the next.
+    """
+    client = redis_lib.Redis.from_url(redis_url)
+    delete_keys(client, f"rq{SESSION}*")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_", "REDIS_"))}
     env.update(
         RQ_KEY_PREFIX=os.environ["RQ_KEY_PREFIX"],
         REDIS_URL=redis_url,
-        TAGGER_REDIS_PREFIX=f"tagger{SESSION}{abs(hash(request.node.nodeid)) % 10**8}",
+        TAGGER_REDIS_PREFIX=redis_prefix,
         TAGGER_PROVIDER="openai",
         OPENAI_BASE_URL=fake_llm.base_url,
         OPENAI_API_KEY="sk-queue-secret-0123456789",
@@ -146,7 +206,8 @@ def queue_env(site: Path, fake_llm: FakeLLM, redis_url: str, request: pytest.Fix
         TAGGER_RETRY_ATTEMPTS="1",
         TAGGER_JOB_RETRIES="1",
         TAGGER_JOB_RETRY_DELAYS="[0]",
-        TAGGER_LEASE_SECONDS="1",
         TAGGER_LOG_FORMAT="json",
+        **liveness_env(1),
     )
-    return env
+    yield env
+    delete_keys(client, f"rq{SESSION}*")

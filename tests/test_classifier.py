@@ -145,10 +145,14 @@ def test_prompt_injection_cannot_add_a_term_outside_the_taxonomy(
     fake_llm.inject("unknown_term", "unknown_term")  # a model that obeys the post twice
     with pytest.raises(InvalidReply):
         classifier.classify(post)
+    fake_llm.score(default=95)  # then a model that rates every asked term high: every type gets terms
+    fake_llm.inject("unknown_term")  # and once more slips in the injected term (re-asked, then valid)
     result = classifier.classify(post)
     titles = {(t.type, t.title) for t in classifier.taxonomy}
     for term_type in classifier.taxonomy.types():
-        assert all((term_type, t) in titles for t in read_post(post).terms(term_type))
+        written = read_post(post).terms(term_type)
+        assert written, term_type  # the check below must look at something
+        assert all((term_type, t) in titles for t in written)
     assert "Injected Term" not in json.dumps(result.model_dump())
 
 

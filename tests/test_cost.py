@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,10 +59,17 @@ def test_shortlist_skips_hopeless_terms_and_caches_them(
 def test_a_posts_calls_run_in_parallel_within_the_bound(
     make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
 ) -> None:
-    fake_llm.latency = 0.4
-    classifier = make_classifier(make_settings(TAGGER_CONCURRENCY=2))
-    classifier.classify(site / "site" / "posts" / "limiting-wip.md")
-    assert fake_llm.max_in_flight == 2  # three calls, at most two at once
+    fake_llm.hold()  # calls wait at the model until released: concurrency is shown, not hoped for
+    classifier = make_classifier(make_settings(TAGGER_CONCURRENCY=2, TAGGER_REQUEST_TIMEOUT=60))
+    done = threading.Thread(target=classifier.classify, args=(site / "site" / "posts" / "limiting-wip.md",))
+    done.start()
+    assert fake_llm.wait_held(2)  # two calls of the post at the model at once
+    assert not fake_llm.wait_held(3, timeout=0.5)  # and not the third while both are held
+    fake_llm.release(1)
+    assert fake_llm.wait_held(2)  # one finished: the third went out
+    fake_llm.release()
+    done.join(timeout=60)
+    assert fake_llm.counts["requests"] == 3 and fake_llm.max_in_flight == 2
 
 
 def test_cached_prefix_tokens_are_recorded(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:

@@ -161,21 +161,20 @@ def test_killed_worker_job_is_recovered(queue_env: dict[str, str], site: Path, f
 def test_edit_during_a_running_job_is_kept_and_classified_again(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
-    fake_llm.latency = 1.0
+    fake_llm.hold()  # the job's calls wait at the model until the edit is made: no race with a latency window
     wip = posts(site) / "limiting-wip.md"
     tagger(queue_env, "enqueue", str(wip))
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "work", "--burst"],
-        env=queue_env,
+        env={**queue_env, "TAGGER_REQUEST_TIMEOUT": "60"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while fake_llm.counts["requests"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert fake_llm.wait_held(1, timeout=60)
     wip.write_text(
         wip.read_text(encoding="utf-8") + "\nAn editor's late paragraph about continuous delivery.\n", encoding="utf-8"
     )
+    fake_llm.release()
     assert worker.wait(timeout=60) == 0
     text = wip.read_text(encoding="utf-8")
     assert text.endswith("An editor's late paragraph about continuous delivery.\n")

@@ -1,6 +1,7 @@
 """A fake OpenAI-compatible chat-completions server for tests and benchmarks.
 
-Real HTTP on localhost; rule-based structured replies; latency and faults on demand.
+Real HTTP on localhost; rule-based structured replies; latency and faults on demand; per-term scripted
+scores (`score`); calls held until the test releases them (`hold`, `release`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ FAULTS = (
     "truncated",
 )
 Scorer = Callable[[str, str], dict[str, Any]]
+SUB_SCORE_NAMES = ("mentions", "alignment", "depth", "intent", "audience", "signal")
+# A scripted answer for one term: a confidence (0-100; all six sub-scores set to a tenth of it, which any
+# weights turn back into exactly that confidence) or the sub-scores themselves (missing ones are 0).
+Scripted = float | dict[str, float]
+HOLD_LIMIT = 60.0  # seconds a held call waits for release() at most, so a broken test cannot hang forever
 
 
 # The system-message phrase of TAGGER_REPLY=relevant (worker/prompts.py REPLY_RULES): reply only for terms that apply.
@@ -60,6 +66,18 @@ def default_scorer(term: str, post: str) -> dict[str, Any]:
 def applies(entry: dict[str, Any]) -> bool:
     """Whether a model asked for relevant terms only would name this entry (any sub-score above 1)."""
     return any(isinstance(v, int | float) and v > 1 for k, v in entry.items() if k not in ("term", "reason"))
+
+
+def scripted_entry(term: str, value: Scripted) -> dict[str, Any]:
+    """The reply entry for a term whose answer a test scripted."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(SUB_SCORE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown sub-scores: {sorted(unknown)}")
+        scores = {name: float(value.get(name, 0.0)) for name in SUB_SCORE_NAMES}
+    else:
+        scores = dict.fromkeys(SUB_SCORE_NAMES, float(value) / 10)
+    return {"term": term, **scores, "reason": f"scripted for {term}"}
 
 
 def asked_names(body: dict[str, Any]) -> list[str]:
@@ -96,8 +114,15 @@ class FakeLLM:
         self.max_in_flight = 0
         self.requests: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
+        self.arrived_at: list[float] = []  # time.monotonic() of each request, parallel to `requests`
+        self.scripted: dict[str, Scripted] = {}
+        self.scripted_default: Scripted | None = None
         self._seen_prefixes: set[str] = set()
         self._lock = threading.Lock()
+        self._gate = threading.Condition()
+        self._holding = False
+        self._permits = 0
+        self.held = 0
         self._random = random.Random(seed)
         self._server: ThreadingHTTPServer | None = None
         self.batch_api = FakeBatchAPI(self)
@@ -113,7 +138,8 @@ class FakeLLM:
         handler = type("Handler", (_Handler,), {"fake": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        # A short poll interval: stop() (each test's teardown) returns in 50 ms instead of 500.
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -129,6 +155,51 @@ class FakeLLM:
             raise ValueError(f"unknown faults: {unknown}")
         with self._lock:
             self.script.extend(faults)
+
+    def score(self, scores: dict[str, Scripted] | None = None, *, default: Scripted | None = None) -> None:
+        """Answer these terms (by title) with these confidences or sub-scores; others with `default` or the scorer.
+
+        `score({"Kanban": 80, "Lean": 79.99}, default=0)`; `score({"Scrum": {"mentions": 10}})`.
+        """
+        with self._lock:
+            self.scripted.update(scores or {})
+            if default is not None:
+                self.scripted_default = default
+
+    def hold(self) -> None:
+        """Hold every call from now on until `release()` lets it through."""
+        with self._gate:
+            self._holding = True
+
+    def release(self, calls: int | None = None) -> None:
+        """Let `calls` held (or future) calls through; with no number, stop holding and let every call through."""
+        with self._gate:
+            if calls is None:
+                self._holding = False
+            else:
+                self._permits += calls
+            self._gate.notify_all()
+
+    def wait_held(self, calls: int = 1, timeout: float = 30.0) -> bool:
+        """Wait until at least `calls` calls are being held; False on timeout."""
+        with self._gate:
+            return self._gate.wait_for(lambda: self.held >= calls, timeout=timeout)
+
+    def _pass_gate(self) -> None:
+        with self._gate:
+            if not self._holding:
+                return
+            self.held += 1
+            self._gate.notify_all()
+            self._gate.wait_for(lambda: not self._holding or self._permits > 0, timeout=HOLD_LIMIT)
+            if self._holding and self._permits > 0:
+                self._permits -= 1
+            self.held -= 1
+            self._gate.notify_all()
+
+    def _entry(self, term: str, post: str) -> dict[str, Any]:
+        value = self.scripted.get(term, self.scripted_default)
+        return self.scorer(term, post) if value is None else scripted_entry(term, value)
 
     def _next_fault(self) -> str | None:
         with self._lock:
@@ -154,9 +225,11 @@ class FakeLLM:
         fault = self._next_fault()
         with self._lock:
             self.requests.append(body)
+            self.arrived_at.append(time.monotonic())
             self.counts["requests"] += 1
             if fault:
                 self.counts[fault] += 1
+        self._pass_gate()  # counted (and in flight) while held
         if self.latency:
             time.sleep(self.latency)
         errors = {
@@ -174,7 +247,7 @@ class FakeLLM:
             time.sleep(self.timeout_sleep)
         names = asked_names(body)
         post = _post_text(body)
-        entries = [self.scorer(n, post) for n in names]
+        entries = [self._entry(n, post) for n in names]
         system = next((m.get("content", "") for m in body.get("messages", []) if m.get("role") == "system"), "")
         if RELEVANT_MARKER in system:
             entries = [e for e in entries if applies(e)]

@@ -1,0 +1,109 @@
+"""The write-back promise in bytes: everything outside the owned keys' spans is byte-identical.
+
+Written apart from `worker/posts.py` on purpose (a check that reused the editor's own span finder would share
+its bugs). A key's span is its line plus the lines of its value: for YAML the following blank, indented or
+`- item` lines (trailing blank lines excluded); for TOML the lines up to the end of its value (multi-line arrays),
+top level only (before the first table). Usable by tests and benchmarks alike: `foreign_bytes(old) ==
+foreign_bytes(new)` and `body(old) == body(new)`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable
+
+OWNED = ("tags", "categories", "concepts", "ClassificationContentOrigin")
+_YAML_KEY = re.compile(r"""^(?P<key>"[^"\n]*"|'[^'\n]*'|[^\s#'"\-?:\[{][^:\n]*?)[ \t]*:(?:[ \t]|\r?\n|$)""")
+_TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"\n]*")[ \t]*=""")
+_TOML_TABLE = re.compile(r"^\s*\[")
+
+
+def split(text: str) -> tuple[str, str, str, str, str]:
+    """(format, opening, header, closing, body) with opening+header+closing+body == text (BOM in opening)."""
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    rest = text[len(bom) :]
+    for fmt, fence in (("yaml", "---"), ("toml", "+++")):
+        opening = re.match(rf"{re.escape(fence)}[ \t]*\r?\n", rest)
+        if not opening:
+            continue
+        closers = ("---", "...") if fmt == "yaml" else ("+++",)
+        closing = re.compile(rf"^(?:{'|'.join(re.escape(c) for c in closers)})[ \t]*(?:\r?\n|\Z)", re.M)
+        end = closing.search(rest, opening.end())
+        if end:
+            header = rest[opening.end() : end.start()]
+            return fmt, bom + opening.group(0), header, end.group(0), rest[end.end() :]
+    return "none", bom, "", "", rest
+
+
+def _yaml_foreign(header: str, owned: Iterable[str]) -> str:
+    lines = header.splitlines(keepends=True)
+    keep: list[str] = []
+    i = 0
+    while i < len(lines):
+        match = _YAML_KEY.match(lines[i])
+        if not match or match.group("key").strip("\"'") not in owned:
+            keep.append(lines[i])
+            i += 1
+            continue
+        end = j = i + 1
+        while j < len(lines):
+            line = lines[j]
+            if not line.strip():
+                j += 1
+            elif line[0] in " \t" or re.match(r"-(\s|$)", line):
+                end = j = j + 1
+            else:
+                break
+        i = end  # the trailing blank lines after the span stay foreign
+    return "".join(keep)
+
+
+def _toml_foreign(header: str, owned: Iterable[str]) -> str:
+    lines = header.splitlines(keepends=True)
+    keep: list[str] = []
+    i, top_level = 0, True
+    while i < len(lines):
+        if _TOML_TABLE.match(lines[i]) and not _TOML_KEY.match(lines[i]):
+            top_level = False
+        match = _TOML_KEY.match(lines[i])
+        if not top_level or not match or match.group("key").strip('"') not in owned:
+            keep.append(lines[i])
+            i += 1
+            continue
+        end = i + 1
+        while end < len(lines):
+            try:
+                tomllib.loads("".join(lines[i:end]))
+                break
+            except tomllib.TOMLDecodeError:
+                end += 1
+        i = end
+    return "".join(keep)
+
+
+def foreign_bytes(text: str, owned: Iterable[str] = OWNED) -> str:
+    """The post with the owned keys' spans cut out of its front matter (body and delimiters included)."""
+    fmt, opening, header, closing, body = split(text)
+    owned = tuple(owned)
+    kept = _toml_foreign(header, owned) if fmt == "toml" else _yaml_foreign(header, owned)
+    return opening + kept + closing + body
+
+
+def assert_only_owned_changed(old: str, new: str, owned: Iterable[str] = OWNED) -> None:
+    """Fail with the first differing foreign line when anything outside the owned spans changed."""
+    if split(old)[0] == "none":  # a post without front matter gains one holding owned keys only
+        _, opening, header, _, body = split(new)
+        old_bom, old_body = split(old)[1], split(old)[4]
+        assert body == old_body and opening.startswith(old_bom), "the body of a post without front matter changed"
+        assert not _yaml_foreign(header, tuple(owned)), f"a foreign key was added: {header!r}"
+        return
+    before, after = foreign_bytes(old, owned), foreign_bytes(new, owned)
+    if before == after:
+        return
+    a, b = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    at = next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    raise AssertionError(
+        f"bytes outside the owned keys changed at foreign line {at + 1}: "
+        f"{a[at] if at < len(a) else '<end>'!r} became {b[at] if at < len(b) else '<end>'!r}"
+    )

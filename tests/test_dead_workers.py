@@ -1,0 +1,131 @@
+"""Dead and slow workers, through real RQ worker processes: the fake model holds calls until the test lets go.
+
+A job that runs longer than the liveness timeout is not taken for dead while its worker lives; a job whose
+worker keeps dying is requeued a bounded number of times and then fails as `abandoned`. Both are written as
+behaviour (processes, signals, `tagger status`, `tagger failed list`), whatever the liveness mechanism.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import liveness_env
+from worker.fakellm import FakeLLM
+from worker.posts import read_post
+
+pytestmark = pytest.mark.redis
+LIVENESS = 1.0  # seconds without a sign of life after which a worker counts as dead
+
+
+def tagger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+class Workers:
+    """Worker processes started by a test, each in its own process group; all stopped at the end."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "work", *args],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.running.append(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+        process.wait(timeout=60)
+
+    def stop_all(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=60)
+
+
+@pytest.fixture
+def workers(queue_env: dict[str, str]) -> Iterator[Workers]:
+    # Calls are held for seconds on purpose: the request timeout must not end them first.
+    started = Workers({**queue_env, **liveness_env(LIVENESS), "TAGGER_REQUEST_TIMEOUT": "60"})
+    yield started
+    started.stop_all()
+
+
+def wait_for_requests(fake: FakeLLM, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while fake.counts["requests"] < count:
+        assert time.monotonic() < deadline, f"the worker never reached the model ({fake.counts['requests']} calls)"
+        time.sleep(0.05)
+
+
+def test_a_job_running_longer_than_the_liveness_timeout_is_not_requeued(
+    workers: Workers, fake_llm: FakeLLM, site: Path
+) -> None:
+    queue_env = workers.env
+    wip = site / "site" / "posts" / "limiting-wip.md"
+    fake_llm.hold()
+    assert tagger(queue_env, "enqueue", str(wip)).returncode == 0
+    first = workers.start("--burst")
+    assert fake_llm.wait_held(3)  # the job is running: its three calls (one per type) are with the model
+    second = workers.start()  # a second, idle worker whose recovery would take the job if it looked dead
+    for _ in range(4):  # hold the job for 4x the liveness timeout, asking `status` (which also recovers) meanwhile
+        time.sleep(LIVENESS)
+        status = tagger(queue_env, "status")
+        assert status.returncode == 0, status.stderr
+        assert "running 1" in status.stdout
+    assert fake_llm.counts["requests"] == 3 and fake_llm.held == 3  # nobody else started the job again
+    fake_llm.release()
+    assert first.wait(timeout=60) == 0
+    workers.kill(second, signal.SIGTERM)
+    assert fake_llm.counts["requests"] == 3
+    assert "Kanban" in read_post(wip).terms("tags")
+    assert tagger(queue_env, "failed", "list").stderr.strip() == "0 failed"
+    assert "running 0" in tagger(queue_env, "status").stdout
+
+
+def test_a_job_whose_worker_keeps_dying_fails_as_abandoned(
+    queue_env: dict[str, str], workers: Workers, fake_llm: FakeLLM, site: Path
+) -> None:
+    requeues = 1
+    env = {**workers.env, "TAGGER_ABANDONED_REQUEUES": str(requeues)}
+    workers.env = env
+    wip = site / "site" / "posts" / "limiting-wip.md"
+    before = wip.read_bytes()
+    fake_llm.hold()  # every call waits: each worker dies mid-job, with its calls at the model
+    assert tagger(env, "enqueue", str(wip)).returncode == 0
+    for kill in range(1, requeues + 2):
+        calls = fake_llm.counts["requests"]
+        worker = workers.start()
+        wait_for_requests(fake_llm, calls + 1)
+        workers.kill(worker)  # kill -9 mid-job
+        assert wip.read_bytes() == before
+        time.sleep(LIVENESS * 1.5)
+        status = tagger(env, "status")  # notices the dead worker's job
+        assert status.returncode == 0, status.stderr
+        listing = tagger(env, "failed", "list").stdout
+        if kill <= requeues:
+            assert "abandoned" not in listing, f"failed after {kill} deaths; {requeues} requeue(s) allowed"
+    assert "running 0" in status.stdout
+    line = next((row for row in listing.splitlines() if "limiting-wip" in row), "")
+    assert " abandoned " in line, listing
+    calls = fake_llm.counts["requests"]
+    fake_llm.release()
+    assert tagger(env, "work", "--burst").returncode == 0  # a healthy worker does not run it again
+    assert fake_llm.counts["requests"] == calls
+    assert wip.read_bytes() == before
