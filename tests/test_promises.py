@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 import structlog
+import yaml
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
@@ -88,6 +90,7 @@ def test_a_write_back_changes_no_byte_outside_the_owned_keys(
     post = read_post(path)
     new = render_changes(post, changes)
     assert_only_owned_changed(FIXTURES[name], new)
+    assert_items_kept_and_aligned(FIXTURES[name], new, changes)
     path.write_bytes(new.encode("utf-8"))
     again = read_post(path)
     for key, value in changes.items():
@@ -95,6 +98,34 @@ def test_a_write_back_changes_no_byte_outside_the_owned_keys(
     assert {k: v for k, v in again.meta.items() if k not in changes} == {
         k: v for k, v in post.meta.items() if k not in changes
     }
+
+
+def _owned_items(text: str, key: str) -> list[str]:
+    """The `- item` lines of a YAML block list under a top-level owned key."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(rf"{key}\s*:\s*(#.*)?$", line)), None)
+    if start is None:
+        return []
+    items = []
+    for line in lines[start + 1 :]:
+        if re.match(r"\s*-(\s|$)", line):
+            items.append(line)
+        elif line.strip() and not line[0].isspace():
+            break
+    return items
+
+
+def assert_items_kept_and_aligned(old: str, new: str, changes: dict[str, list[str] | str]) -> None:
+    """An item that stays keeps its exact line (quotes, comment, indent); added items line up with the others."""
+    for key, value in changes.items():
+        if isinstance(value, str):
+            continue
+        after = _owned_items(new, key)
+        for line in _owned_items(old, key):
+            item = yaml.safe_load(line.split("-", 1)[1]) if line.split("-", 1)[1].strip() else None
+            if item is not None and str(item) in value:
+                assert line in after, f"{key}: kept item line {line!r} was rewritten"
+        assert len({len(line) - len(line.lstrip()) for line in after}) <= 1, f"{key}: items not aligned: {after}"
 
 
 def test_the_byte_check_sees_a_re_quoted_foreign_item_and_a_moved_comment() -> None:
