@@ -41,6 +41,23 @@ def liveness_env(seconds: float) -> dict[str, str]:
     return {"TAGGER_LEASE_SECONDS": str(seconds)}
 
 
+def wait_for_group_exit(pgid: int, timeout: float = 30.0) -> None:
+    """Wait until every process of a process group (a worker and the children it forked) has exited.
+
+    Waiting for the parent alone is not enough: a child still shutting down writes RQ keys after the test.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes of group {pgid} still running after {timeout}s")
+
+
 @pytest.fixture
 def fake_llm() -> Iterator[FakeLLM]:
     """A fake OpenAI-compatible server on a free localhost port."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import liveness_env
+from tests.conftest import liveness_env, wait_for_group_exit
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
 
@@ -51,12 +51,14 @@ class Workers:
         if process.poll() is None:
             os.killpg(process.pid, sig)
         process.wait(timeout=60)
+        wait_for_group_exit(process.pid)
 
     def stop_all(self) -> None:
         for process in self.running:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=60)
+            wait_for_group_exit(process.pid)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.conftest import wait_for_group_exit
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.records import load_record, record_path
@@ -202,6 +203,7 @@ def test_stdin_producer_and_backfill_wait(queue_env: dict[str, str], site: Path)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)
+        wait_for_group_exit(worker.pid)  # its --processes children too: none may write keys after the test
     assert waited.returncode == 0, waited.stdout + waited.stderr
     assert "3 done, 0 failed" in waited.stdout
     assert "Continuous Delivery" in read_post(posts(site) / "shipping-daily.md").terms("tags")
