@@ -12,10 +12,14 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
+import shutil
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,10 +31,10 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from tests.conftest import SESSION, delete_keys
+from tests.conftest import REPO, SESSION, delete_keys
 from tests.owned_bytes import assert_only_owned_changed, foreign_bytes
 from worker.classifier import Classifier
-from worker.errors import BadPost, InvalidReply
+from worker.errors import BadPost, InvalidReply, PostChanged, PostMissing
 from worker.fakellm import FakeLLM, scripted_entry
 from worker.judgements import TermScores, Usage
 from worker.logs import configure, redact, secrets_of
@@ -156,6 +160,48 @@ def test_classifying_a_tricky_post_changes_only_owned_bytes(
     new = path.read_bytes().decode("utf-8")
     assert_only_owned_changed(FIXTURES[name], new)
     assert "Kanban" in read_post(path).terms("tags")
+
+
+TOML_EDITS = [
+    (  # two multi-line arrays shrink; a new key goes after them, before the blank line and the table
+        '+++\ntags = [\n  "A",\n  "B",\n]\ncategories = [\n  "C",\n]\n\n[params]\nx = 1\n+++\nbody\n',
+        {"tags": ["X"], "categories": ["Y"], ORIGIN_KEY: "AI"},
+        '+++\ntags = ["X"]\ncategories = ["Y"]\nClassificationContentOrigin = "AI"\n\n[params]\nx = 1\n+++\nbody\n',
+    ),
+    (  # a quoted key, an indented table header, two blank lines, non-ASCII kept as it is
+        '+++\n"tags" = ["A"]\ntitle = "T"\n\n\n  [params]\n  tags = ["inner"]\n+++\nb\n',
+        {"tags": ["Ünï", "A"], "concepts": ["C"]},
+        '+++\ntags = ["Ünï", "A"]\ntitle = "T"\nconcepts = ["C"]\n\n\n  [params]\n  tags = ["inner"]\n+++\nb\n',
+    ),
+    (  # an array of tables: new keys stay at the top level
+        '+++\ntitle = "T"\n[[menu]]\nname = "m"\n+++\n',
+        {"tags": ["A"]},
+        '+++\ntitle = "T"\ntags = ["A"]\n[[menu]]\nname = "m"\n+++\n',
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "changes", "expected"), TOML_EDITS, ids=["arrays", "quoted-key", "array-of-tables"])
+def test_toml_write_back_exactly(tmp_path: Path, text: str, changes: dict[str, list[str] | str], expected: str) -> None:
+    path = tmp_path / "p.md"
+    path.write_text(text, encoding="utf-8")
+    assert render_changes(read_post(path), changes) == expected
+
+
+def test_a_refused_write_names_the_post(tmp_path: Path) -> None:
+    path = tmp_path / "p.md"
+    path.write_text("---\ntitle: x\n---\nbody\n", encoding="utf-8")
+    post = read_post(path)
+    new = render_changes(post, {"tags": ["A"]})
+    path.write_text("---\ntitle: x\n---\nedited\n", encoding="utf-8")
+    with pytest.raises(PostChanged) as changed:
+        write_atomic(post, new)
+    assert changed.value.path == str(path)
+    path.unlink()
+    with pytest.raises(PostMissing) as missing:
+        write_atomic(post, new)
+    assert missing.value.path == str(path) and not path.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- every edit is verified by re-parsing before it is written -----------------------------------
@@ -358,6 +404,26 @@ API_KEY = "sk-live-abcdef0123456789"
 PASSWORD = "redis-pa55word"
 
 
+@contextmanager
+def configured(settings: Settings, stream: io.StringIO, quiet: bool = False) -> Iterator[None]:
+    """`configure()` for one test; the process's logging (handlers, record factory, structlog) restored after."""
+    factory = logging.getLogRecordFactory()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    for handler in handlers:
+        root.removeHandler(handler)
+    try:
+        configure(settings, stream=stream, quiet=quiet)
+        yield
+    finally:
+        logging.setLogRecordFactory(factory)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        structlog.reset_defaults()
+
+
 @pytest.fixture
 def logged() -> Iterator[Callable[[], str]]:
     """Logging configured for a Redis URL with a password and an API key; returns what was logged so far."""
@@ -368,19 +434,8 @@ def logged() -> Iterator[Callable[[], str]]:
         TAGGER_LOG_FORMAT="json",
     )
     stream = io.StringIO()
-    factory = logging.getLogRecordFactory()
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    for handler in handlers:
-        root.removeHandler(handler)
-    configure(settings, stream=stream)
-    yield stream.getvalue
-    logging.setLogRecordFactory(factory)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    structlog.reset_defaults()
+    with configured(settings, stream):
+        yield stream.getvalue
 
 
 def test_secrets_are_the_api_key_and_the_redis_password() -> None:
@@ -389,6 +444,7 @@ def test_secrets_are_the_api_key_and_the_redis_password() -> None:
     assert secrets_of(Settings(_env_file=None)) == []  # type: ignore[call-arg]
     assert redact(f"a {API_KEY} b {PASSWORD} c", [API_KEY, PASSWORD]) == "a *** b *** c"
     assert redact("short abc", ["abc"]) == "short abc"  # too short to be a secret worth blanking everywhere
+    assert redact("pw s3cret, s3cret", ["s3cret"]) == "pw ***, ***"  # six characters: long enough
 
 
 def test_structlog_events_are_redacted(logged: Callable[[], str]) -> None:
@@ -416,6 +472,35 @@ def test_stdlib_log_records_and_tracebacks_are_redacted(logged: Callable[[], str
     assert "connected to redis://:***@127.0.0.1:6379/0" in text
     assert "ValueError: bad key ***" in text and "job failed with ***" in text
     assert API_KEY not in text and PASSWORD not in text
+
+
+@pytest.mark.parametrize(
+    ("log_format", "level", "quiet", "shown"),
+    [
+        ("auto", "INFO", False, {"info", "warning"}),  # not a terminal: JSON
+        ("json", "WARNING", False, {"warning"}),
+        ("json", "DEBUG", True, {"warning"}),  # quiet: warnings and worse only
+        ("console", "info", False, {"info", "warning"}),
+    ],
+)
+def test_log_format_and_level(log_format: str, level: str, quiet: bool, shown: set[str]) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, OPENAI_API_KEY=API_KEY, TAGGER_LOG_FORMAT=log_format, TAGGER_LOG_LEVEL=level
+    )
+    stream = io.StringIO()
+    with configured(settings, stream, quiet=quiet):
+        log = structlog.get_logger("tagger.test")
+        log.debug("debug_event", key=API_KEY)
+        log.info("info_event", key=API_KEY)
+        log.warning("warning_event", key=API_KEY)
+    lines = stream.getvalue().splitlines()
+    assert API_KEY not in stream.getvalue()
+    assert {name for name in ("debug", "info", "warning") if any(f"{name}_event" in line for line in lines)} == shown
+    if log_format == "console":
+        assert not any(line.startswith("{") for line in lines)
+    else:
+        events = [json.loads(line) for line in lines]
+        assert all(e["key"] == "***" and "timestamp" in e and e["level"] in shown for e in events)
 
 
 # --- only tagger's own jobs run -------------------------------------------------------------------
@@ -447,6 +532,11 @@ def test_refusal_accepts_only_tagger_job_and_callback(rq_queue: Queue) -> None:
     assert refusal(_job(rq_queue, JOB_FUNCTION)) is None
     assert refusal(_job(rq_queue, JOB_FUNCTION, on_failure=Callback(FAILURE_CALLBACK))) is None
     assert "not worker.queue.jobs.classify_job" in str(refusal(_job(rq_queue, "os.system")))
+    pickled = _job(rq_queue, JOB_FUNCTION)
+    pickled.save()
+    rq_queue.connection.hset(pickled.key, "data", zlib.compress(pickle.dumps(("os.system", None, ["true"], {}))))
+    planted = Job.fetch(pickled.id, connection=rq_queue.connection, serializer=JSONSerializer)
+    assert "job data is not JSON" in str(refusal(planted))
     for option in ("on_success", "on_failure", "on_stopped"):
         job = _job(rq_queue, JOB_FUNCTION, **{option: Callback("tests.test_security.plant_marker")})
         assert "foreign callbacks ['tests.test_security.plant_marker']" in str(refusal(job)), option
@@ -475,6 +565,7 @@ def test_a_worker_fails_a_foreign_job_without_running_any_of_it(
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
     assert job.meta["kind"] == "foreign_job" and reason in job.meta["error"]
+    assert job.meta["attempts"] == 0 and time.time() - job.meta["failed_at"] < 60  # on-call sees when
     assert job.id in FailedJobRegistry(queue=rq_queue).get_job_ids()
 
 
@@ -525,3 +616,129 @@ def test_an_abandoned_job_is_requeued_then_failed_as_abandoned(
     assert job.meta["kind"] == "abandoned"
     assert job.id in FailedJobRegistry(queue=rq_queue).get_job_ids()
     assert job.id not in rq_queue.job_ids and job.id not in StartedJobRegistry(queue=rq_queue).get_job_ids()
+
+
+# --- a worker in this process: warm classifier, leases that outlive a long call, overdue retries ---
+
+
+@pytest.fixture
+def worker_env(
+    monkeypatch: pytest.MonkeyPatch, make_settings: MakeSettings, redis_url: str, redis_prefix: str, rq_queue: Queue
+) -> Settings:
+    """The environment a worker reads its settings from (as `tagger work` would), and those settings."""
+    values = {
+        "REDIS_URL": redis_url,
+        "TAGGER_REDIS_PREFIX": redis_prefix,
+        "TAGGER_LEASE_SECONDS": "0.4",
+        "TAGGER_REQUEST_TIMEOUT": "60",
+        "TAGGER_JOB_RETRIES": "0",
+    }
+    settings = make_settings(**values)
+    for name, value in {
+        **values,
+        "TAGGER_PROVIDER": "openai",
+        "OPENAI_BASE_URL": str(settings.openai_base_url),
+        "OPENAI_API_KEY": API_KEY,
+        "TAGGER_MODEL": settings.model,
+        "TAGGER_TAXONOMY_DIR": str(settings.taxonomy_dir),
+        "TAGGER_CONTENT_DIR": str(settings.content_dir),
+        "TAGGER_LOG_FORMAT": "json",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return settings
+
+
+def run_burst_worker(settings: Settings, redis: redis_lib.Redis, limit: float = 30.0) -> None:
+    """`run_worker(burst=True)` in this process; a worker still running after `limit` seconds is shut down
+    (RQ's own shutdown command) and the test fails, instead of hanging (a worker swallows most exceptions)."""
+    from rq import Worker
+    from rq.command import send_shutdown_command
+
+    from worker.queue.workers import run_worker
+
+    finished = threading.Event()
+
+    def watchdog() -> None:
+        if not finished.wait(limit):
+            for worker in Worker.all(connection=redis):
+                send_shutdown_command(redis, worker.name)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    started = time.monotonic()
+    try:
+        run_worker(settings, redis, burst=True)
+    finally:
+        finished.set()
+    assert time.monotonic() - started < limit, "the burst worker did not stop by itself"
+
+
+def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
+    worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue
+) -> None:
+    from worker.queue.jobs import enqueue_posts
+    from worker.queue.recovery import recover_abandoned
+
+    redis = rq_queue.connection
+    wip = site / "site" / "posts" / "limiting-wip.md"
+    [queued] = enqueue_posts([wip], worker_env, redis)
+    fake_llm.hold()
+    recovered: list[str] = []
+
+    def watch() -> None:  # another worker's recovery, looking while the job's calls are held for 5 leases
+        if fake_llm.wait_held(3):
+            for _ in range(10):
+                time.sleep(worker_env.lease_seconds / 2)
+                recovered.extend(recover_abandoned(worker_env, redis))
+        fake_llm.release()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    run_burst_worker(worker_env, redis)
+    watcher.join(timeout=60)
+    assert recovered == []
+    assert fake_llm.counts["requests"] == 3
+    assert "Kanban" in read_post(wip).terms("tags")
+    job = rq_queue.fetch_job(queued.job_id)
+    assert job is not None and job.get_status() == JobStatus.FINISHED and job.meta["attempts"] == 1
+    assert StartedJobRegistry(queue=rq_queue).count == 0
+
+
+def test_a_warm_worker_context_is_rebuilt_when_a_term_file_or_template_changes(
+    worker_env: Settings, site: Path, rq_queue: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.queue.workers import WorkerContext
+
+    redis = rq_queue.connection
+    prompts = tmp_path / "prompts"
+    shutil.copytree(REPO / "prompts", prompts)
+    monkeypatch.setenv("TAGGER_PROMPTS_DIR", str(prompts))
+    context = WorkerContext.build(redis)
+    assert context.fresh(redis) is context  # nothing changed: the same warm classifier
+    kanban = context.classifier.taxonomy.get("tags", "Kanban")
+    term = site / "taxonomy" / "tags" / "kanban.md"
+    term.write_text(term.read_text(encoding="utf-8").replace("WIP limits", "work-in-progress limits"), encoding="utf-8")
+    rebuilt = context.fresh(redis)
+    assert rebuilt is not context
+    changed = rebuilt.classifier.taxonomy.get("tags", "Kanban")
+    assert kanban is not None and changed is not None and changed.definition_hash != kanban.definition_hash
+    assert rebuilt.fresh(redis) is rebuilt
+    (prompts / "system.md").write_text((prompts / "system.md").read_text(encoding="utf-8") + "\nBe brief.\n")
+    again = rebuilt.fresh(redis)
+    assert again is not rebuilt
+    assert again.classifier.templates.version != rebuilt.classifier.templates.version
+
+
+def test_an_overdue_retry_is_put_back_on_its_queue(worker_env: Settings, rq_queue: Queue) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from worker.queue.recovery import promote_overdue
+
+    redis = rq_queue.connection
+    overdue = rq_queue.enqueue_at(datetime.now(UTC) - timedelta(seconds=60), "worker.queue.jobs.classify_job", "x.md")
+    recent = rq_queue.enqueue_at(datetime.now(UTC) - timedelta(seconds=1), "worker.queue.jobs.classify_job", "y.md")
+    later = rq_queue.enqueue_at(datetime.now(UTC) + timedelta(seconds=600), "worker.queue.jobs.classify_job", "z.md")
+    assert promote_overdue(worker_env, redis, grace=5) == [overdue.id]  # the scheduler had 5 s to do it
+    assert rq_queue.job_ids == [overdue.id]
+    assert promote_overdue(worker_env, redis, grace=5) == []  # once
+    assert promote_overdue(worker_env, redis, grace=0) == [recent.id]
+    assert later.get_status() == JobStatus.SCHEDULED
