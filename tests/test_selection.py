@@ -65,6 +65,26 @@ ROWS = [
     Row("custom-min-0", "tags", {"A": 0.0, "B": 0.0}, ["A", "B"], rule={"top": 9, "min_confidence": 0}),
     Row("custom-min-100", "tags", {"A": 100.0, "B": 99.99}, ["A"], rule={"top": 9, "min_confidence": 100}),
     Row("rule-for-an-odd-type", "Audience Level", {"A": 61, "B": 59}, ["A"], rule={"top": 1, "min_confidence": 60}),
+    # people's terms count towards the cap (`top`, or `max_total` when set)
+    Row("human-term-fills-top-1", "concepts", {"A": 99}, [], present=["Mine"], final=["Mine"], kept_human=["Mine"]),
+    Row(
+        "max-total-counts-human-terms",
+        "tags",
+        {"A": 90, "B": 85, "C": 80},
+        ["A"],
+        rule={"top": 3, "min_confidence": 50, "max_total": 2},
+        present=["Mine"],
+        final=["Mine", "A"],
+        kept_human=["Mine"],
+    ),
+    Row(
+        "max-total-above-top",
+        "tags",
+        {"A": 90, "B": 85, "C": 80},
+        ["A", "B"],
+        rule={"top": 2, "min_confidence": 50, "max_total": 5},
+    ),
+    Row("max-total-0", "tags", {"A": 100}, [], rule={"top": 5, "min_confidence": 0, "max_total": 0}),
     # human edits win
     Row("human-term-kept", "tags", {"A": 90}, ["A"], present=["Mine"], final=["Mine", "A"], kept_human=["Mine"]),
     Row(
@@ -243,7 +263,7 @@ E2E = [
     ),
     (
         {"Kanban": 51, "Continuous Delivery": 50, "Technical Debt": 49.99, "DevOps": 100, "Principle": 99},
-        {"TAGGER_SELECTION": {"tags": {"top": 1, "min_confidence": 50}, "concepts": {"top": 0, "min_confidence": 0}}},
+        {"TAGGER_SELECTION": {"tags": {"top": 2, "min_confidence": 50}, "concepts": {"top": 0, "min_confidence": 0}}},
         {"tags": ["Lean", "Kanban"], "categories": ["DevOps"], "concepts": []},
     ),
 ]
