@@ -41,7 +41,7 @@ dist: $(STAMP)
 
 # Mutation testing (a measurement, not part of `make test`): mutmut mutates the guarantee-critical modules
 # ([tool.mutmut] in pyproject.toml) and runs the fast in-process tests against each mutant. Niced, two
-# children: about 20 minutes on the project's 2-core machine. Results: docs/benchmarks.md.
+# children: 40 minutes to an hour on the project's shared 2-core machine. Results: docs/benchmarks.md.
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
 	rm -rf mutants
