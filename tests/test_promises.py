@@ -2,8 +2,8 @@
 
 Write-back changes only owned bytes, is verified by re-parsing and lands by rename; Human posts are never
 written; a reply naming terms that were not asked is refused by the code, not only by the schema; secrets
-(the API key and the Redis password) are redacted from every log line; foreign jobs are refused; abandoned jobs
-are requeued a bounded number of times.
+(the API key and the Redis password) are redacted from every log line; foreign jobs are refused; a worker in
+process does not take its own long call for a dead worker's.
 """
 
 from __future__ import annotations
@@ -567,14 +567,14 @@ def test_refusal_accepts_only_tagger_job_and_callback(rq_queue: Queue) -> None:
     ids=["function", "success-callback", "failure-callback"],
 )
 def test_a_worker_fails_a_foreign_job_without_running_any_of_it(
-    rq_queue: Queue, tmp_path: Path, func: str, options: dict[str, str], reason: str
+    rq_queue: Queue, worker_env: Settings, tmp_path: Path, func: str, options: dict[str, str], reason: str
 ) -> None:
     from worker.queue.workers import TaggerWorker
 
     marker = tmp_path / "ran"
     callbacks = {name: Callback(target) for name, target in options.items()}
     job = rq_queue.enqueue(func, str(marker), job_id="foreign", **callbacks)  # type: ignore[arg-type]
-    worker = TaggerWorker([rq_queue], connection=rq_queue.connection, serializer=JSONSerializer)
+    worker = TaggerWorker([rq_queue], connection=rq_queue.connection, serializer=JSONSerializer, settings=worker_env)
     assert worker.work(burst=True)
     assert not marker.exists()
     job.refresh()
@@ -589,48 +589,6 @@ def plant(*args: object) -> None:
     target = args[0]
     path = target if isinstance(target, str) else getattr(target, "args", [""])[0]
     Path(path).touch()
-
-
-# --- abandoned jobs: requeued a bounded number of times, then failed as `abandoned` ---------------
-
-
-def _take_and_abandon(queue: Queue, settings: Settings) -> Job:
-    """Do what a worker does when it takes a job, then die (never run it, never renew anything)."""
-    from worker.queue.workers import TaggerWorker
-
-    worker = TaggerWorker([queue], connection=queue.connection, serializer=JSONSerializer)
-    result = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
-    assert result is not None, "nothing on the queue to take"
-    job, _ = result
-    worker.prepare_execution(job)
-    worker.prepare_job_execution(job)
-    return job
-
-
-def test_an_abandoned_job_is_requeued_then_failed_as_abandoned(
-    rq_queue: Queue, redis_prefix: str, make_settings: MakeSettings, site: Path
-) -> None:
-    from worker.queue.jobs import enqueue_posts
-    from worker.queue.recovery import recover_abandoned
-
-    settings = make_settings(TAGGER_REDIS_PREFIX=redis_prefix, TAGGER_LEASE_SECONDS=0.2, TAGGER_ABANDONED_REQUEUES=2)
-    redis = rq_queue.connection
-    [queued] = enqueue_posts([site / "site" / "posts" / "limiting-wip.md"], settings, redis)
-    for attempt in (1, 2, 3):
-        job = _take_and_abandon(rq_queue, settings)
-        assert job.id == queued.job_id
-        assert recover_abandoned(settings, redis) == []  # just started: not abandoned yet
-        time.sleep(0.3)
-        assert recover_abandoned(settings, redis) == [job.id]
-        assert recover_abandoned(settings, redis) == []  # claimed once
-        job.refresh()
-        assert job.meta["abandoned"] == attempt
-        if attempt <= 2:
-            assert job.get_status() == JobStatus.QUEUED and job.id in rq_queue.job_ids
-    assert job.get_status() == JobStatus.FAILED
-    assert job.meta["kind"] == "abandoned"
-    assert job.id in FailedJobRegistry(queue=rq_queue).get_job_ids()
-    assert job.id not in rq_queue.job_ids and job.id not in StartedJobRegistry(queue=rq_queue).get_job_ids()
 
 
 # --- a worker in this process: warm classifier, leases that outlive a long call, overdue retries ---
@@ -691,7 +649,7 @@ def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
     worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue
 ) -> None:
     from worker.queue.jobs import enqueue_posts
-    from worker.queue.recovery import recover_abandoned
+    from worker.queue.recovery import reap_abandoned
 
     redis = rq_queue.connection
     wip = site / "site" / "posts" / "limiting-wip.md"
@@ -703,7 +661,7 @@ def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
         if fake_llm.wait_held(3):
             for _ in range(10):
                 time.sleep(worker_env.lease_seconds / 2)
-                recovered.extend(recover_abandoned(worker_env, redis))
+                recovered.extend(reap_abandoned(worker_env, redis))
         fake_llm.release()
 
     watcher = threading.Thread(target=watch)

@@ -140,18 +140,13 @@ def test_api_key_is_redacted_from_errors_logs_and_job_data(
     assert "Incorrect API key provided: ***" in shown
     for text in (output, listing, shown):
         assert key not in text
-    # Where the data lands: every key tagger and RQ wrote, decompressed; RQ's results stream is the next test.
+    # Where the data lands: every key tagger and RQ wrote, decompressed (RQ's results stream: the next test).
     patterns = _patterns(queue_env)
     assert count_keys(redis, patterns) > 3
     hits = [h for h in scan_for_secrets(redis, patterns, [key]) if ":results:" not in h.key]
     assert hits == [], [str(h) for h in hits]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 9: RQ's results stream keeps the failed job's unredacted exception string (exc_string)",
-)
 def test_api_key_is_nowhere_in_redis_not_even_in_rqs_results_stream(
     queue_env: dict[str, str], redis: redis_lib.Redis, fake_llm: FakeLLM, site: Path
 ) -> None:
