@@ -132,12 +132,6 @@ def assert_items_kept_and_aligned(old: str, new: str, changes: dict[str, list[st
         assert len({len(line) - len(line.lstrip()) for line in after}) <= 1, f"{key}: items not aligned: {after}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BadPost,
-    reason="issue 10 regression (found after rebasing on it): a keep-trailing block scalar (|+) last in the header "
-    "makes the write-back refuse the post ('could not be edited safely (keys notes)'); the editor before it wrote it",
-)
 def test_a_keep_trailing_block_scalar_last_in_the_header(tmp_path: Path) -> None:
     text = "---\ntitle: Block\ntags:\n- Kept\nnotes: |+\n  keep trailing\n\n---\nbody\n"
     path = tmp_path / "post.md"

@@ -20,7 +20,7 @@ from worker.fakellm import FakeLLM, scripted_entry
 from worker.judgements import Judgement, TermScores, confidence, level
 from worker.posts import read_post
 from worker.records import load_record
-from worker.settings import Settings, Weights
+from worker.settings import DEFAULT_RULES, OTHER_TYPES_RULE, SelectionRule, Settings, Weights
 
 MakeSettings = Callable[..., Settings]
 
@@ -307,3 +307,12 @@ def test_weights_setting_changes_what_is_selected(make_settings: MakeSettings, f
     mentions_heavy = {"mentions": 60, "alignment": 10, "depth": 10, "intent": 10, "audience": 5, "signal": 5}
     make_classifier(make_settings(TAGGER_WEIGHTS=mentions_heavy)).classify(other)  # Kanban 85, Technical Debt 40
     assert read_post(other).terms("tags") == ["Lean", "Kanban"]
+
+
+def test_naming_one_types_rule_keeps_the_other_types_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAGGER_SELECTION", '{"tags": {"top": 2, "min_confidence": 90}}')
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.rule_for("tags") == SelectionRule(top=2, min_confidence=90)
+    assert settings.rule_for("concepts") == DEFAULT_RULES["concepts"]
+    assert settings.rule_for("categories") == DEFAULT_RULES["categories"]
+    assert settings.rule_for("anything-else") == OTHER_TYPES_RULE

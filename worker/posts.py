@@ -42,6 +42,7 @@ _YAML_KEY = re.compile(r"""^(?P<key>"[^"]*"|'[^']*'|[^\s#:'"\-?&*!|>%@`{\[][^:#]
 _TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"]*"|'[^']*')[ \t]*=""")
 _TOML_TABLE = re.compile(r"^[ \t]*\[")
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)-(?:[ \t]+|\r?$)")
+_KEEP_SCALAR = re.compile(r":[ \t]*[|>][1-9]?\+[1-9]?[ \t]*(?:#.*)?\r?$")
 # No-break and other odd spaces people paste into front matter.
 _ODD_SPACE = re.compile("[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 # Invisible characters (zero-width, word joiner, BOM, soft hyphen): "Kan\u200bban" looks exactly like "Kanban".
@@ -359,8 +360,12 @@ def _edit_yaml(header: str, changes: Mapping[str, Change], nl: str) -> str:
         lines[-1] += nl
     spans = _yaml_blocks(lines)
     indent = _list_indent(lines)
-    # New keys go right after the last key's block, before any trailing blank lines or comments.
+    # New keys go right after the last key's block, before any trailing blank lines or comments, unless that
+    # block is a keep-chomping scalar (`|+`, `>+`): its trailing blank lines are part of its value.
     insert_at = max((end for _, end in spans.values()), default=len(lines))
+    last = max(spans.values(), default=None)
+    if last is not None and _KEEP_SCALAR.search(lines[last[0]]):
+        insert_at = len(lines)
     edits: list[tuple[int, int, list[str]]] = []
     appended: list[str] = []
     for key, value in changes.items():

@@ -206,6 +206,12 @@ class Settings(BaseSettings):
             raise ValueError("TAGGER_JOB_RETRY_DELAYS needs at least one non-negative number of seconds")
         return value
 
+    @field_validator("selection")
+    @classmethod
+    def _over_defaults(cls, value: dict[str, SelectionRule]) -> dict[str, SelectionRule]:
+        # Naming one type's rule must not silently drop the defaults of the others.
+        return {**DEFAULT_RULES, **value}
+
     @field_validator("post_globs", "exclude", mode="before")
     @classmethod
     def _split_globs(cls, value: Any) -> Any:
