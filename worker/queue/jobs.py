@@ -33,6 +33,7 @@ RAW_REPLY_CHARS = 20_000
 BATCH = 500  # posts per atomic enqueue
 # Exceptions that mean the worker was stopped or its process torn down, not that the job is bad.
 INTERRUPTED = ("AbandonedJobError", "SystemExit", "KeyboardInterrupt", "StopRequested")
+AGAIN = "-again"  # a post's second job id: its run after the current one (the two ids take turns)
 
 
 def job_id_for(relative: str, settings: Settings) -> str:
@@ -100,22 +101,26 @@ def _enqueue_batch(
     timeout: int,
 ) -> list[Enqueued]:
     ids = [job_id_for(r, settings) for r in relatives]
+    # A post's job and its rerun (`-again`) are one post: either waiting or running counts.
+    both = [i for job_id in ids for i in (job_id, job_id + AGAIN)]
     failed = [FailedJobRegistry(queue=q) for q in queues(settings, redis)]
     while True:
         with redis.pipeline() as pipe:
             try:
-                pipe.watch(*[Job.key_for(i) for i in ids])
-                jobs = Job.fetch_many(ids, connection=redis, serializer=JSONSerializer)
+                pipe.watch(*[Job.key_for(i) for i in both])
+                jobs = Job.fetch_many(both, connection=redis, serializer=JSONSerializer)
                 results: list[Enqueued] = []
                 to_enqueue = []
                 pipe.multi()
-                for relative, job_id, job in zip(relatives, ids, jobs, strict=True):
-                    status = job.get_status(refresh=False) if job is not None else None
-                    if status in WAITING:
-                        results.append(Enqueued(relative, job_id, "already-queued"))
-                    elif status == JobStatus.STARTED:
-                        pipe.set(keys.rerun(settings, job_id), "1", ex=7 * 86400)
-                        results.append(Enqueued(relative, job_id, "rerun-after-current"))
+                for n, (relative, job_id) in enumerate(zip(relatives, ids, strict=True)):
+                    states = [(j.id, j.get_status(refresh=False)) for j in jobs[2 * n : 2 * n + 2] if j is not None]
+                    waiting = next((i for i, status in states if status in WAITING), None)
+                    running = next((i for i, status in states if status == JobStatus.STARTED), None)
+                    if waiting is not None:
+                        results.append(Enqueued(relative, waiting, "already-queued"))
+                    elif running is not None:
+                        pipe.set(keys.rerun(settings, running), "1", ex=7 * 86400)
+                        results.append(Enqueued(relative, running, "rerun-after-current"))
                     else:
                         to_enqueue.append(job_data(queue, relative, job_id, settings, types, timeout))
                         results.append(Enqueued(relative, job_id, "enqueued"))
@@ -125,6 +130,7 @@ def _enqueue_batch(
                     for registry in failed:
                         for job_id in new_ids:
                             registry.remove(job_id, pipeline=pipe)
+                            registry.remove(job_id + AGAIN, pipeline=pipe)
                     queue.enqueue_many(to_enqueue, pipeline=pipe)
                     track(settings, pipe, new_ids)
                 pipe.execute()
@@ -217,7 +223,8 @@ def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> None:
     if redis.delete(keys.rerun(settings, job.id)):
         # A producer asked again while this job ran: run once more after it, on the same queue.
         queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
-        again = job.id + "-again"
+        # The other of the post's two ids (never `-again-again`), so producers still see one post.
+        again = job.id.removesuffix(AGAIN) if job.id.endswith(AGAIN) else job.id + AGAIN
         with redis.pipeline() as pipe:
             data = job_data(queue, job.meta["post"], again, settings, job.meta.get("types"))
             queue.enqueue_many([data], pipeline=pipe)

@@ -1,0 +1,60 @@
+"""Red team, on-call operator: queue promises broken the way production breaks them (real workers, real Redis)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from worker.fakellm import FakeLLM
+
+pytestmark = pytest.mark.redis
+
+
+def tagger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def test_a_post_enqueued_while_its_rerun_waits_is_not_queued_twice(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
+) -> None:
+    """Enqueue during a run schedules one rerun (`-again`); enqueuing again while that rerun waits is a no-op."""
+    fake_llm.latency = 1.5
+    wip, other = site / "site" / "posts" / "limiting-wip.md", sorted((site / "site" / "posts").glob("*.md"))[0]
+    assert other != wip
+    assert tagger(queue_env, "enqueue", str(wip), str(other)).returncode == 0
+    queue = Queue(f"{queue_env['TAGGER_REDIS_PREFIX']}-default", connection=redis, serializer=JSONSerializer)
+    first = queue.get_job_ids()[0]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "work"], env=queue_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert wait_for(lambda: fake_llm.counts["requests"] > 0)
+        assert "rerun-after-current" in tagger(queue_env, "enqueue", str(wip)).stdout
+        # The rerun waits behind the other post while the only worker judges that one.
+        assert wait_for(lambda: f"{first}-again" in queue.get_job_ids())
+        again = tagger(queue_env, "enqueue", str(wip))
+        assert again.returncode == 0
+        assert "already-queued" in again.stdout, again.stdout
+        waiting = [j for j in Job.fetch_many(queue.get_job_ids(), connection=redis, serializer=JSONSerializer) if j]
+        assert sum(1 for j in waiting if j.meta.get("post") == "posts/limiting-wip.md") == 1
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
