@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,3 +61,32 @@ def test_a_post_enqueued_while_its_rerun_waits_is_not_queued_twice(
     finally:
         worker.terminate()
         worker.wait(timeout=60)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(queue_env: dict[str, str], site: Path) -> None:
+    """kill -9 to `tagger work --processes 2`: its workers finish and exit instead of running on unsupervised."""
+    from tests.test_liveness import alive, kill_session, session_pids, spawn
+
+    supervisor = spawn(queue_env, "work", "--processes", "2")
+    try:
+        assert wait_for(lambda: len(session_pids(supervisor.pid)) >= 3)  # the supervisor and 2 workers
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.wait(timeout=30)
+        assert wait_for(lambda: not [p for p in session_pids(supervisor.pid) if alive(p)], 30), "orphans run on"
+    finally:
+        kill_session(supervisor)
+
+
+def test_status_warns_when_a_delayed_retry_waits_and_no_worker_runs(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
+) -> None:
+    """A transient failure waits as a delayed retry; with every worker gone nothing will ever run it: say so."""
+    env = {**queue_env, "TAGGER_JOB_RETRY_DELAYS": "[600]"}
+    fake_llm.inject(*["server_error"] * 10)
+    assert tagger(env, "enqueue", str(site / "site" / "posts" / "limiting-wip.md")).returncode == 0
+    assert tagger(env, "work", "--burst").returncode == 0
+    info = json.loads(tagger(env, "status", "--json").stdout)
+    assert info["queues"][f"{env['TAGGER_REDIS_PREFIX']}-default"]["scheduled"] == 1
+    assert info["workers"] == []
+    assert info["no_worker"] is True
+    assert "no worker is running" in tagger(env, "status").stdout

@@ -296,11 +296,20 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
         stop.set()
 
 
-def _child(settings: Settings, priorities: Sequence[str], burst: bool) -> None:
+def _child(settings: Settings, priorities: Sequence[str], burst: bool, supervisor: int) -> None:
     """One supervised worker process (with RQ's scheduler as its own child)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
+    threading.Thread(target=_orphan_watch, args=(supervisor,), daemon=True).start()
     run_worker(settings, connect(settings), priorities, burst)
+
+
+def _orphan_watch(supervisor: int) -> None:
+    """The supervisor was killed (kill -9, OOM): stop like on SIGTERM (finish the job) rather than run on unseen."""
+    while os.getppid() == supervisor:
+        time.sleep(1.0)
+    log.warning("supervisor_gone", supervisor=supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _children_of(pid: int) -> list[int]:
@@ -333,7 +342,7 @@ def run_processes(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def start() -> Any:
-        child = context.Process(target=_child, args=(settings, list(priorities), burst), daemon=False)
+        child = context.Process(target=_child, args=(settings, list(priorities), burst, os.getpid()), daemon=False)
         child.start()
         log.info("worker_started", pid=child.pid)
         return child
