@@ -173,7 +173,8 @@ def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]
         names = [keys.stats(settings, name, m) for m in range(now - minutes + 1, now + 1)]
         stats[name] = sum(int(v or 0) for v in redis.mget(names))
     workers = live_workers(settings, redis)
-    waiting = sum(d["queued"] + d["awaiting_recovery"] for d in depth.values())
+    # A delayed retry waits too: only a worker's scheduler ever runs it.
+    waiting = sum(d["queued"] + d["awaiting_recovery"] + d["scheduled"] for d in depth.values())
     throttle = RedisThrottle(settings, redis)
     pause_ms = redis.pttl(throttle.pause_key)
     reason = throttle.reason() if pause_ms > 0 else None
