@@ -90,3 +90,26 @@ def test_status_warns_when_a_delayed_retry_waits_and_no_worker_runs(
     assert info["workers"] == []
     assert info["no_worker"] is True
     assert "no worker is running" in tagger(env, "status").stdout
+
+
+def test_a_job_from_an_old_tagger_version_names_its_post_and_retry_classifies_it(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
+) -> None:
+    """A job an earlier layout enqueued (`worker.jobs.classify_job`) is refused unrun, but not lost: `failed list`
+    names its post, and `failed retry --all` (the table's advice) enqueues that post as a job of this version."""
+    from worker.posts import read_post
+
+    queue = Queue(f"{queue_env['TAGGER_REDIS_PREFIX']}-default", connection=redis, serializer=JSONSerializer)
+    queue.enqueue_call(
+        "worker.jobs.classify_job",
+        args=["posts/limiting-wip.md"],
+        job_id="post-0123456789abcdef01234567",
+        meta={"post": "posts/limiting-wip.md", "attempts": 0},
+    )
+    assert tagger(queue_env, "work", "--burst").returncode == 0
+    listed = tagger(queue_env, "failed", "list").stdout
+    assert "foreign_job" in listed and "posts/limiting-wip.md" in listed, listed
+    assert tagger(queue_env, "failed", "retry", "--all").returncode == 0
+    assert tagger(queue_env, "work", "--burst").returncode == 0
+    assert "Kanban" in read_post(site / "site" / "posts" / "limiting-wip.md").terms("tags")
+    assert "foreign_job" not in tagger(queue_env, "failed", "list").stdout

@@ -13,7 +13,8 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 
 from worker.queue import keys
-from worker.queue.keys import queues
+from worker.queue.jobs import enqueue_posts
+from worker.queue.keys import PRIORITIES, queues
 from worker.queue.recovery import recover, track
 from worker.queue.throttle import RedisThrottle
 from worker.queue.workers import live_workers
@@ -108,6 +109,10 @@ def retry(settings: Settings, redis: Redis, job_ids: list[str] | None = None, ki
         if (job_ids is not None and failure.job_id not in wanted) or failure.job is None:
             continue
         job = failure.job
+        if failure.kind == "foreign_job":
+            if _enqueue_again(settings, redis, failure):
+                done.append(job.id)
+            continue
         job.meta.update(kind=None, error=None, raw_reply=None, traceback=None, abandoned=0)
         job.retries_left = settings.job_retries or None
         job.save()
@@ -117,6 +122,21 @@ def retry(settings: Settings, redis: Redis, job_ids: list[str] | None = None, ki
             pipe.execute()
         done.append(job.id)
     return done
+
+
+def _enqueue_again(settings: Settings, redis: Redis, failure: Failure) -> bool:
+    """A refused job is never run: when it names a post (an older tagger's job), enqueue that post as a job of
+    this version (confined like any producer's path) and delete the refused one."""
+    if failure.post == "?":
+        return False
+    priority = failure.queue.rsplit("-", 1)[-1]
+    path = settings.content_root() / failure.post
+    if enqueue_posts([path], settings, redis, priority if priority in PRIORITIES else "default")[0].action == "refused":
+        return False
+    FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).remove(failure.job_id)
+    if failure.job is not None:
+        failure.job.delete(remove_from_queue=False)
+    return True
 
 
 def purge(settings: Settings, redis: Redis) -> int:

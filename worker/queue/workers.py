@@ -189,7 +189,10 @@ class TaggerWorker(SimpleWorker):
                 self._drop(str(job_id), getattr(getattr(exc, "queue", None), "name", "?"), exc)
 
     def _refuse(self, job: Job, queue: Queue, problem: str) -> None:
+        post = job.meta.get("post")  # an older tagger's job names its post: on-call must see which one
         job.meta = {"kind": "foreign_job", "error": problem, "failed_at": time.time(), "attempts": 0}
+        if isinstance(post, str):
+            job.meta["post"] = post[:1000]
         # Failed here, never through RQ's failure handling: a foreign job's callbacks are code too, never run.
         job.save_meta()
         with self.connection.pipeline() as pipe:
