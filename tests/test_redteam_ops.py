@@ -113,3 +113,45 @@ def test_a_job_from_an_old_tagger_version_names_its_post_and_retry_classifies_it
     assert tagger(queue_env, "work", "--burst").returncode == 0
     assert "Kanban" in read_post(site / "site" / "posts" / "limiting-wip.md").terms("tags")
     assert "foreign_job" not in tagger(queue_env, "failed", "list").stdout
+
+
+def test_backfill_wait_ends_when_vanished_jobs_are_a_rerun_or_a_deleted_post(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis lost the jobs (restart without persistence) of a post whose followed job was its rerun (`-again`)
+    and of a post deleted meanwhile: `backfill --wait` enqueues the first again and reports the second, and ends."""
+    import threading
+
+    from worker.backfill import Summary, follow
+    from worker.queue.jobs import enqueue_posts
+    from worker.settings import Settings
+
+    for name, value in queue_env.items():
+        if name.startswith(("TAGGER_", "REDIS_", "OPENAI_")):
+            monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    wip, gone = site / "site" / "posts" / "limiting-wip.md", site / "site" / "posts" / "shipping-daily.md"
+    made = enqueue_posts([wip, gone], settings, redis)
+    for item in made:
+        Job.fetch(item.job_id, connection=redis, serializer=JSONSerializer).delete()  # what a restart loses
+    gone.unlink()
+    followed = [made[0].job_id + "-again", made[1].job_id]
+    result: list[Summary] = []
+    waiter = threading.Thread(
+        target=lambda: result.append(
+            follow(settings, redis, followed, posts=dict(zip(followed, [i.path for i in made], strict=True)))
+        ),
+        daemon=True,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "work"], env=queue_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        waiter.start()
+        waiter.join(timeout=90)
+        assert result, "backfill --wait never ended"
+        assert result[0].done == 1
+        assert len(result[0].failed) == 1 and "posts/shipping-daily.md" in result[0].failed[0]
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)

@@ -17,7 +17,7 @@ from worker.classifier import Classifier, make_classifier
 from worker.errors import SettingsError, TaggerError, TaxonomyError, kind_of
 from worker.paths import confine_folder, not_a_post, walk_posts
 from worker.prompts import estimate_tokens
-from worker.queue.jobs import enqueue_posts, job_id_for
+from worker.queue.jobs import enqueue_posts
 from worker.queue.recovery import recover
 from worker.queue.workers import Backoff, live_workers
 from worker.settings import Settings
@@ -235,8 +235,12 @@ def follow(
             again = [known[j] for j in vanished if j in known]
             if again:
                 root = settings.content_root()
+                # The vanished ids leave (a rerun's `-again` id too, which is not the post's first id).
+                pending.difference_update(j for j in vanished if j in known)
                 for item in enqueue_posts([root / p for p in again], settings, redis, priority):
-                    pending.discard(job_id_for(item.path, settings))
+                    if item.action == "refused":  # deleted (or made a non-post) meanwhile: nothing to wait for
+                        summary.failed.append(f"{item.path}: refused: {item.reason}")
+                        continue
                     pending.add(item.job_id)
                     known[item.job_id] = item.path
                 say(f"enqueued {len(again)} posts again: their jobs vanished from Redis (restart without persistence?)")
