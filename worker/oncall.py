@@ -131,8 +131,11 @@ def _enqueue_again(settings: Settings, redis: Redis, failure: Failure) -> bool:
         return False
     priority = failure.queue.rsplit("-", 1)[-1]
     path = settings.content_root() / failure.post
-    if enqueue_posts([path], settings, redis, priority if priority in PRIORITIES else "default")[0].action == "refused":
+    item = enqueue_posts([path], settings, redis, priority if priority in PRIORITIES else "default")[0]
+    if item.action == "refused":
         return False
+    if item.job_id == failure.job_id:
+        return True  # the post's own id: its new job replaced the refused one
     FailedJobRegistry(name=failure.queue, connection=redis, serializer=JSONSerializer).remove(failure.job_id)
     if failure.job is not None:
         failure.job.delete(remove_from_queue=False)
