@@ -1,4 +1,4 @@
-"""Red team, on-call operator: queue promises broken the way production breaks them (real workers, real Redis)."""
+"""Queue promises broken the way production breaks them (real workers, real Redis): reruns, a killed supervisor, old jobs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A site owner's red team: odd spellings, odd files and odd reports that broke a promise once."""
+"""What real sites and Hugo do: odd spellings, odd files and odd front matter that once broke a promise."""
 
 from __future__ import annotations
 
