@@ -63,6 +63,16 @@ class Judged:
 
 
 @dataclass(frozen=True)
+class Decided:
+    """What the decide step gives for a post: the outcome, the owned-key changes, the new text and record."""
+
+    result: Classification
+    changes: dict[str, Change]
+    new_text: str | None  # None: the post is not rewritten
+    record: Record
+
+
+@dataclass(frozen=True)
 class Classifier:
     """Everything needed to classify posts: settings, taxonomy, templates and a provider."""
 
@@ -101,73 +111,26 @@ class Classifier:
             stored = self.records.load(path)
             record = reconcile(stored, post)
             try:
-                result, new_text, new_record = self._decide(post, record, types, with_diff=dry_run)
+                decided = self.decide(post, record, types, with_diff=dry_run)
             except TaggerError as exc:
                 # Judgements of the chunks that succeeded are kept, so a retry asks only the missing ones.
                 if exc.partial and not dry_run:
                     kept = {(j.type, j.term): j for j in [*record.judgements, *exc.partial]}
-                    self._save(path, record.model_copy(update={"judgements": list(kept.values())}))
+                    save(self.records, path, record.model_copy(update={"judgements": list(kept.values())}))
                 raise
             if dry_run:
-                return result
-            if new_text is None:
-                self._save(path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=stored)
-                return result
-            # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
-            # failure after this line is settled by `reconcile` from the post's file hash at the next run.
-            announced = new_record.model_copy(
-                update={
-                    "file_hash": file_hash(new_text.encode("utf-8")),
-                    "pending": Pending(
-                        before_file_hash=post.file_hash,
-                        assigned=record.assigned,
-                        rejected=record.rejected,
-                        added_keys=record.added_keys,
-                    ),
-                }
-            )
-            self._save(path, announced)
+                return decided.result
             try:
-                write_atomic(post, new_text)
+                decided.result.written = write_back(
+                    self.records, path, post, stored, record, decided.new_text, decided.record
+                )
             except PostChanged:
-                # Judgements already made are cached in the record, so the next pass is cheap.
-                self._save(path, self._unwritten(new_record, record, post))
                 log.info("post_changed_during_classification", post=str(path), attempt=attempt)
                 if attempt == CHANGED_POST_PASSES:
                     raise
                 continue
-            except OSError as exc:
-                # The announced record is settled from the post's file hash at the next run, as after a kill.
-                raise PostWriteFailed(f"cannot replace the post: {exc.strerror or exc}", path=path) from exc
-            result.written = True
-            try:
-                self._save(path, announced.model_copy(update={"pending": None}))
-            except RecordWriteFailed as exc:
-                # The announced record already names this write: the next run confirms it from the file hash.
-                log.warning("record_confirm_failed", post=str(path), error=exc.message)
-            return result
+            return decided.result
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _unwritten(new_record: Record, record: Record, post: Post) -> Record:
-        """The new judgements with the earlier assignments: the post was not replaced."""
-        return new_record.model_copy(
-            update={
-                "assigned": record.assigned,
-                "rejected": record.rejected,
-                "added_keys": record.added_keys,
-                "file_hash": post.file_hash,
-                "pending": None,
-            }
-        )
-
-    def _save(self, path: Path, record: Record, previous: Record | None = None) -> None:
-        if previous is not None and _same(previous, record) and self.records.path_for(path).exists():
-            return  # nothing but the time would change: keep the file (and its git history) as it is
-        try:
-            self.records.save(path, record)
-        except OSError as exc:
-            raise RecordWriteFailed(f"cannot write the result record: {exc.strerror or exc}", path=path) from exc
 
     def terms_for(self, post: Post, types: Sequence[str] | None = None) -> list[Term]:
         """The terms to judge a post against: a term page is never judged against its own term."""
@@ -356,9 +319,13 @@ class Classifier:
         )
         return judgements, reply.usage
 
-    def _decide(
-        self, post: Post, record: Record, types: Sequence[str] | None, with_diff: bool = False
-    ) -> tuple[Classification, str | None, Record]:
+    def decide(
+        self, post: Post, record: Record, types: Sequence[str] | None = None, with_diff: bool = False
+    ) -> Decided:
+        """Judge (cached where valid), select and merge: the changes to the owned keys and the new record.
+
+        Works on a post's bytes and record alone (no file is read or written), so a remote worker runs it too.
+        """
         wanted_types = [t for t in self.taxonomy.types() if not types or t in types]
         retired = self.retired(record)
         # A type that left the taxonomy altogether still has tagger's terms to take back.
@@ -452,7 +419,72 @@ class Classifier:
             human_only=post.human_only,
             diff=diff,
         )
-        return result, new_text, new_record
+        return Decided(result, changes, new_text, new_record)
+
+
+def write_back(
+    store: RecordStore, path: Path, post: Post, stored: Record, record: Record, new_text: str | None, new_record: Record
+) -> bool:
+    """Write a decision: announce it in the record, replace the post atomically, confirm; True when written.
+
+    `record` is `stored` reconciled with `post`. A post that changed since it was read raises PostChanged
+    after its new judgements are cached in the record (so judging it again is cheap).
+    """
+    if new_text is None:
+        save(store, path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=stored)
+        return False
+    # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
+    # failure after this line is settled by `reconcile` from the post's file hash at the next run.
+    announced = new_record.model_copy(
+        update={
+            "file_hash": file_hash(new_text.encode("utf-8")),
+            "pending": Pending(
+                before_file_hash=post.file_hash,
+                assigned=record.assigned,
+                rejected=record.rejected,
+                added_keys=record.added_keys,
+            ),
+        }
+    )
+    save(store, path, announced)
+    try:
+        write_atomic(post, new_text)
+    except PostChanged:
+        # Judgements already made are cached in the record, so the next pass is cheap.
+        save(store, path, unwritten(new_record, record, post))
+        raise
+    except OSError as exc:
+        # The announced record is settled from the post's file hash at the next run, as after a kill.
+        raise PostWriteFailed(f"cannot replace the post: {exc.strerror or exc}", path=path) from exc
+    try:
+        save(store, path, announced.model_copy(update={"pending": None}))
+    except RecordWriteFailed as exc:
+        # The announced record already names this write: the next run confirms it from the file hash.
+        log.warning("record_confirm_failed", post=str(path), error=exc.message)
+    return True
+
+
+def unwritten(new_record: Record, record: Record, post: Post) -> Record:
+    """The new judgements with the earlier assignments: the post was not replaced."""
+    return new_record.model_copy(
+        update={
+            "assigned": record.assigned,
+            "rejected": record.rejected,
+            "added_keys": record.added_keys,
+            "file_hash": post.file_hash,
+            "pending": None,
+        }
+    )
+
+
+def save(store: RecordStore, path: Path, record: Record, previous: Record | None = None) -> None:
+    """Write a post's record (not when only its time stamp would change); a failure is RecordWriteFailed."""
+    if previous is not None and _same(previous, record) and store.path_for(path).exists():
+        return  # nothing but the time would change: keep the file (and its git history) as it is
+    try:
+        store.save(path, record)
+    except OSError as exc:
+        raise RecordWriteFailed(f"cannot write the result record: {exc.strerror or exc}", path=path) from exc
 
 
 def select(

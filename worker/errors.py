@@ -86,6 +86,18 @@ class TaxonomyError(TaggerError):
     kind = "taxonomy"
 
 
+class TaxonomyUnpublished(TaxonomyError):
+    """A remote job names a taxonomy version nobody published in Redis (`tagger taxonomy publish`)."""
+
+    kind = "taxonomy_unpublished"
+
+
+class PostTooLarge(BadPost):
+    """A post is too big to travel inside a job (TAGGER_MAX_JOB_BYTES)."""
+
+    kind = "post_too_large"
+
+
 class TemplateUnreadable(TaggerError):
     """A prompt template is missing or unreadable (TAGGER_PROMPTS_DIR or the installed package)."""
 

@@ -270,6 +270,11 @@ def read_post(path: Path, max_front_matter_bytes: int = MAX_FRONT_MATTER_BYTES) 
         raise BadPost("is a directory, not a post", path=path) from exc
     except OSError as exc:
         raise BadPost(f"cannot read: {exc.strerror}", path=path) from exc
+    return post_from_bytes(path, raw, max_front_matter_bytes)
+
+
+def post_from_bytes(path: Path, raw: bytes, max_front_matter_bytes: int = MAX_FRONT_MATTER_BYTES) -> Post:
+    """Parse a post's bytes (read here, or carried by a job) as if read from `path`."""
     text, bom = _decode(path, raw)
     fmt, prefix, header, suffix, body = _split(path, text)
     header_bytes = len(header.encode("utf-8"))

@@ -196,6 +196,12 @@ class Settings(BaseSettings):
     abandoned_requeues: int = Field(default=3, ge=0, alias="TAGGER_ABANDONED_REQUEUES")
     shutdown_grace: float = Field(default=120.0, ge=0, alias="TAGGER_SHUTDOWN_GRACE")
 
+    # Remote jobs (workers on other machines): the job carries the post; results come back through Redis.
+    job_mode: Literal["shared", "remote"] = Field(default="shared", alias="TAGGER_JOB_MODE")
+    max_job_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, alias="TAGGER_MAX_JOB_BYTES")
+    result_ttl: int = Field(default=7 * 86400, ge=60, alias="TAGGER_RESULT_TTL")
+    state_file: Path | None = Field(default=None, alias="TAGGER_STATE_FILE")
+
     log_format: Literal["auto", "json", "console"] = Field(default="auto", alias="TAGGER_LOG_FORMAT")
     log_level: str = Field(default="INFO", alias="TAGGER_LOG_LEVEL")
 

@@ -19,10 +19,11 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from worker.errors import TaggerError, kind_of
+from worker.judgements import Usage
 from worker.logs import redact, secrets_of
 from worker.paths import confine, existing_post
 from worker.queue import keys
-from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, queues
+from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, REMOTE_FUNCTION, queues
 from worker.queue.recovery import track
 from worker.queue.workers import WorkerContext, WorkerState
 from worker.settings import Settings
@@ -57,8 +58,12 @@ def enqueue_posts(
     redis: Redis,
     priority: str = "default",
     types: Sequence[str] | None = None,
+    remote: bool | None = None,
 ) -> list[Enqueued]:
     """Enqueue posts (confined to the content root); a post already waiting is not enqueued twice.
+
+    `remote` (default: TAGGER_JOB_MODE=remote) makes self-contained jobs: the taxonomy is published in Redis and
+    each job carries its post (one job per post and content: an edited post gets a job of its own).
 
     Each path is checked on its own: one that is outside the root, not a post or missing comes back `refused`.
     Atomic against other producers: each batch reads the posts' job states and enqueues under WATCH, so two
@@ -74,11 +79,16 @@ def enqueue_posts(
         except TaggerError as exc:
             refused.append(Enqueued(str(p), "", "refused", exc.message))
     relatives = list(dict.fromkeys(accepted))
+    payloads: dict[str, dict[str, Any]] | None = None
+    if remote if remote is not None else settings.job_mode == "remote":
+        relatives, payloads, too_big = _payloads(settings, redis, relatives, types)
+        refused += too_big
     queue = Queue(keys.queue_name(settings, priority), connection=redis, serializer=JSONSerializer)
     timeout = job_timeout(settings) if relatives else 0
     results: list[Enqueued] = list(refused)
     for start in range(0, len(relatives), BATCH):
-        results += _enqueue_batch(settings, redis, queue, relatives[start : start + BATCH], types, timeout)
+        batch = relatives[start : start + BATCH]
+        results += _enqueue_batch(settings, redis, queue, batch, types, timeout, payloads)
     for item in results:
         if item.action == "refused":
             log.info("enqueue_refused", post=item.path, reason=item.reason)
@@ -92,6 +102,27 @@ def enqueue_posts(
     return results
 
 
+def _payloads(
+    settings: Settings, redis: Redis, relatives: list[str], types: Sequence[str] | None
+) -> tuple[list[str], dict[str, dict[str, Any]], list[Enqueued]]:
+    """Publish the taxonomy and build each post's self-contained job; a post too big to carry is refused."""
+    from worker.classifier import make_classifier
+    from worker.queue.remote import make_payload, publish
+
+    if not relatives:
+        return [], {}, []
+    classifier = make_classifier(settings.model_copy(update={"provider_choice": "offline"}))
+    version = publish(settings, redis, classifier.taxonomy, classifier.templates)
+    payloads: dict[str, dict[str, Any]] = {}
+    refused: list[Enqueued] = []
+    for relative in relatives:
+        try:
+            payloads[relative] = make_payload(settings, relative, version, list(types) if types else None)
+        except TaggerError as exc:
+            refused.append(Enqueued(relative, "", "refused", f"{exc.kind}: {exc.message}"))
+    return [r for r in relatives if r in payloads], payloads, refused
+
+
 def _enqueue_batch(
     settings: Settings,
     redis: Redis,
@@ -99,8 +130,12 @@ def _enqueue_batch(
     relatives: list[str],
     types: Sequence[str] | None,
     timeout: int,
+    payloads: dict[str, dict[str, Any]] | None = None,
 ) -> list[Enqueued]:
-    ids = [job_id_for(r, settings) for r in relatives]
+    if payloads is None:
+        ids = [job_id_for(r, settings) for r in relatives]
+    else:  # one job per post and content: a job's result always matches the bytes it carried
+        ids = [f"{job_id_for(r, settings)}-{payloads[r]['content_hash'][:12]}" for r in relatives]
     # A post's job and its rerun (`-again`) are one post: either waiting or running counts.
     both = [i for job_id in ids for i in (job_id, job_id + AGAIN)]
     failed = [FailedJobRegistry(queue=q) for q in queues(settings, redis)]
@@ -118,11 +153,14 @@ def _enqueue_batch(
                     running = next((i for i, status in states if status == JobStatus.STARTED), None)
                     if waiting is not None:
                         results.append(Enqueued(relative, waiting, "already-queued"))
+                    elif running is not None and payloads is not None:
+                        results.append(Enqueued(relative, running, "already-queued"))  # running on these bytes
                     elif running is not None:
                         pipe.set(keys.rerun(settings, running), "1", ex=7 * 86400)
                         results.append(Enqueued(relative, running, "rerun-after-current"))
                     else:
-                        to_enqueue.append(job_data(queue, relative, job_id, settings, types, timeout))
+                        payload = payloads[relative] if payloads is not None else None
+                        to_enqueue.append(job_data(queue, relative, job_id, settings, types, timeout, payload))
                         results.append(Enqueued(relative, job_id, "enqueued"))
                 if to_enqueue:
                     new_ids = [d.job_id for d in to_enqueue]
@@ -160,17 +198,21 @@ def job_data(
     settings: Settings,
     types: Sequence[str] | None = None,
     timeout: int | None = None,
+    payload: dict[str, Any] | None = None,
 ) -> Any:
-    """RQ job data for classifying one post: JSON args, retries, failure callback, timeout."""
+    """RQ job data for classifying one post: JSON args, retries, failure callback, timeout.
+
+    With `payload` (remote mode) the job carries the post and its result is kept TAGGER_RESULT_TTL for `apply`.
+    """
     return Queue.prepare_data(
-        JOB_FUNCTION,
-        args=[relative, list(types) if types else None],
+        REMOTE_FUNCTION if payload is not None else JOB_FUNCTION,
+        args=[payload] if payload is not None else [relative, list(types) if types else None],
         job_id=job_id,
         timeout=timeout or job_timeout(settings),
-        result_ttl=86400,
+        result_ttl=settings.result_ttl if payload is not None else 86400,
         failure_ttl=30 * 86400,
-        description=f"classify {relative}",
-        meta={"post": relative, "attempts": 0, "types": list(types) if types else None},
+        description=f"classify {relative}" + (" (remote)" if payload is not None else ""),
+        meta={"post": relative, "attempts": 0, "types": list(types) if types else None, "remote": payload is not None},
         retry=Retry(max=settings.job_retries, interval=settings.job_retry_delays) if settings.job_retries else None,
         on_failure=Callback(FAILURE_CALLBACK),
     )
@@ -195,12 +237,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
         path = settings.content_root() / confine(relative, settings, from_cwd=False)
         result = context.classifier.classify(path, types=types)
     usage = result.usage
-    minute = int(time.time() // 60)
-    with redis.pipeline() as pipe:
-        for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
-            pipe.incrby(keys.stats(settings, name, minute), amount)
-            pipe.expire(keys.stats(settings, name, minute), 3 * 3600)
-        pipe.execute()
+    count_usage(redis, settings, usage)
     bound.info(
         "written" if result.written else "skipped",
         calls=usage.calls,
@@ -217,6 +254,16 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
         "calls": usage.calls,
         "tokens": usage.input_tokens + usage.output_tokens,
     }
+
+
+def count_usage(redis: Redis, settings: Settings, usage: Usage) -> None:
+    """Add one finished job and its tokens and calls to this minute's counters."""
+    minute = int(time.time() // 60)
+    with redis.pipeline() as pipe:
+        for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
+            pipe.incrby(keys.stats(settings, name, minute), amount)
+            pipe.expire(keys.stats(settings, name, minute), 3 * 3600)
+        pipe.execute()
 
 
 def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> None:

@@ -20,6 +20,8 @@ from worker.settings import Settings
 PRIORITIES = ("high", "default", "low")
 # The only function and callback a tagger worker runs; anything else found on the queues is refused.
 JOB_FUNCTION = "worker.queue.jobs.classify_job"
+REMOTE_FUNCTION = "worker.queue.remote.classify_remote"  # a self-contained job (TAGGER_JOB_MODE=remote)
+JOB_FUNCTIONS = (JOB_FUNCTION, REMOTE_FUNCTION)
 FAILURE_CALLBACK = "worker.queue.jobs.on_failure"
 
 
@@ -116,3 +118,8 @@ def batch_index_key(settings: Settings) -> str:
 def batch_key(settings: Settings, batch_id: str, part: str = "state") -> str:
     """One batch's state (`state`: what it holds) or its collection log (`collected`: post -> outcome)."""
     return redis_key(settings, "batch", batch_id, part)
+
+
+def taxonomy(settings: Settings, version: str) -> str:
+    """A published taxonomy (terms and prompt templates) as JSON, content-addressed by its version."""
+    return redis_key(settings, "taxonomy", version)

@@ -30,7 +30,7 @@ from rq.worker import BaseWorker
 from worker.classifier import Classifier, make_classifier
 from worker.logs import redact, secrets_of
 from worker.queue import keys
-from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, connect, queue_names, queues
+from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, JOB_FUNCTIONS, PRIORITIES, connect, queue_names, queues
 from worker.queue.recovery import pending, recover
 from worker.queue.throttle import RedisThrottle
 from worker.settings import Settings
@@ -85,7 +85,7 @@ def refusal(job: Job) -> str | None:
         name = job.func_name
     except DeserializationError:
         return "job data is not JSON (a pickled or foreign payload); not run"
-    if name != JOB_FUNCTION:
+    if name not in JOB_FUNCTIONS:
         return f"job calls {name!r}, not {JOB_FUNCTION}; not run"
     # The stored callback names, read without importing them (importing a foreign module runs its code).
     stored = job.to_dict(include_meta=False, include_result=False)
@@ -267,7 +267,8 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
     try:
         while not STOPPING.is_set():
             try:
-                if WorkerState.context is None:
+                if WorkerState.context is None and settings.job_mode == "shared":
+                    # A remote worker has no taxonomy folder: its jobs bring a published taxonomy version.
                     WorkerState.context = WorkerContext.build(redis)
                 recover(settings, redis)
                 worker = TaggerWorker(
