@@ -11,6 +11,7 @@ from redis import RedisError
 
 from worker import __version__
 from worker.cli.app import App, Fail, use_env_file
+from worker.cli.apply import apply_command
 from worker.cli.batch import batch
 from worker.cli.classify import classify
 from worker.cli.eval import eval_command
@@ -75,7 +76,7 @@ def main(ctx: click.Context, env_file: str | None) -> None:
         click.echo(ctx.get_help())
 
 
-for command in (classify, taxonomy, enqueue, backfill, batch, work, failed, status, resume, eval_command):
+for command in (classify, taxonomy, enqueue, backfill, batch, work, failed, status, resume, eval_command, apply_command):
     main.add_command(command)
 
 __all__ = ["Fail", "main"]

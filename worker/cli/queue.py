@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from worker import backfill as backfill_lib
+from worker.apply import remember
 from worker.cli.app import App, Fail, err, redis_for, stdout_is_terminal
 from worker.logs import configure
 from worker.paths import content_root
@@ -17,7 +18,7 @@ from worker.queue.jobs import enqueue_posts
 from worker.queue.keys import PRIORITIES
 from worker.queue.workers import run_processes
 
-ID_WIDTH = 29  # "post-" and 24 hex digits
+ID_WIDTH = 29  # "post-" and 24 hex digits (remote jobs add the content hash)
 
 
 @click.command()
@@ -31,8 +32,15 @@ ID_WIDTH = 29  # "post-" and 24 hex digits
     metavar="GIT_REV",
     help="Also the posts under the content root that git says changed since GIT_REV (deleted ones are reported).",
 )
+@click.option(
+    "--remote",
+    is_flag=True,
+    help="Self-contained jobs for workers on other machines (also TAGGER_JOB_MODE=remote); then `tagger apply`.",
+)
 @click.pass_obj
-def enqueue(app: App, paths: tuple[str, ...], priority: str, from_stdin: bool, changed_since: str | None) -> None:
+def enqueue(
+    app: App, paths: tuple[str, ...], priority: str, from_stdin: bool, changed_since: str | None, remote: bool
+) -> None:
     """Enqueue posts for the workers.
 
     Prints `job-id action path` for each post (action: enqueued, already-queued, rerun-after-current).
@@ -53,7 +61,10 @@ def enqueue(app: App, paths: tuple[str, ...], priority: str, from_stdin: bool, c
         changes = backfill_lib.changed_since(settings, changed_since)
         names += changes.changed
         deleted = changes.deleted
-    results = enqueue_posts(names, settings, redis_for(settings), priority) if names else []
+    remote = remote or settings.job_mode == "remote"
+    results = enqueue_posts(names, settings, redis_for(settings), priority, remote=remote) if names else []
+    if remote:
+        remember(settings, [r for r in results if r.action != "refused"])  # for `tagger apply --wait`
     refused = False
     for item in results:
         if item.action == "refused":

@@ -1,4 +1,4 @@
-"""`tagger taxonomy check`: report every problem in the term files."""
+"""`tagger taxonomy check` (every problem in the term files) and `publish` (the taxonomy into Redis)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,23 @@ def check(app: App, folder: Path | None) -> None:
     err(f"{len(loaded)} terms ({counts}); {len(loaded.problems)} problems")
     if loaded.problems:
         raise click.exceptions.Exit(1)
+
+
+@taxonomy.command()
+@click.pass_obj
+def publish(app: App) -> None:
+    """Publish the taxonomy and prompt templates in Redis for remote workers; prints the version.
+
+    Content-addressed: the same terms and templates give the same version (`enqueue --remote` publishes too).
+    """
+    from worker.classifier import make_classifier
+    from worker.cli.app import redis_for
+    from worker.logs import configure
+    from worker.queue.remote import publish as publish_taxonomy
+
+    settings = app.settings()
+    configure(settings, quiet=True)
+    classifier = make_classifier(settings.model_copy(update={"provider_choice": "offline"}))
+    version = publish_taxonomy(settings, redis_for(settings), classifier.taxonomy, classifier.templates)
+    click.echo(version)
+    err(f"{len(classifier.taxonomy)} terms published as {version}")

@@ -1,0 +1,236 @@
+"""Remote workers: jobs carry the post, results come back through Redis, `tagger apply` writes them.
+
+Real Redis, real worker processes whose working folder is an empty temporary folder and whose settings name no
+content or taxonomy folder (so they cannot read or write a post), and the fake OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from worker.fakellm import FakeLLM
+from worker.posts import read_post
+from worker.records import record_path
+
+pytestmark = pytest.mark.redis
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+
+
+def tagger(
+    env: dict[str, str], *args: str, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def producer(queue_env: dict[str, str], site: Path, tmp_path: Path) -> dict[str, str]:
+    """The producer's environment: its own checkout of the site (a copy), remote jobs, a state file."""
+    shutil.copytree(site / "site", tmp_path / "checkout")
+    return {
+        **queue_env,
+        "TAGGER_CONTENT_DIR": str(tmp_path / "checkout"),
+        "TAGGER_STATE_FILE": str(tmp_path / "state" / "last.json"),
+        "TAGGER_REDIS_PREFIX": queue_env["TAGGER_REDIS_PREFIX"] + "r",
+    }
+
+
+@pytest.fixture
+def remote_worker(producer: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A worker's environment and working folder: Redis, provider and key only; an empty folder."""
+    folder = tmp_path / "worker-machine"
+    folder.mkdir()
+    env = {k: v for k, v in producer.items() if k not in ("TAGGER_CONTENT_DIR", "TAGGER_TAXONOMY_DIR")}
+    env.pop("TAGGER_STATE_FILE")
+    env["TAGGER_JOB_MODE"] = "remote"
+    return env, folder
+
+
+def work(worker: tuple[dict[str, str], Path]) -> subprocess.CompletedProcess[str]:
+    env, folder = worker
+    run = tagger(env, "work", "--burst", cwd=folder)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert list(folder.iterdir()) == [], "a remote worker wrote into its working folder"
+    return run
+
+
+def front_matter(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): read_post(p).header for p in sorted(folder.rglob("*.md"))}
+
+
+def test_remote_flow_gives_the_same_front_matter_as_shared_folder_mode(
+    queue_env: dict[str, str],
+    producer: dict[str, str],
+    remote_worker: tuple[dict[str, str], Path],
+    site: Path,
+    redis: redis_lib.Redis,
+) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    before = front_matter(checkout)
+    # Shared-folder mode on the scratch site, as the baseline.
+    shared = tagger(queue_env, "enqueue", *[str(p) for p in sorted((site / "site").rglob("*.md"))])
+    assert shared.returncode == 0, shared.stderr
+    assert tagger(queue_env, "work", "--burst").returncode == 0
+    # Remote mode: the producer's checkout, a worker that has no files.
+    enq = tagger(producer, "enqueue", "--remote", *[str(p) for p in sorted(checkout.rglob("*.md"))], cwd=checkout)
+    assert enq.returncode == 0, enq.stderr
+    job_id = enq.stdout.split()[0]
+    stored = redis.hget(f"{os.environ['RQ_KEY_PREFIX']}:job:{job_id}", "data")
+    assert isinstance(stored, bytes)
+    data = json.loads(zlib.decompress(stored))
+    assert data[0] == "worker.queue.remote.classify_remote"
+    payload = data[2][0]
+    assert payload["post"].startswith("posts/") and payload["taxonomy"].startswith("t-") and payload["bytes"]
+    assert front_matter(checkout) == before  # nothing written yet: the producer only enqueued
+    work(remote_worker)
+    assert front_matter(checkout) == before, "a remote worker wrote into the producer's checkout"
+    applied = tagger(producer, "apply", "--wait", "--timeout", "30", cwd=checkout)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    actions = {line.split()[2]: line.split()[1] for line in applied.stdout.splitlines() if line.startswith("post-")}
+    after = front_matter(checkout)
+    assert after == front_matter(site / "site") != before
+    assert actions == {p: "written" if after[p] != before[p] else "unchanged" for p in before}
+    for post in checkout.rglob("*.md"):
+        assert record_path(post).exists()
+    # Applying twice changes nothing.
+    snapshot = {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()}
+    again = tagger(producer, "apply", cwd=checkout)
+    assert again.returncode == 0, again.stderr
+    assert "written" not in again.stdout and "already-applied" in again.stdout
+    assert {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()} == snapshot
+
+
+def test_a_post_edited_after_enqueue_is_not_overwritten_and_is_enqueued_again(
+    producer: dict[str, str], remote_worker: tuple[dict[str, str], Path]
+) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    post = checkout / "posts" / "limiting-wip.md"
+    assert tagger(producer, "enqueue", "--remote", str(post), cwd=checkout).returncode == 0
+    edited = post.read_text(encoding="utf-8") + "\nA paragraph written after the enqueue.\n"
+    post.write_text(edited, encoding="utf-8")
+    work(remote_worker)
+    applied = tagger(producer, "apply", cwd=checkout)
+    assert applied.returncode == 2, applied.stdout + applied.stderr
+    assert "re-enqueued" in applied.stdout and "text changed" in applied.stdout
+    assert post.read_text(encoding="utf-8") == edited  # the person's edit won: nothing was written over it
+    # The new job carries the edited post; the next round applies it.
+    work(remote_worker)
+    final = tagger(producer, "apply", "--wait", "--timeout", "30", cwd=checkout)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert "written" in final.stdout
+    assert post.read_text(encoding="utf-8").endswith("A paragraph written after the enqueue.\n")
+    assert "Kanban" in read_post(post).terms("tags")
+
+
+def test_a_front_matter_edit_keeps_the_judgements_and_the_new_job_asks_nothing(
+    producer: dict[str, str], remote_worker: tuple[dict[str, str], Path], fake_llm: FakeLLM
+) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    post = checkout / "posts" / "limiting-wip.md"
+    assert tagger(producer, "enqueue", "--remote", str(post), cwd=checkout).returncode == 0
+    text = post.read_text(encoding="utf-8")
+    post.write_text(text.replace("\n---\n", "\nreviewed_by: Ana\n---\n", 1), encoding="utf-8")
+    work(remote_worker)
+    calls = fake_llm.counts["requests"]
+    assert calls > 0
+    applied = tagger(producer, "apply", cwd=checkout)
+    assert applied.returncode == 2 and "judgements kept" in applied.stdout, applied.stdout + applied.stderr
+    work(remote_worker)
+    assert fake_llm.counts["requests"] == calls  # the cached judgements travelled in the job: nothing asked
+    final = tagger(producer, "apply", cwd=checkout)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert read_post(post).meta["reviewed_by"] == "Ana" and "Kanban" in read_post(post).terms("tags")
+
+
+def test_a_job_naming_an_unpublished_taxonomy_fails_with_its_kind(
+    producer: dict[str, str], remote_worker: tuple[dict[str, str], Path], redis: redis_lib.Redis
+) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    post = checkout / "posts" / "limiting-wip.md"
+    assert tagger(producer, "enqueue", "--remote", str(post), cwd=checkout).returncode == 0
+    published = list(redis.scan_iter(f"{producer['TAGGER_REDIS_PREFIX']}:taxonomy:*"))
+    assert len(published) == 1
+    redis.delete(*published)
+    run = work(remote_worker)
+    assert "taxonomy_unpublished" in run.stderr
+    assert run.stderr.count('"event": "started"') == 1  # permanent: not retried
+    applied = tagger(producer, "apply", cwd=checkout)
+    assert applied.returncode == 1
+    assert "failed" in applied.stderr and "taxonomy_unpublished" in applied.stderr
+    failed = tagger(producer, "failed", "list")
+    assert "taxonomy_unpublished" in failed.stdout + failed.stderr
+
+
+def test_taxonomy_publish_is_content_addressed(producer: dict[str, str], site: Path) -> None:
+    first = tagger(producer, "taxonomy", "publish")
+    assert first.returncode == 0, first.stderr
+    assert tagger(producer, "taxonomy", "publish").stdout == first.stdout
+    term = next((site / "taxonomy").rglob("*.md"))
+    text = term.read_text(encoding="utf-8")
+    term.write_text(re.sub(r"(?m)^title:.*$", 'title: "A renamed term"', text, count=1), encoding="utf-8")
+    changed = tagger(producer, "taxonomy", "publish")
+    assert changed.stdout.strip().startswith("t-") and changed.stdout != first.stdout
+
+
+def test_a_post_too_big_for_a_job_is_refused_with_a_clear_error(producer: dict[str, str]) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    big = checkout / "posts" / "big.md"
+    big.write_text("---\ntitle: Big\n---\n" + "word " * 2000, encoding="utf-8")
+    small = checkout / "posts" / "limiting-wip.md"
+    env = {**producer, "TAGGER_MAX_JOB_BYTES": "4096"}
+    run = tagger(env, "enqueue", "--remote", str(big), str(small), cwd=checkout)
+    assert run.returncode == 1
+    assert "REFUSED posts/big.md: post_too_large" in run.stderr and "TAGGER_MAX_JOB_BYTES" in run.stderr
+    assert "enqueued" in run.stdout and "limiting-wip.md" in run.stdout
+
+
+def test_apply_commit_makes_one_commit_of_exactly_the_posts_and_records(
+    producer: dict[str, str], remote_worker: tuple[dict[str, str], Path]
+) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    subprocess.run([*GIT, "init", "-q"], cwd=checkout, check=True)
+    subprocess.run([*GIT, "add", "."], cwd=checkout, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "base"], cwd=checkout, check=True)
+    (checkout / "notes.txt").write_text("someone's work in progress\n", encoding="utf-8")
+    subprocess.run([*GIT, "add", "notes.txt"], cwd=checkout, check=True)  # staged, not ours to commit
+    posts = sorted((checkout / "posts").glob("*.md"))
+    assert tagger(producer, "enqueue", "--remote", *map(str, posts), cwd=checkout).returncode == 0
+    work(remote_worker)
+    env = {**producer, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@e"
+    applied = tagger(env, "apply", "--commit", cwd=checkout)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    written = [line.split()[2] for line in applied.stdout.splitlines() if line.split()[1:2] == ["written"]]
+    assert written
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=checkout, capture_output=True, text=True).stdout
+    assert log.splitlines() == [f"tagger apply: {len(written)} posts classified", "base"]
+    shown = subprocess.run(
+        ["git", "show", "--name-only", "--format=%B", "HEAD"], cwd=checkout, capture_output=True, text=True
+    ).stdout
+    files = sorted(line for line in shown.splitlines() if line.startswith("posts/") and "/" in line and " " not in line)
+    expected = written + [record_path(p).relative_to(checkout).as_posix() for p in posts]  # every record is new
+    assert files == sorted(expected)
+    assert "notes.txt" not in shown
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True).stdout
+    assert status.strip() == "A  notes.txt"  # still staged, still not committed
+    again = tagger(env, "apply", "--commit", cwd=checkout)
+    assert again.returncode == 0 and "committed" not in again.stdout
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=checkout, capture_output=True, text=True).stdout
+    assert len(log.splitlines()) == 2
