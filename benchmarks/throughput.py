@@ -3,7 +3,9 @@
 Prints posts/s against the ideal for the fake latency (a post's calls run in parallel, so a post costs one
 round trip per worker), measured from the first job's start to the last job's end in the workers' own
 JSON logs (process start-up is reported apart); and, with latency 0, the time per job outside LLM calls.
-Usage: .venv/bin/python benchmarks/throughput.py [--posts 120] [--workers 4] [--latency 0.5]
+With --remote, the same with self-contained jobs (TAGGER_JOB_MODE=remote: workers in an empty folder with no
+content or taxonomy settings), then `tagger apply` in the producer's folder; prints the bytes per job of both modes.
+Usage: .venv/bin/python benchmarks/throughput.py [--posts 120] [--workers 4] [--latency 0.5] [--remote]
 """
 
 from __future__ import annotations
@@ -45,13 +47,29 @@ class Run:
     busy: float
     job_seconds: list[float]
     llm_seconds: list[float]
+    job_bytes: float = 0.0  # median serialized job data (JSON, before RQ compresses it)
+    apply_seconds: float = 0.0  # remote mode: `tagger apply` of every result
 
 
-def run(url: str, posts: int, workers: int, latency: float) -> Run:
+def job_sizes(url: str, env: dict[str, str]) -> float:
+    """Median size of the queued jobs' data (RQ's API: the queues' job ids, then the jobs)."""
+    from redis import Redis
+    from rq import Queue
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    redis = Redis.from_url(url)
+    names = [f"{env['TAGGER_REDIS_PREFIX']}-{p}" for p in ("high", "default", "low")]
+    ids = [i for name in names for i in Queue(name, connection=redis).get_job_ids()]
+    jobs = Job.fetch_many(ids, connection=redis, serializer=JSONSerializer)
+    return statistics.median(len(j.data) for j in jobs if j is not None)
+
+
+def run(url: str, posts: int, workers: int, latency: float, remote: bool = False) -> Run:
     """Enqueue `posts` posts, run `workers` burst workers, read their job events."""
     fake = FakeLLM(latency=latency).start()
     site = make_site(posts)
-    prefix = f"tp{os.getpid()}{int(latency * 1000)}"
+    prefix = f"tp{os.getpid()}{int(latency * 1000)}{'r' if remote else ''}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_", "REDIS_"))}
     env.update(
         REDIS_URL=url,
@@ -66,30 +84,50 @@ def run(url: str, posts: int, workers: int, latency: float) -> Run:
         TAGGER_LOG_FORMAT="json",
     )
     tagger = [sys.executable, "-m", "worker"]
+    elsewhere = Path(tempfile.mkdtemp(prefix="tagger-tp-worker-"))  # a remote worker's empty folder
+    worker_env = dict(env)
+    if remote:
+        env["TAGGER_JOB_MODE"] = "remote"
+        env["TAGGER_STATE_FILE"] = str(elsewhere.parent / f"{prefix}-state.json")
+        worker_env = {k: v for k, v in env.items() if k not in ("TAGGER_CONTENT_DIR", "TAGGER_TAXONOMY_DIR")}
     try:
         subprocess.run([*tagger, "backfill", str(site)], env=env, check=True, capture_output=True)
+        job_bytes = job_sizes(url, env)
         started = time.monotonic()
         work = subprocess.run(
             [*tagger, "work", "--burst", "--processes", str(workers)],
-            env=env,
+            env=worker_env,
+            cwd=elsewhere if remote else None,
             check=True,
             capture_output=True,
             text=True,
         )
         wall = time.monotonic() - started
+        apply_seconds = 0.0
+        if remote:
+            ids = [json.loads(line)["job_id"] for line in work.stderr.splitlines() if '"decided"' in line]
+            applied = time.monotonic()
+            subprocess.run([*tagger, "apply", *ids], env=env, check=True, capture_output=True)
+            apply_seconds = time.monotonic() - applied
         events = [json.loads(line) for line in work.stderr.splitlines() if line.startswith("{")]
         starts = [datetime.fromisoformat(e["timestamp"]) for e in events if e["event"] == "started"]
-        ends = [e for e in events if e["event"] in ("written", "skipped")]
+        ends = [e for e in events if e["event"] in ("written", "skipped", "decided")]
         if len(ends) != posts:
             raise SystemExit(f"only {len(ends)} of {posts} posts were classified")
         last = max(datetime.fromisoformat(e["timestamp"]) for e in ends)
         return Run(
-            wall, (last - min(starts)).total_seconds(), [e["duration"] for e in ends], [e["llm_seconds"] for e in ends]
+            wall,
+            (last - min(starts)).total_seconds(),
+            [e["duration"] for e in ends],
+            [e["llm_seconds"] for e in ends],
+            job_bytes,
+            apply_seconds,
         )
     finally:
         fake.stop()
         delete_prefix(url, f"rq{prefix}:*", f"{prefix}:*")
         shutil.rmtree(site, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 def main() -> None:
@@ -97,10 +135,19 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=120)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--remote", action="store_true", help="Also self-contained jobs, against shared-folder jobs.")
     args = parser.parse_args()
     with redis_url() as url:
         slow = run(url, args.posts, args.workers, args.latency)
         fast = run(url, args.posts, args.workers, 0.0)
+        if args.remote:
+            remote = run(url, args.posts, args.workers, args.latency, remote=True)
+            shared_rate, remote_rate = args.posts / slow.busy, args.posts / remote.busy
+            print(
+                f"remote jobs: {remote_rate:.2f} posts/s against {shared_rate:.2f} shared-folder = "
+                f"{remote_rate / shared_rate:.0%}; median job data {remote.job_bytes / 1024:.1f} KiB against "
+                f"{slow.job_bytes / 1024:.2f} KiB; apply of {args.posts} results {remote.apply_seconds:.1f}s"
+            )
     ideal = args.workers / args.latency
     measured = args.posts / slow.busy
     job = statistics.median(fast.job_seconds)

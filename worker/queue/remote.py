@@ -167,8 +167,8 @@ def classifier_for(redis: Redis, version: str) -> Classifier:
     return built
 
 
-def decide_remote(classifier: Classifier, payload: dict[str, Any]) -> tuple[Outcome, Usage]:
-    """Decide one carried post with its carried record: no file is read or written."""
+def decide_remote(classifier: Classifier, payload: dict[str, Any]) -> tuple[Outcome, Usage, float]:
+    """Decide one carried post with its carried record (no file is read or written); usage and LLM seconds."""
     relative = payload["post"]
     raw = base64.b64decode(payload["bytes"])
     post = post_from_bytes(Path(relative), raw, classifier.settings.max_front_matter_bytes)
@@ -176,7 +176,7 @@ def decide_remote(classifier: Classifier, payload: dict[str, Any]) -> tuple[Outc
     base = {"post": relative, "content_hash": post.content_hash, "file_hash": post.file_hash}
     if not post.has_content:
         unchanged = Outcome(**base, new_file_hash="", changes={}, added={}, removed={}, record=dumps(record).decode())
-        return unchanged, Usage()
+        return unchanged, Usage(), 0.0
     decided = classifier.decide(post, record, payload.get("types"))
     result = decided.result
     outcome = Outcome(
@@ -189,7 +189,7 @@ def decide_remote(classifier: Classifier, payload: dict[str, Any]) -> tuple[Outc
         calls=result.usage.calls,
         tokens=result.usage.input_tokens + result.usage.output_tokens,
     )
-    return outcome, result.usage
+    return outcome, result.usage, result.llm_seconds
 
 
 def classify_remote(payload: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +209,7 @@ def classify_remote(payload: dict[str, Any]) -> dict[str, Any]:
     bound.info("started")
     classifier = classifier_for(redis, payload["taxonomy"])
     with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative):
-        outcome, usage = decide_remote(classifier, payload)
+        outcome, usage, llm_seconds = decide_remote(classifier, payload)
     count_usage(redis, classifier.settings, usage)
     bound.info(
         "decided",
@@ -218,5 +218,6 @@ def classify_remote(payload: dict[str, Any]) -> dict[str, Any]:
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         duration=round(time.monotonic() - started, 4),
+        llm_seconds=llm_seconds,
     )
     return outcome.as_json()
