@@ -51,18 +51,24 @@ class Run:
     apply_seconds: float = 0.0  # remote mode: `tagger apply` of every result
 
 
-def job_sizes(url: str, env: dict[str, str]) -> float:
-    """Median size of the queued jobs' data (RQ's API: the queues' job ids, then the jobs)."""
-    from redis import Redis
-    from rq import Queue
-    from rq.job import Job
-    from rq.serializers import JSONSerializer
+JOB_SIZES = """
+import json, os, statistics
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+redis = Redis.from_url(os.environ["REDIS_URL"])
+names = [os.environ["TAGGER_REDIS_PREFIX"] + "-" + p for p in ("high", "default", "low")]
+ids = [i for name in names for i in Queue(name, connection=redis).get_job_ids()]
+jobs = Job.fetch_many(ids, connection=redis, serializer=JSONSerializer)
+print(statistics.median(len(j.data) for j in jobs if j is not None))
+"""
 
-    redis = Redis.from_url(url)
-    names = [f"{env['TAGGER_REDIS_PREFIX']}-{p}" for p in ("high", "default", "low")]
-    ids = [i for name in names for i in Queue(name, connection=redis).get_job_ids()]
-    jobs = Job.fetch_many(ids, connection=redis, serializer=JSONSerializer)
-    return statistics.median(len(j.data) for j in jobs if j is not None)
+
+def job_sizes(env: dict[str, str]) -> float:
+    """Median size of the queued jobs' data (RQ's API, in a process with the run's RQ_KEY_PREFIX)."""
+    out = subprocess.run([sys.executable, "-c", JOB_SIZES], env=env, check=True, capture_output=True, text=True)
+    return float(out.stdout)
 
 
 def run(url: str, posts: int, workers: int, latency: float, remote: bool = False) -> Run:
@@ -92,7 +98,7 @@ def run(url: str, posts: int, workers: int, latency: float, remote: bool = False
         worker_env = {k: v for k, v in env.items() if k not in ("TAGGER_CONTENT_DIR", "TAGGER_TAXONOMY_DIR")}
     try:
         subprocess.run([*tagger, "backfill", str(site)], env=env, check=True, capture_output=True)
-        job_bytes = job_sizes(url, env)
+        job_bytes = job_sizes(env)
         started = time.monotonic()
         work = subprocess.run(
             [*tagger, "work", "--burst", "--processes", str(workers)],
