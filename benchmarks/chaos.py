@@ -2,7 +2,10 @@
 Redis is restarted under them and a writer edits posts; then every worker is killed at once and only burst
 workers (the cron pattern) finish the work. Checks that nothing was lost, corrupted or left in "started".
 
-Usage: .venv/bin/python benchmarks/chaos.py [--posts 300] [--workers 4] [--fault-rate 0.2] [--kills 8]
+With --remote, the same with self-contained jobs: workers in an empty folder with no content or taxonomy
+settings, and `tagger apply` writing the results into the content folder, also while the writer edits it.
+
+Usage: .venv/bin/python benchmarks/chaos.py [--posts 300] [--workers 4] [--fault-rate 0.2] [--kills 8] [--remote]
 (it starts a private redis-server, with an append-only file, so that it may restart it)
 """
 
@@ -61,6 +64,8 @@ class Report:
     lost: list[str] = field(default_factory=list)
     corrupted: list[str] = field(default_factory=list)
     stuck_started: int = 0
+    applies: int = 0  # remote mode: `tagger apply` runs
+    reenqueued: int = 0  # remote mode: posts `apply` found edited since their job and enqueued again
 
     def lines(self) -> list[str]:
         """Human-readable figures."""
@@ -71,6 +76,7 @@ class Report:
             f"final kill of every worker ({self.final_kill_busy} mid-job), then burst workers only: "
             f"{self.burst_runs} burst runs",
             f"failed before `failed retry --all`: {self.failed_before_retry or 'none'}",
+            *([f"remote: {self.applies} apply runs, {self.reenqueued} posts re-enqueued by apply"] * bool(self.applies)),
             f"lost {len(self.lost)}, corrupted {len(self.corrupted)}, stuck in started {self.stuck_started}",
             *[f"  lost: {p}" for p in self.lost[:10]],
             *[f"  corrupted: {p}" for p in self.corrupted[:10]],
@@ -181,6 +187,7 @@ def run(
     limit: float,
     seed: int = 7,
     restart_redis: Callable[[], None] | None = None,
+    remote: bool = False,
 ) -> Report:
     """One chaos run; returns its figures. `restart_redis` (when given) restarts Redis halfway through the kills."""
     rnd = random.Random(seed)
@@ -209,20 +216,48 @@ def run(
         TAGGER_LOG_LEVEL="WARNING",
     )
     expected = expected_terms(content, env)
+    elsewhere = Path(tempfile.mkdtemp(prefix="tagger-chaos-worker-"))  # a remote worker's empty folder
+    if remote:
+        env.update(TAGGER_JOB_MODE="remote", TAGGER_STATE_FILE=str(elsewhere.parent / f"{prefix}-state.json"))
+    worker_env = {k: v for k, v in env.items() if not remote or k not in ("TAGGER_CONTENT_DIR", "TAGGER_TAXONOMY_DIR")}
     fake = FakeLLM(latency=0.3, seed=seed).start()
     fake.fault_rate, fake.fault_mix, fake.retry_after, fake.timeout_sleep = fault_rate, FAULT_MIX, "0.2", 1.5
     env["OPENAI_BASE_URL"] = fake.base_url
+    worker_env["OPENAI_BASE_URL"] = fake.base_url
+    cwd = elsewhere if remote else None
     report = Report(posts=posts)
     tagger = [sys.executable, "-m", "worker"]
 
     def start_worker() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [*tagger, "work"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [*tagger, "work"],
+            env=worker_env,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     pool = [start_worker() for _ in range(workers)]
     edited: set[str] = set()
     stop = threading.Event()
+
+    def applier() -> None:  # remote mode: `tagger apply` keeps writing results while the writer edits posts
+        while not stop.wait(1.0):
+            run = subprocess.run([*tagger, "apply"], env=env, capture_output=True, text=True)
+            report.applies += 1
+            report.reenqueued += run.stdout.count(" re-enqueued ")
+
+    def apply_until_done() -> None:
+        for _ in range(8):
+            run = subprocess.run([*tagger, "apply"], env=env, capture_output=True, text=True)
+            report.applies += 1
+            report.reenqueued += run.stdout.count(" re-enqueued ")
+            if run.returncode == 0:
+                return
+            if run.returncode == 1:
+                subprocess.run([*tagger, "failed", "retry", "--all"], env=env, capture_output=True)
+            report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit, worker_env, cwd)
 
     def writer() -> None:
         for path in rnd.sample(sorted(content.glob("*.md")), k=max(1, posts // 10)):
@@ -238,6 +273,9 @@ def run(
         queue = Queue(f"{prefix}-low", connection=client, serializer=JSONSerializer)  # where backfill enqueues
         writing = threading.Thread(target=writer)
         writing.start()
+        applying = threading.Thread(target=applier) if remote else None
+        if applying:
+            applying.start()
         deadline = time.monotonic() + limit
         next_kill = time.monotonic() + rnd.uniform(0.2, 1.0)
         while time.monotonic() < deadline and report.kills < kills:
@@ -261,6 +299,9 @@ def run(
                 next_kill = time.monotonic() + rnd.uniform(0.2, 1.0)
             time.sleep(0.05)
         writing.join()
+        if applying:
+            stop.set()
+            applying.join()
         report.edits = len(edited)
         # Every worker killed at once, busy or not; from now on only burst workers run (cron's pattern).
         report.final_kill_busy = len([w for w in Worker.all(connection=client, queue=queue) if w.get_current_job_id()])
@@ -269,7 +310,7 @@ def run(
                 os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         pool = []
-        report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit)
+        report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit, worker_env, cwd)
         failed = json.loads(
             subprocess.run([*tagger, "status", "--json"], env=env, capture_output=True, text=True).stdout
         )["failed_by_kind"]
@@ -277,9 +318,16 @@ def run(
         fake.fault_rate = 0.0
         subprocess.run([*tagger, "resume"], env=env, capture_output=True)
         subprocess.run([*tagger, "failed", "retry", "--all"], env=env, capture_output=True)
+        if remote:
+            report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit, worker_env, cwd)
+            apply_until_done()
         # Posts edited after their last pass were enqueued again by nobody: a backfill picks them up.
         subprocess.run([*tagger, "backfill", str(content)], env=env, capture_output=True)
-        report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit)
+        report.burst_runs += _burst_until_settled(env, workers, time.monotonic() + limit, worker_env, cwd)
+        if remote:
+            apply_until_done()
+        if remote and any(elsewhere.iterdir()):
+            report.corrupted.append(f"a remote worker wrote into its folder: {sorted(elsewhere.iterdir())[:3]}")
     finally:
         stop.set()
         for worker in pool:
@@ -320,6 +368,7 @@ def run(
             job.cleanup(ttl=1)
     delete_prefix(url, f"{RQ_KEY_PREFIX}:*{prefix}-*", f"{prefix}:*")
     shutil.rmtree(content, ignore_errors=True)
+    shutil.rmtree(elsewhere, ignore_errors=True)
     return report
 
 
@@ -331,7 +380,13 @@ def _parent(pid: int) -> int:
         return -1
 
 
-def _burst_until_settled(env: dict[str, str], workers: int, deadline: float) -> int:
+def _burst_until_settled(
+    env: dict[str, str],
+    workers: int,
+    deadline: float,
+    worker_env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> int:
     """Run rounds of `workers` burst workers until nothing is queued, scheduled, running or awaiting recovery;
     returns how many burst workers ran."""
     tagger = [sys.executable, "-m", "worker"]
@@ -348,7 +403,11 @@ def _burst_until_settled(env: dict[str, str], workers: int, deadline: float) -> 
             break
         burst = [
             subprocess.Popen(
-                [*tagger, "work", "--burst"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                [*tagger, "work", "--burst"],
+                env=worker_env or env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             for _ in range(workers)
         ]
@@ -366,12 +425,20 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.2)
     parser.add_argument("--kills", type=int, default=8)
     parser.add_argument("--limit", type=float, default=600.0, help="seconds allowed for each phase")
+    parser.add_argument("--remote", action="store_true", help="self-contained jobs, workers with no files, apply")
     args = parser.parse_args()
     server = PrivateRedis()
     server.start()
     try:
         report = run(
-            server.url, args.posts, args.workers, args.fault_rate, args.kills, args.limit, restart_redis=server.restart
+            server.url,
+            args.posts,
+            args.workers,
+            args.fault_rate,
+            args.kills,
+            args.limit,
+            restart_redis=server.restart,
+            remote=args.remote,
         )
     finally:
         server.stop()

@@ -167,6 +167,8 @@ def backfill(
             err(f"SKIPPED {item.path}: {item.reason}")
             skipped = True
     queued = [r for r in results if r.action != "refused"]
+    if settings.job_mode == "remote":
+        remember(settings, queued)  # for `tagger apply --wait`
     enqueued = [r for r in queued if r.action == "enqueued"]
     click.echo(f"backfill: enqueued {len(enqueued)}, already waiting {len(queued) - len(enqueued)}")
     if wait and queued:
