@@ -76,7 +76,7 @@ class Report:
             f"final kill of every worker ({self.final_kill_busy} mid-job), then burst workers only: "
             f"{self.burst_runs} burst runs",
             f"failed before `failed retry --all`: {self.failed_before_retry or 'none'}",
-            *([f"remote: {self.applies} apply runs, {self.reenqueued} posts re-enqueued by apply"] * bool(self.applies)),
+            *([f"remote: {self.applies} apply runs, {self.reenqueued} re-enqueued by apply"] * bool(self.applies)),
             f"lost {len(self.lost)}, corrupted {len(self.corrupted)}, stuck in started {self.stuck_started}",
             *[f"  lost: {p}" for p in self.lost[:10]],
             *[f"  corrupted: {p}" for p in self.corrupted[:10]],
