@@ -76,7 +76,8 @@ def main(ctx: click.Context, env_file: str | None) -> None:
         click.echo(ctx.get_help())
 
 
-for command in (classify, taxonomy, enqueue, backfill, batch, work, failed, status, resume, eval_command, apply_command):
+COMMANDS = (classify, taxonomy, enqueue, backfill, batch, work, failed, status, resume, eval_command, apply_command)
+for command in COMMANDS:
     main.add_command(command)
 
 __all__ = ["Fail", "main"]
