@@ -48,7 +48,6 @@ def producer(queue_env: dict[str, str], site: Path, tmp_path: Path) -> dict[str,
         **queue_env,
         "TAGGER_CONTENT_DIR": str(tmp_path / "checkout"),
         "TAGGER_STATE_FILE": str(tmp_path / "state" / "last.json"),
-        "TAGGER_REDIS_PREFIX": queue_env["TAGGER_REDIS_PREFIX"] + "r",
     }
 
 
