@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final
 
 import openai
 import structlog
-from openai import omit
-from openai._models import construct_type
-
-# The SDK's own converters, so that a batch line carries the very body `parse` sends and is read back the same way.
-from openai.lib._parsing._completions import parse_chat_completion, type_to_response_format_param
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
@@ -39,6 +34,12 @@ from worker.settings import Settings
 log = structlog.get_logger("tagger.openai")
 # A `TAGGER_REPLY=relevant` reply naming no term for a post this long is suspicious enough to re-ask once.
 LONG_POST_CHARS = 2000
+# JSON-schema keywords a reply schema may use: OpenAI's strict subset (as the SDK's own `parse` sent them until now).
+STRICT_KEYWORDS: Final = frozenset(
+    {"type", "title", "description", "properties", "required", "additionalProperties", "items", "$defs", "$ref"}
+    | {"enum", "const", "anyOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+    | {"pattern", "format", "minLength", "maxLength", "minItems", "maxItems"}
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,42 @@ def _retry_after(exc: BaseException | None) -> float | None:
     return None
 
 
+def strict_schema(model_cls: type[ReplyBase]) -> dict[str, Any]:
+    """The reply model's JSON schema in OpenAI's strict subset: every object closed, every property required."""
+    return _strict(model_cls.model_json_schema(), "#")
+
+
+def _strict(node: Any, where: str) -> dict[str, Any]:
+    # Reply models are ours: a construct outside the strict subset is a bug to fail on, not to rewrite silently.
+    if not isinstance(node, dict):
+        raise TypeError(f"{where}: a schema must be an object, not {node!r}")
+    unsupported = sorted(set(node) - STRICT_KEYWORDS)
+    if unsupported or ("$ref" in node and len(node) > 1):
+        raise ValueError(f"{where}: outside OpenAI's strict JSON-schema subset: {unsupported or sorted(node)}")
+    for name, sub in (node.get("$defs") or {}).items():
+        _strict(sub, f"{where}/$defs/{name}")
+    if node.get("type") == "object":
+        if node.get("additionalProperties", False) is not False:
+            raise ValueError(f"{where}: strict mode needs additionalProperties false")
+        node["additionalProperties"] = False
+        node["required"] = list(node.get("properties") or {})
+    for name, sub in (node.get("properties") or {}).items():
+        _strict(sub, f"{where}/properties/{name}")
+    if "items" in node:
+        _strict(node["items"], f"{where}/items")
+    for i, sub in enumerate(node.get("anyOf") or []):
+        _strict(sub, f"{where}/anyOf/{i}")
+    return node
+
+
+def response_format(model_cls: type[ReplyBase]) -> dict[str, Any]:
+    """The structured-outputs `response_format` for a reply model (strict: the model can only reply in it)."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"schema": strict_schema(model_cls), "name": model_cls.__name__, "strict": True},
+    }
+
+
 def _content_of(raw_body: str) -> str:
     """The assistant message's text inside a raw chat-completion body (or the body itself)."""
     try:
@@ -113,17 +150,17 @@ class OpenAIProvider:
         return messages
 
     def request(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> dict[str, Any]:
-        """The chat-completions arguments for the SDK (`response_format` a pydantic model for `parse`)."""
-        response_format: Any = {"type": "json_object"} if self.settings.json_mode else model_cls
-        return {"model": self.model, "messages": messages, "temperature": 0, "response_format": response_format}
+        """The chat-completions request body: the SDK sends it as is, a batch line carries it as is."""
+        if self.settings.json_mode:
+            fmt: dict[str, Any] = {"type": "json_object"}
+            return {"model": self.model, "messages": messages, "temperature": 0, "response_format": fmt}
+        # `stream: false` as the SDK's `parse` wrote it, so that bodies (and batch digests) did not change.
+        fmt = response_format(model_cls)
+        return {"model": self.model, "messages": messages, "temperature": 0, "response_format": fmt, "stream": False}
 
     def request_body(self, prompt: Prompt) -> dict[str, Any]:
-        """The JSON body the synchronous path sends for `prompt` (the strict schema as the SDK writes it)."""
-        body = self.request(self.messages_for(prompt), reply_model(prompt.names))
-        if not self.settings.json_mode:
-            # as `parse` writes it (tests/test_batch.py compares the two bodies byte for byte)
-            body.update(response_format=type_to_response_format_param(body["response_format"]), stream=False)
-        return body
+        """The JSON body the synchronous path sends for `prompt` (tests/test_batch.py compares the two)."""
+        return self.request(self.messages_for(prompt), reply_model(prompt.names))
 
     def validate(self, prompt: Prompt, body: str, last_try: bool = False) -> Answer:
         """Check one raw chat-completion body against `prompt`; `error` says why it is not usable.
@@ -198,39 +235,39 @@ class OpenAIProvider:
 
     def _call(self, messages: list[dict[str, str]], model_cls: type[ReplyBase]) -> str:
         """One HTTP request; returns the raw response body."""
-        completions = self.client.chat.completions.with_raw_response
-        kwargs = self.request(messages, model_cls)
-        response: Any = (completions.create if self.settings.json_mode else completions.parse)(**kwargs)
+        response = self.client.chat.completions.with_raw_response.create(**self.request(messages, model_cls))
         self.throttle.observe(200, response.headers)
         return str(response.text)
 
     def _read(self, body: str, model_cls: type[ReplyBase]) -> Answer:
-        """A raw completion body parsed as the SDK's `parse` does: raw content, parsed or None, usage, error."""
+        """A raw completion body read with the SDK's public types: raw content, parsed or None, usage, error."""
         raw = _content_of(body)
         try:
-            completion = parse_chat_completion(
-                response_format=omit if self.settings.json_mode else model_cls,
-                input_tools=omit,
-                chat_completion=cast(ChatCompletion, construct_type(type_=ChatCompletion, value=json.loads(body))),
-            )
-        except openai.LengthFinishReasonError as exc:
-            raise Truncated("reply was cut off by the token limit", raw_reply=raw) from exc
-        except openai.ContentFilterFinishReasonError as exc:
-            raise Refused("reply was blocked by the provider's content filter", raw_reply=raw) from exc
-        except ValidationError as exc:
-            return Answer(raw, None, _usage_of_body(body), _short_validation(exc))
+            # Built, not validated, as the SDK builds the responses it returns: a compatible server's envelope
+            # quirks (no `id`, a finish_reason such as "eos_token") must not fail a reply whose content is fine.
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            completion = ChatCompletion.model_construct(**data)
+            choices = list(completion.choices)
+            finishes = [getattr(c, "finish_reason", None) for c in choices]
+            message = choices[0].message if choices else None
         except (ValueError, TypeError, AttributeError) as exc:
             return Answer(raw, None, _usage_of_body(body), f"not a chat completion: {exc}"[:300])
+        if "length" in finishes:
+            raise Truncated("reply was cut off by the token limit", raw_reply=raw)
+        if "content_filter" in finishes:
+            raise Refused("reply was blocked by the provider's content filter", raw_reply=raw)
         usage = _usage(completion)
-        if not completion.choices:
+        if message is None:
             return Answer(raw, None, usage, "no choices in the reply")
-        message = completion.choices[0].message
-        if getattr(message, "refusal", None):
-            raise Refused(f"model refused: {str(message.refusal)[:300]}", raw_reply=raw)
-        if not self.settings.json_mode:
-            return Answer(raw, message.parsed, usage, "" if message.parsed else "empty reply")
+        refusal, content = getattr(message, "refusal", None), getattr(message, "content", None)
+        if refusal:
+            raise Refused(f"model refused: {str(refusal)[:300]}", raw_reply=raw)
+        if not content and not self.settings.json_mode:
+            return Answer(raw, None, usage, "empty reply")
         try:
-            return Answer(raw, model_cls.model_validate_json(message.content or ""), usage)
+            return Answer(raw, model_cls.model_validate_json(content or ""), usage)
         except ValidationError as exc:
             return Answer(raw, None, usage, _short_validation(exc))
 
@@ -261,7 +298,7 @@ def _short_validation(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:8])
 
 
-def _usage(completion: Any) -> Usage:
+def _usage(completion: ChatCompletion) -> Usage:
     u = getattr(completion, "usage", None)
     if u is None:
         return Usage(calls=1)
@@ -269,14 +306,14 @@ def _usage(completion: Any) -> Usage:
     cached = getattr(details, "cached_tokens", None) or 0
     return Usage(
         calls=1,
-        input_tokens=u.prompt_tokens or 0,
+        input_tokens=getattr(u, "prompt_tokens", None) or 0,
         cached_tokens=cached,
-        output_tokens=u.completion_tokens or 0,
+        output_tokens=getattr(u, "completion_tokens", None) or 0,
     )
 
 
 def _usage_of_body(body: str) -> Usage:
-    """Usage from a raw completion body, for replies the SDK could not parse."""
+    """Usage from a raw completion body, for bodies that are not a valid chat completion."""
     try:
         usage = json.loads(body).get("usage") or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
