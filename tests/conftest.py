@@ -13,6 +13,7 @@ import os
 SESSION = f"tt{os.getpid()}"
 os.environ["RQ_KEY_PREFIX"] = f"rq{SESSION}"
 
+import contextlib
 import itertools
 import shutil
 import socket
@@ -228,3 +229,24 @@ def queue_env(site: Path, fake_llm: FakeLLM, redis_url: str, redis_prefix: str) 
     )
     yield env
     delete_keys(client, f"rq{SESSION}*")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KB tmpfs, unmounted afterwards (needs root to mount; skips otherwise). Fill it with `fill_disk`."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs as a full disk")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path) -> None:
+    """Fill a file system to the last byte (a file named `filler`; unlink it to make room again)."""
+    with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
+        while True:
+            filler.write(b"x" * 4096)
+            filler.flush()

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import fill_disk
 from worker.backfill import plan, run_inline
 from worker.classifier import Classifier, make_classifier, select
 from worker.errors import AuthError, InvalidReply, QuotaExhausted, RateLimited, RecordWriteFailed, Refused, Truncated
@@ -242,21 +241,11 @@ def test_a_failed_record_write_leaves_the_post_alone_and_never_makes_ai_terms_hu
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KB tmpfs filled to the last byte (needs root to mount; skips otherwise)."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("needs root to mount a small tmpfs as a full disk")
-    try:
-        (mount / "records").mkdir()
-        with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
-            while True:
-                filler.write(b"x" * 4096)
-                filler.flush()
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def full_disk(small_tmpfs: Path) -> Path:
+    """A 256 KB tmpfs with a records folder, filled to the last byte."""
+    (small_tmpfs / "records").mkdir()
+    fill_disk(small_tmpfs)
+    return small_tmpfs
 
 
 def test_a_full_disk_under_the_records_leaves_the_post_alone(

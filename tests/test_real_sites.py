@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import fill_disk
 from worker.backfill import Plan, plan
 from worker.classifier import Classifier, make_classifier
 from worker.errors import BadPost, PostWriteFailed
@@ -39,21 +38,11 @@ def test_a_post_with_an_invisible_spelling_of_a_term_gets_no_second_spelling(
 
 
 @pytest.fixture
-def site_on_a_full_disk(site: Path, tmp_path: Path) -> Iterator[Path]:
-    """The demo site's content on a 256 KB tmpfs filled to the last byte (needs root; skips otherwise)."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("needs root to mount a small tmpfs as a full disk")
-    try:
-        shutil.copytree(site / "site", mount / "site")
-        with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
-            while True:
-                filler.write(b"x" * 4096)
-                filler.flush()
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def site_on_a_full_disk(site: Path, small_tmpfs: Path) -> Path:
+    """The demo site's content on a 256 KB tmpfs filled to the last byte."""
+    shutil.copytree(site / "site", small_tmpfs / "site")
+    fill_disk(small_tmpfs)
+    return small_tmpfs
 
 
 def test_a_full_disk_under_the_post_is_a_named_transient_failure_and_loses_nothing(
