@@ -114,6 +114,17 @@ def tagger(
     )
 
 
+def follow_backfill(env: dict[str, str], site: Path) -> subprocess.Popen[str]:
+    """`tagger backfill --wait` of the whole site, running while the test breaks things under it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "backfill", "--wait", str(site / "site")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def session_pids(sid: int) -> list[int]:
     """Live processes of a session (what a process group leader left behind)."""
     found = []
@@ -242,13 +253,7 @@ def test_workers_outlive_a_redis_restart_and_every_post_is_written(
     made = many_posts(site, 16)
     workers = [spawn(env, "work"), spawn(env, "work")]
     try:
-        backfill = subprocess.Popen(
-            [sys.executable, "-m", "worker", "backfill", "--wait", str(site / "site")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        backfill = follow_backfill(env, site)
         assert wait_for(lambda: sum(1 for p in made if written([p])) >= 2, 60)
         server.stop()
         time.sleep(3)
@@ -277,13 +282,7 @@ def test_workers_outlive_redis_out_of_memory(
     made = many_posts(site, 12)
     workers = [spawn(env, "work"), spawn(env, "work")]
     try:
-        backfill = subprocess.Popen(
-            [sys.executable, "-m", "worker", "backfill", "--wait", str(site / "site")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        backfill = follow_backfill(env, site)
         assert wait_for(lambda: sum(1 for p in made if written([p])) >= 1, 60)
         used = int(client.info("memory")["used_memory"])
         client.config_set("maxmemory-policy", "noeviction")
@@ -534,13 +533,7 @@ def test_a_429_storm_longer_than_a_chunk_deadline_ends_written(
 
 def test_backfill_wait_warns_when_no_worker_is_running(queue_env: dict[str, str], site: Path) -> None:
     """`backfill --wait` with no worker says so within seconds (and Ctrl-C stops waiting, not the jobs)."""
-    backfill = subprocess.Popen(
-        [sys.executable, "-m", "worker", "backfill", "--wait", str(site / "site")],
-        env=queue_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    backfill = follow_backfill(queue_env, site)
     started = time.monotonic()
     assert backfill.stderr is not None
     lines: list[str] = []

@@ -237,11 +237,6 @@ class Settings(BaseSettings):
             return self.provider_choice
         return "openai" if (self.openai_api_key or self.openai_base_url) else "offline"
 
-    @property
-    def provider_was_guessed(self) -> bool:
-        """True when no provider was named and tagger fell back to the offline one."""
-        return self.provider_choice is None and self.provider == "offline"
-
     def rule_for(self, term_type: str) -> SelectionRule:
         """The selection rule for one classification type."""
         return self.selection.get(term_type, OTHER_TYPES_RULE)
