@@ -8,6 +8,7 @@ process does not take its own long call for a dead worker's.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import threading
 import time
 import zlib
@@ -629,6 +631,12 @@ def run_burst_worker(settings: Settings, redis: redis_lib.Redis, limit: float = 
         if not finished.wait(limit):
             for worker in Worker.all(connection=redis):
                 send_shutdown_command(redis, worker.name)
+        if not finished.wait(15):
+            # RQ's work loop can swallow both the shutdown and mutmut's timeout signal while it blocks on an empty
+            # queue: end the whole process loudly rather than hang the run (a hung worker is a failed test).
+            print("the burst worker ignored its shutdown command; exiting", file=sys.stderr, flush=True)
+            faulthandler.dump_traceback()
+            os._exit(3)
 
     threading.Thread(target=watchdog, daemon=True).start()
     started = time.monotonic()
