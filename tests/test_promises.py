@@ -601,6 +601,7 @@ def worker_env(
         "TAGGER_LEASE_SECONDS": "0.4",
         "TAGGER_REQUEST_TIMEOUT": "60",
         "TAGGER_JOB_RETRIES": "0",
+        "TAGGER_CONCURRENCY": "4",
     }
     settings = make_settings(**values)
     for name, value in {
@@ -678,6 +679,32 @@ def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
     assert StartedJobRegistry(queue=rq_queue).count == 0
 
 
+def test_a_worker_works_for_its_own_settings_not_a_context_left_in_the_process(
+    worker_env: Settings,
+    fake_llm: FakeLLM,
+    site: Path,
+    rq_queue: Queue,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.queue.jobs import enqueue_posts
+    from worker.queue.workers import WorkerContext, WorkerState
+
+    redis = rq_queue.connection
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(site / "site", elsewhere)
+    before = (elsewhere / "posts" / "limiting-wip.md").read_bytes()
+    # A context built for another content root earlier in this process (another run, another test).
+    monkeypatch.setattr(
+        WorkerState, "context", WorkerContext.build(worker_env.model_copy(update={"content_dir": elsewhere}), redis)
+    )
+    wip = site / "site" / "posts" / "limiting-wip.md"
+    enqueue_posts([wip], worker_env, redis)
+    run_burst_worker(worker_env, redis)
+    assert "Kanban" in read_post(wip).terms("tags")
+    assert (elsewhere / "posts" / "limiting-wip.md").read_bytes() == before
+
+
 def test_a_warm_worker_context_is_rebuilt_when_a_term_file_or_template_changes(
     worker_env: Settings, site: Path, rq_queue: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -687,7 +714,7 @@ def test_a_warm_worker_context_is_rebuilt_when_a_term_file_or_template_changes(
     prompts = tmp_path / "prompts"
     shutil.copytree(REPO / "prompts", prompts)
     monkeypatch.setenv("TAGGER_PROMPTS_DIR", str(prompts))
-    context = WorkerContext.build(redis)
+    context = WorkerContext.build(Settings(), redis)
     assert context.fresh(redis) is context  # nothing changed: the same warm classifier
     kanban = context.classifier.taxonomy.get("tags", "Kanban")
     term = site / "taxonomy" / "tags" / "kanban.md"

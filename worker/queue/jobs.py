@@ -225,7 +225,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     job = get_current_job()
     assert job is not None and job.connection is not None
     redis: Redis = job.connection
-    context = WorkerState.context = (WorkerState.context or WorkerContext.build(redis)).fresh(redis)
+    context = WorkerState.context = (WorkerState.context or WorkerContext.build(Settings(), redis)).fresh(redis)
     settings = context.settings
     job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
     job.save_meta()

@@ -61,14 +61,13 @@ class WorkerContext:
     signature: tuple[tuple[str, int, int], ...]
 
     @classmethod
-    def build(cls, redis: Redis) -> WorkerContext:
-        """Read settings, taxonomy and templates, and set up the provider."""
-        settings = Settings()
+    def build(cls, settings: Settings, redis: Redis) -> WorkerContext:
+        """Read the taxonomy and templates `settings` name, and set up the provider."""
         return cls(settings, make_classifier(settings, RedisThrottle(settings, redis)), _signature(settings))
 
     def fresh(self, redis: Redis) -> WorkerContext:
         """This context, or a rebuilt one when a term file or template changed on disk."""
-        return self if _signature(self.settings) == self.signature else WorkerContext.build(redis)
+        return self if _signature(self.settings) == self.signature else WorkerContext.build(self.settings, redis)
 
 
 class WorkerState:
@@ -267,9 +266,10 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
     try:
         while not STOPPING.is_set():
             try:
-                if WorkerState.context is None and settings.job_mode == "shared":
+                current = WorkerState.context
+                if settings.job_mode == "shared" and (current is None or current.settings != settings):
                     # A remote worker has no taxonomy folder: its jobs bring a published taxonomy version.
-                    WorkerState.context = WorkerContext.build(redis)
+                    WorkerState.context = WorkerContext.build(settings, redis)
                 recover(settings, redis)
                 worker = TaggerWorker(
                     selected,
