@@ -22,6 +22,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -415,7 +416,7 @@ PASSWORD = "redis-pa55word"
 
 
 @contextmanager
-def configured(settings: Settings, stream: io.StringIO, quiet: bool = False) -> Iterator[None]:
+def configured(settings: Settings, stream: io.StringIO, quiet: bool | None = None) -> Iterator[None]:
     """`configure()` for one test; the process's logging (handlers, record factory, structlog) restored after."""
     factory = logging.getLogRecordFactory()
     root = logging.getLogger()
@@ -423,7 +424,10 @@ def configured(settings: Settings, stream: io.StringIO, quiet: bool = False) -> 
     for handler in handlers:
         root.removeHandler(handler)
     try:
-        configure(settings, stream=stream, quiet=quiet)
+        if quiet is None:
+            configure(settings, stream=stream)  # the default a worker and most commands use
+        else:
+            configure(settings, stream=stream, quiet=quiet)
         yield
     finally:
         logging.setLogRecordFactory(factory)
@@ -479,10 +483,31 @@ def test_stdlib_log_records_and_tracebacks_are_redacted(logged: Callable[[], str
     except ValueError:
         rq_log.exception("job failed with %s", API_KEY)
     text = logged()
-    assert "connected to redis://:***@127.0.0.1:6379/0" in text
-    assert "job failed with ***" in text
-    assert "bad key" not in text or "bad key ***" in text  # a traceback, where one is logged, is redacted too
     assert API_KEY not in text and PASSWORD not in text
+    connected, failed = (json.loads(line) for line in text.splitlines())
+    # RQ's own lines: one JSON object each, like tagger's events, with the logger's name, level and UTC time.
+    assert connected["event"] == "Worker: connected to redis://:***@127.0.0.1:6379/0"
+    assert connected["logger"] == "rq.worker" and connected["level"] == "error"
+    assert datetime.fromisoformat(connected["timestamp"]).utcoffset() == timedelta(0)
+    assert failed["event"].startswith("job failed with ***")
+    assert "ValueError: bad key ***" in failed["exception"]  # the traceback is kept, redacted
+
+
+def test_configured_again_redacts_the_new_secrets_and_no_longer_the_old(tmp_path: Path) -> None:
+    other_key = "sk-other-9876543210fedcba"
+    first = Settings(_env_file=None, OPENAI_API_KEY=API_KEY, TAGGER_LOG_FORMAT="json")  # type: ignore[call-arg]
+    second = Settings(_env_file=None, OPENAI_API_KEY=other_key, TAGGER_LOG_FORMAT="json")  # type: ignore[call-arg]
+    stream = io.StringIO()
+    log = structlog.get_logger("tagger.test")  # taken before configure(): follows every later configure()
+    with configured(first, io.StringIO(), quiet=False):
+        configure(second, stream=stream)
+        logging.getLogger("rq.worker").error("keys %s %s", API_KEY, other_key)
+        log.warning("keys", first=API_KEY, second=other_key)
+        # The record factory is replaced, not stacked: one layer over the factory that was there before.
+        assert not hasattr(getattr(logging.getLogRecordFactory(), "tagger_wraps", None), "tagger_wraps")
+    rq_line, event = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert rq_line["event"] == f"keys {API_KEY} ***"
+    assert event["first"] == API_KEY and event["second"] == "***"
 
 
 @pytest.mark.parametrize(
@@ -492,9 +517,11 @@ def test_stdlib_log_records_and_tracebacks_are_redacted(logged: Callable[[], str
         ("json", "WARNING", False, {"warning"}),
         ("json", "DEBUG", True, {"warning"}),  # quiet: warnings and worse only
         ("console", "info", False, {"info", "warning"}),
+        ("json", "INFO", None, {"info", "warning"}),  # not quiet unless asked
+        ("json", "LOUD", False, {"info", "warning"}),  # an unknown level: INFO
     ],
 )
-def test_log_format_and_level(log_format: str, level: str, quiet: bool, shown: set[str]) -> None:
+def test_log_format_and_level(log_format: str, level: str, quiet: bool | None, shown: set[str]) -> None:
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, OPENAI_API_KEY=API_KEY, TAGGER_LOG_FORMAT=log_format, TAGGER_LOG_LEVEL=level
     )
@@ -509,9 +536,11 @@ def test_log_format_and_level(log_format: str, level: str, quiet: bool, shown: s
     assert {name for name in ("debug", "info", "warning") if any(f"{name}_event" in line for line in lines)} == shown
     if log_format == "console":
         assert not any(line.startswith("{") for line in lines)
+        assert "\x1b[" not in stream.getvalue()  # no colour codes: the console format is read in files too
     else:
         events = [json.loads(line) for line in lines]
-        assert all(e["key"] == "***" and "timestamp" in e and e["level"] in shown for e in events)
+        assert all(e["key"] == "***" and e["level"] in shown for e in events)
+        assert all(datetime.fromisoformat(e["timestamp"]).utcoffset() == timedelta(0) for e in events)
 
 
 # --- only tagger's own jobs run -------------------------------------------------------------------

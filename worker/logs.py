@@ -87,24 +87,26 @@ def configure(settings: Settings, stream: Any = None, quiet: bool = False) -> No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(max(level, logging.WARNING))  # other libraries' INFO (an HTTP line per call) stays out
-    if secrets:
-        _redact_stdlib_records(secrets)
+    _redact_stdlib_records(secrets)
 
 
 def _redact_stdlib_records(secrets: list[str]) -> None:
     """Redact secrets from every stdlib log record (RQ's own logs and tracebacks included) when it is made."""
-    make_record = logging.getLogRecordFactory()
-    if getattr(make_record, "tagger_redacts", False):
+    current = logging.getLogRecordFactory()
+    # Configured again (another key, another test): replace tagger's earlier factory rather than stack on it.
+    make_record: Any = getattr(current, "tagger_wraps", current)
+    if not secrets:
+        logging.setLogRecordFactory(make_record)
         return
     formatter = logging.Formatter()
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
+        record: logging.LogRecord = make_record(*args, **kwargs)
         record.msg, record.args = redact(record.getMessage(), secrets), None
         if record.exc_info:
+            # Plain formatters print this cached text; tagger's own renders exc_info and scrubs it.
             record.exc_text = redact(formatter.formatException(record.exc_info), secrets)
-            record.exc_info = None
         return record
 
-    factory.tagger_redacts = True  # type: ignore[attr-defined]
+    factory.tagger_wraps = make_record  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
