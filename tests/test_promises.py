@@ -598,13 +598,17 @@ def test_a_worker_fails_a_foreign_job_without_running_any_of_it(
 
     marker = tmp_path / "ran"
     callbacks = {name: Callback(target) for name, target in options.items()}
-    job = rq_queue.enqueue(func, str(marker), job_id="foreign", **callbacks)  # type: ignore[arg-type]
+    meta = {"post": "posts/older-layout.md"}  # an older tagger's job names its post: on-call must still see it
+    job = rq_queue.enqueue(func, str(marker), job_id="foreign", meta=meta, **callbacks)  # type: ignore[arg-type]
     worker = TaggerWorker([rq_queue], connection=rq_queue.connection, serializer=JSONSerializer, settings=worker_env)
-    assert worker.work(burst=True)
+    with structlog.testing.capture_logs() as events:
+        assert worker.work(burst=True)
     assert not marker.exists()
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
-    assert job.meta["kind"] == "foreign_job" and reason in job.meta["error"]
+    assert job.meta["kind"] == "foreign_job" and reason in job.meta["error"] and job.meta["post"] == meta["post"]
+    [refused] = [e for e in events if e["event"] == "refused"]
+    assert refused["job_id"] == "foreign" and refused["reason"] == job.meta["error"]
     assert job.meta["attempts"] == 0 and time.time() - job.meta["failed_at"] < 60  # on-call sees when
     assert job.id in FailedJobRegistry(queue=rq_queue).get_job_ids()
 
@@ -684,21 +688,23 @@ def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
     from worker.queue.recovery import reap_abandoned
 
     redis = rq_queue.connection
+    # A lease of 1 s: the entry lives 2 s (whole seconds, plus one), so beats slower than that would be seen.
+    settings = worker_env.model_copy(update={"lease_seconds": 1.0})
     wip = site / "site" / "posts" / "limiting-wip.md"
-    [queued] = enqueue_posts([wip], worker_env, redis)
+    [queued] = enqueue_posts([wip], settings, redis)
     fake_llm.hold()
     recovered: list[str] = []
 
     def watch() -> None:  # another worker's recovery, looking while the job's calls are held for 5 leases
         if fake_llm.wait_held(3):
             for _ in range(10):
-                time.sleep(worker_env.lease_seconds / 2)
-                recovered.extend(reap_abandoned(worker_env, redis))
+                time.sleep(settings.lease_seconds / 2)
+                recovered.extend(reap_abandoned(settings, redis))
         fake_llm.release()
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    run_burst_worker(worker_env, redis)
+    run_burst_worker(settings, redis)
     watcher.join(timeout=60)
     assert recovered == []
     assert fake_llm.counts["requests"] == 3
@@ -757,6 +763,89 @@ def test_a_warm_worker_context_is_rebuilt_when_a_term_file_or_template_changes(
     again = rebuilt.fresh(redis)
     assert again is not rebuilt
     assert again.classifier.templates.version != rebuilt.classifier.templates.version
+
+
+@pytest.mark.parametrize(
+    ("lease", "grace"), [(0.4, 5.0), (2.5, 5.0), (3.0, 6.0), (10.0, 20.0), (15.0, 30.0), (100.0, 30.0)]
+)
+def test_a_job_counts_as_lost_after_two_leases_but_never_under_5_or_over_30_seconds(
+    make_settings: MakeSettings, lease: float, grace: float
+) -> None:
+    from worker.queue.recovery import lost_grace
+
+    assert lost_grace(make_settings(TAGGER_LEASE_SECONDS=lease)) == grace
+
+
+def test_a_job_a_worker_took_and_never_started_is_requeued_once_after_the_grace(
+    worker_env: Settings, site: Path, rq_queue: Queue
+) -> None:
+    from worker.queue import keys
+    from worker.queue.jobs import enqueue_posts
+    from worker.queue.recovery import lost_grace, recover
+
+    redis = rq_queue.connection
+    posts = site / "site" / "posts"
+    taken, waiting, running, done = enqueue_posts(sorted(posts.glob("*.md"))[:4], worker_env, redis)
+    queue = Queue(f"{worker_env.redis_prefix}-default", connection=redis, serializer=JSONSerializer)
+    for job_id in (taken.job_id, running.job_id, done.job_id):
+        queue.remove(job_id)  # taken from the queue by a worker (BLPOP) ...
+    running_job = queue.fetch_job(running.job_id)
+    done_job = queue.fetch_job(done.job_id)
+    assert running_job is not None and done_job is not None
+    StartedJobRegistry(queue=queue).add(running_job, ttl=600)  # ... one is running, one has ended,
+    running_job.set_status(JobStatus.STARTED)
+    done_job.set_status(JobStatus.FINISHED)  # ... and the worker that took `taken` died before starting it.
+
+    first = recover(worker_env, redis)  # the default recovery sweeps: `taken` is seen orphaned, not yet requeued
+    assert first.lost == [] and not first.skipped
+    assert redis.zscore(keys.pending_index(worker_env), done.job_id) is None  # ended: out of the index
+    assert redis.hkeys(keys.orphans(worker_env)) == [taken.job_id.encode()]
+    assert recover(worker_env, redis).lost == []  # one sweep per interval across the fleet
+    # The grace has passed (backdated rather than waited for) and the next sweep is due.
+    redis.hset(keys.orphans(worker_env), taken.job_id, str(time.time() - lost_grace(worker_env) - 0.1))
+    redis.delete(keys.sweep_due(worker_env))
+    assert recover(worker_env, redis).lost == [taken.job_id]
+    assert queue.job_ids == [waiting.job_id, taken.job_id]  # back on its queue, after the one still waiting
+    requeued = queue.fetch_job(taken.job_id)
+    assert requeued is not None and requeued.meta["lost"] == 1 and requeued.get_status() == JobStatus.QUEUED
+    assert redis.hlen(keys.orphans(worker_env)) == 0
+    redis.delete(keys.sweep_due(worker_env))
+    assert recover(worker_env, redis).lost == []  # once: it is queued again, not lost
+    assert recover(worker_env, redis, sweep=False).lost == []
+
+
+def test_one_recovery_at_a_time_and_a_dead_recoverer_blocks_the_fleet_at_most_two_minutes(
+    worker_env: Settings, rq_queue: Queue
+) -> None:
+    from worker.queue import keys
+    from worker.queue.recovery import recover
+
+    redis = rq_queue.connection
+    other = redis.lock(keys.reaper_lock(worker_env), timeout=120)
+    assert other.acquire(blocking=False)  # another process is recovering
+    started = time.monotonic()
+    assert recover(worker_env, redis).skipped  # it does not wait for the other one
+    assert time.monotonic() - started < 5
+    other.release()
+    seen: list[str] = []
+    with redis.monitor() as monitor:  # what recovery asks Redis for its lock, as Redis received it
+
+        def listen() -> None:
+            for command in monitor.listen():
+                if keys.reaper_lock(worker_env) in command["command"] and command["command"].startswith("SET"):
+                    seen.append(command["command"])
+                    return
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        time.sleep(0.2)
+        assert not recover(worker_env, redis).skipped
+        listener.join(timeout=10)
+    assert len(seen) == 1, seen
+    words = seen[0].replace('"', "").split()
+    assert "NX" in words and "PX" in words  # taken only when free, and it expires if its holder dies
+    assert 0 < int(words[words.index("PX") + 1]) <= 120_000
+    assert redis.exists(keys.reaper_lock(worker_env)) == 0  # released when done
 
 
 def test_an_overdue_retry_is_put_back_on_its_queue(worker_env: Settings, rq_queue: Queue) -> None:
