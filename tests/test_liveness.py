@@ -27,22 +27,13 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from tests.waiting import wait_for
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.records import load_record
 
 pytestmark = pytest.mark.redis
 WAIT = 90.0
-
-
-def wait_for(condition: Callable[[], object], timeout: float = WAIT, step: float = 0.2) -> bool:
-    """Poll until `condition()` is true or `timeout` passes (generous: the machine is shared and slow)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return bool(condition())
 
 
 class PrivateRedis:

@@ -36,12 +36,13 @@ from rq.serializers import JSONSerializer
 
 from tests.conftest import REPO, SESSION, delete_keys
 from tests.owned_bytes import assert_only_owned_changed, foreign_bytes
+from tests.waiting import wait_for
 from worker.classifier import Classifier
 from worker.errors import BadPost, InvalidReply, PostChanged, PostMissing
 from worker.fakellm import FakeLLM, scripted_entry
 from worker.judgements import TermScores, Usage
 from worker.logs import configure, redact, secrets_of
-from worker.posts import ORIGIN_KEY, read_post, render_changes, write_atomic
+from worker.posts import ORIGIN_KEY, Post, file_hash, read_post, render_changes, write_atomic
 from worker.prompts import Prompt, load_templates
 from worker.providers.base import Reply
 from worker.records import load_record, record_path
@@ -314,6 +315,64 @@ def test_an_edit_made_while_the_model_is_thinking_is_kept_and_judged(
     assert text.endswith("\nA late paragraph.\n")
     assert "Kanban" in read_post(path).terms("tags")
     assert load_record(path).content_hash == read_post(path).content_hash  # judged as edited
+
+
+def test_a_post_edited_at_every_pass_is_left_as_the_person_wrote_it_and_its_record_stays_settled(
+    classifier: Classifier, fake_llm: FakeLLM, site: Path
+) -> None:
+    from worker.classifier import CHANGED_POST_PASSES
+
+    path = site / "site" / "posts" / "limiting-wip.md"
+    fake_llm.score({"Kanban": 95}, default=0)
+    assert classifier.classify(path).written  # tagged once: the record holds what tagger assigned
+    before = load_record(path)
+    calls_per_pass = fake_llm.counts["requests"]
+    fake_llm.score(default=95)  # now every term is selected: every pass has something to write
+    path.write_text(path.read_text(encoding="utf-8") + "\nA first edit.\n", encoding="utf-8")
+    fake_llm.hold()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            classifier.classify(path)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    texts = []
+    for n in range(CHANGED_POST_PASSES):  # each pass reads the post, and a person edits it before the write
+
+        def asking(n: int = n) -> bool:  # this pass's first call is held
+            return fake_llm.counts["requests"] > calls_per_pass * (1 + n) and fake_llm.held > 0
+
+        assert wait_for(asking, timeout=10), f"pass {n + 1} never asked the model"
+        texts.append(path.read_bytes())
+        path.write_text(path.read_text(encoding="utf-8") + f"\nEdit {n}.\n", encoding="utf-8")
+        fake_llm.release(calls=calls_per_pass)
+    thread.join(timeout=30)
+    fake_llm.release()
+    assert not thread.is_alive()
+    assert [type(e) for e in errors] == [PostChanged]  # given up after exactly CHANGED_POST_PASSES passes
+    assert fake_llm.counts["requests"] == calls_per_pass * (1 + CHANGED_POST_PASSES)
+    assert path.read_bytes() == texts[-1] + f"\nEdit {CHANGED_POST_PASSES - 1}.\n".encode()  # the person's text
+    after = load_record(path)
+    assert after.pending is None  # no write announced and left unsettled
+    assert after.file_hash == file_hash(texts[-1])  # the file as last read: the next run sees it changed
+    assert after.content_hash == read_post_bytes(path, texts[-1]).content_hash  # its judgements are cached
+    settled = {"pending", "judgements", "content_hash", "file_hash", "updated_at", "usage", "truncated_chars"}
+    assert after.model_dump(exclude=settled) == before.model_dump(exclude=settled)  # earlier assignments stand
+    assert before.assigned["tags"] == ["Kanban"]
+
+
+def read_post_bytes(path: Path, data: bytes) -> Post:
+    """The post as it was when it held `data` (parsed from a scratch copy beside it)."""
+    scratch = path.with_name(f".scratch-{path.name}")
+    scratch.write_bytes(data)
+    try:
+        return read_post(scratch)
+    finally:
+        scratch.unlink()
 
 
 # --- Human posts are never written ----------------------------------------------------------------
