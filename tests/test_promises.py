@@ -30,6 +30,7 @@ import redis as redis_lib
 import structlog
 import yaml
 from rq import Callback, Queue
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -844,15 +845,21 @@ def test_a_job_a_worker_took_and_never_started_is_requeued_once_after_the_grace(
 
     redis = rq_queue.connection
     posts = site / "site" / "posts"
-    taken, waiting, running, done = enqueue_posts(sorted(posts.glob("*.md"))[:4], worker_env, redis)
+    (posts / "waiting.md").write_text(
+        "---\ntitle: Waiting\n---\nA post about Kanban and WIP limits.\n", encoding="utf-8"
+    )
+    names = ["backlog-by-value.md", "waiting.md", "limiting-wip.md", "shipping-daily.md"]
+    taken, waiting, running, done = enqueue_posts([posts / name for name in names], worker_env, redis)
     queue = Queue(f"{worker_env.redis_prefix}-default", connection=redis, serializer=JSONSerializer)
     for job_id in (taken.job_id, running.job_id, done.job_id):
         queue.remove(job_id)  # taken from the queue by a worker (BLPOP) ...
     running_job = queue.fetch_job(running.job_id)
     done_job = queue.fetch_job(done.job_id)
     assert running_job is not None and done_job is not None
-    StartedJobRegistry(queue=queue).add(running_job, ttl=600)  # ... one is running, one has ended,
-    running_job.set_status(JobStatus.STARTED)
+    with redis.pipeline() as pipe:  # ... one is running (a live worker's execution), one has ended,
+        Execution.create(running_job, ttl=600, pipeline=pipe, worker_name="alive")
+        running_job.set_status(JobStatus.STARTED, pipeline=pipe)
+        pipe.execute()
     done_job.set_status(JobStatus.FINISHED)  # ... and the worker that took `taken` died before starting it.
 
     first = recover(worker_env, redis)  # the default recovery sweeps: `taken` is seen orphaned, not yet requeued
@@ -860,6 +867,10 @@ def test_a_job_a_worker_took_and_never_started_is_requeued_once_after_the_grace(
     assert redis.zscore(keys.pending_index(worker_env), done.job_id) is None  # ended: out of the index
     assert redis.hkeys(keys.orphans(worker_env)) == [taken.job_id.encode()]
     assert recover(worker_env, redis).lost == []  # one sweep per interval across the fleet
+    redis.delete(keys.sweep_due(worker_env))
+    assert (
+        recover(worker_env, redis).lost == []
+    )  # swept again, but its grace has not passed: a live worker may start it
     # The grace has passed (backdated rather than waited for) and the next sweep is due.
     redis.hset(keys.orphans(worker_env), taken.job_id, str(time.time() - lost_grace(worker_env) - 0.1))
     redis.delete(keys.sweep_due(worker_env))
