@@ -774,6 +774,28 @@ def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
     assert StartedJobRegistry(queue=rq_queue).count == 0
 
 
+def test_an_odd_entry_on_a_queue_is_dropped_and_recorded_and_the_next_job_runs(
+    worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue
+) -> None:
+    from worker.queue import keys
+    from worker.queue.jobs import enqueue_posts
+
+    redis = rq_queue.connection
+    queue = Queue(f"{worker_env.redis_prefix}-default", connection=redis, serializer=JSONSerializer)
+    redis.rpush(queue.key, "bad id/../x")  # not a job id RQ accepts: its worker would stop on it
+    wip = site / "site" / "posts" / "limiting-wip.md"
+    enqueue_posts([wip], worker_env, redis)
+    with structlog.testing.capture_logs() as events:
+        run_burst_worker(worker_env, redis)
+    assert "Kanban" in read_post(wip).terms("tags")  # the next job ran
+    [entry] = [json.loads(raw) for raw in redis.lrange(keys.dropped(worker_env), 0, -1)]
+    assert entry["job_id"] == "bad id/../x" and entry["queue"] == queue.name
+    assert entry["reason"] == "ValueError: Job ID must only contain letters, numbers, underscores and dashes"
+    assert time.time() - entry["at"] < 60  # on-call sees what, why and when
+    [dropped] = [e for e in events if e["event"] == "dropped"]
+    assert dropped["job_id"] == "bad id/../x" and dropped["reason"] == entry["reason"]
+
+
 def test_a_worker_works_for_its_own_settings_not_a_context_left_in_the_process(
     worker_env: Settings,
     fake_llm: FakeLLM,
