@@ -790,7 +790,7 @@ def test_an_odd_entry_on_a_queue_is_dropped_and_recorded_and_the_next_job_runs(
     assert "Kanban" in read_post(wip).terms("tags")  # the next job ran
     [entry] = [json.loads(raw) for raw in redis.lrange(keys.dropped(worker_env), 0, -1)]
     assert entry["job_id"] == "bad id/../x" and entry["queue"] == queue.name
-    assert entry["reason"] == "ValueError: Job ID must only contain letters, numbers, underscores and dashes"
+    assert entry["reason"].startswith("ValueError: Job ID")  # RQ's own words for why it is not a job
     assert time.time() - entry["at"] < 60  # on-call sees what, why and when
     [dropped] = [e for e in events if e["event"] == "dropped"]
     assert dropped["job_id"] == "bad id/../x" and dropped["reason"] == entry["reason"]
