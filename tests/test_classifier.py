@@ -462,3 +462,30 @@ def judgement(term_type: str, term: str, value: float) -> Judgement:
         type=term_type, term=term, scores={}, confidence=value, level=level(value), reason="r",
         definition_hash="d", content_hash="c", prompt_version="p", model="m", provider="t", judged_at="now",
     )  # fmt: skip
+
+
+def test_a_type_whose_key_posts_use_for_something_else_is_named_with_the_posts(
+    classifier: Classifier, tmp_path: Path
+) -> None:
+    from worker.classifier import type_key_problems
+
+    def post(name: str, header: str) -> Path:
+        path = tmp_path / f"{name}.md"
+        path.write_text(f"---\ntitle: {name}\n{header}\n---\nBody.\n", encoding="utf-8")
+        return path
+
+    fine = [post("list", "tags: [Lean]"), post("text", "tags: Lean"), post("none", "draft: true")]
+    broken = post("broken", "---\n: [")  # unreadable posts are another check's business
+    flags = [post(f"flag{n}", "tags: true") for n in range(7)]
+    number = post("number", "categories: 3")
+    mapping = post("mapping", "concepts: {a: b}")
+    problems = type_key_problems(classifier.taxonomy, [*fine, broken, *flags, number, mapping], shown=5)
+    assert problems == [
+        "type 'tags': posts use this key for something other than a list of terms: "
+        + ", ".join(f"{p} (bool)" for p in flags[:5])
+        + " and 2 more",
+        f"type 'categories': posts use this key for something other than a list of terms: {number} (int)",
+        f"type 'concepts': posts use this key for something other than a list of terms: {mapping} (dict)",
+    ]
+    assert type_key_problems(classifier.taxonomy, flags[:5]) == [problems[0].removesuffix(" and 2 more")]
+    assert type_key_problems(classifier.taxonomy, fine) == []
