@@ -56,6 +56,30 @@ def test_shortlist_skips_hopeless_terms_and_caches_them(
     assert fake_llm.counts["requests"] == requests
 
 
+def test_the_shortlist_asks_a_term_at_its_floor_and_records_why_the_others_were_not_asked(
+    make_settings: Callable[..., Settings], site: Path
+) -> None:
+    from worker.judgements import Judgement
+    from worker.posts import read_post
+
+    post = read_post(site / "site" / "posts" / "limiting-wip.md")
+
+    def split(floor: float) -> tuple[dict[str, Judgement], set[str]]:
+        classifier = make_classifier(make_settings(TAGGER_SHORTLIST_MIN=floor))
+        skipped, ask = classifier.shortlist(post, classifier.terms_of(["tags"]))
+        return {j.term: j for j in skipped}, {t.title for t in ask}
+
+    everything, none = split(100)  # no local score reaches 100: every term is recorded with its score
+    assert none == set() and all(j.reason.startswith("not asked: ") for j in everything.values())
+    term, floor = max(((j.term, j.confidence) for j in everything.values()), key=lambda pair: pair[1])
+    assert 0 < floor < 100
+    skipped, asked = split(floor)
+    assert term in asked and term not in skipped  # at the floor: asked
+    skipped, asked = split(floor + 0.01)
+    assert term in skipped and term not in asked  # just under it: recorded, not asked
+    assert skipped[term].reason == everything[term].reason
+
+
 def test_a_posts_calls_run_in_parallel_within_the_bound(
     make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
 ) -> None:
