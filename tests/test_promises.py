@@ -80,6 +80,11 @@ FIXTURES: dict[str, str] = {
         'series = [\n  "x",\n]\n\n[[menu.main]]\nname = "n"\n+++\nbody\n'
     ),
     "toml-crlf": '+++\r\ntitle = "T"\r\ncategories = ["Kept"]\r\n[params]\r\nx = 1\r\n+++\r\nbody\r\n',
+    "flow-list-comment": "---\ntitle: x\ntags: [Kept, Gone]  # chosen: by hand\nweight: 1\n---\nb\n",
+    "owned-key-colon-comment": "---\ntags:  # note: picked by hand\n  - Kept\n  - Gone\nafter: 1\n---\nb\n",
+    "empty-header": "---\n---\nbody\n",
+    "toml-owned-last-before-table": '+++\ntitle = "T"\ntags = [\n  "Kept",\n  "Gone",\n]\n[params]\nx = 1\n+++\nbody\n',
+    "toml-quoted-keys": '+++\n"title" = "T"\n"tags" = ["Kept", "Gone"]\n\n[params]\n"tags" = "inner"\n+++\nb\n',
 }
 CHANGES: list[dict[str, list[str] | str]] = [
     {"tags": ["Kept", "New: tag", "Ünïcode"], "categories": ["Kanban"], ORIGIN_KEY: "AI"},
