@@ -289,3 +289,30 @@ def test_hostile_front_matter_ends_within_seconds_and_tens_of_mb(tmp_path: Path,
     assert float(seconds[:-1]) < 10, run.stdout
     assert int(grown[:-2]) < 60, run.stdout  # MB the parse added to the process's peak
     assert elapsed < 30
+
+
+TOML_VALUES = {
+    "bracket-in-string": ('tags = ["a]b", "c"]', 'tags = ["a]b", "d"]'),
+    "bracket-in-literal": ("tags = ['x[y', 'z']", "tags = ['x[y', 'w']"),
+    "escaped-quote": ('tags = ["q\\"]", "r"]', 'tags = ["q\\"]", "s"]'),
+    "escaped-backslash": ('tags = ["b\\\\", "r"]', 'tags = ["b\\\\", "s"]'),
+    "comment-with-bracket": (
+        'tags = [\n  "a", # ] is not the end\n  "b",\n]',
+        'tags = [\n  "a", # ] is not the end\n  "c",\n]',
+    ),
+    "multi-line-basic": ('tags = """one\n]\n"""', 'tags = """two\n]\n"""'),
+    "multi-line-literal": ("tags = '''one\n[\n'''", "tags = '''two\n[\n'''"),
+    "inline-table-item": ('tags = [{ a = "]" }, "b"]', 'tags = [{ a = "]" }, "c"]'),
+    "trailing-comment": ('tags = ["a"]  # [why]', 'tags = ["b"]  # [why]'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOML_VALUES))
+def test_a_toml_owned_value_ends_where_toml_says_it_does(name: str) -> None:
+    owned, changed = TOML_VALUES[name]
+    old = f'+++\ntitle = "T"\n{owned}\nnext = "n"\n+++\nbody\n'
+    assert foreign_changes(old, old.replace(owned, changed), OWNED) == []  # all of the value is owned
+    assert foreign_changes(old, old.replace('next = "n"', 'next = "m"'), OWNED)  # the next key is not
+    assert foreign_changes(old, old.replace('title = "T"', 'title = "U"'), OWNED)  # nor the one before
+    last = f'+++\ntitle = "T"\n{owned}\n+++\nbody\n'  # the value is the header's last
+    assert foreign_changes(last, last.replace(owned, changed), OWNED) == []
