@@ -489,3 +489,35 @@ def test_a_type_whose_key_posts_use_for_something_else_is_named_with_the_posts(
     ]
     assert type_key_problems(classifier.taxonomy, flags[:5]) == [problems[0].removesuffix(" and 2 more")]
     assert type_key_problems(classifier.taxonomy, fine) == []
+
+
+def test_a_post_is_fresh_per_type_until_a_term_it_holds_leaves_that_type(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    path = wip(site)
+    empty = site / "site" / "posts" / "empty.md"
+    empty.write_text("---\ndraft: true\n---\n", encoding="utf-8")
+    classifier = make_classifier(make_settings())
+    assert classifier.is_fresh(read_post(empty), classifier.load_record(read_post(empty)))  # nothing to ask
+    classifier.classify(path, types=["tags"])
+    post = read_post(path)
+    record = classifier.load_record(post)
+    assert classifier.is_fresh(post, record, ["tags"])
+    assert not classifier.is_fresh(post, record, ["categories"]) and not classifier.is_fresh(post, record)
+    classifier.classify(path)
+    record = classifier.load_record(read_post(path))
+    assert classifier.is_fresh(read_post(path), record)
+    assert record.assigned["tags"] == ["Kanban"]
+    (site / "taxonomy" / "tags" / "kanban.md").unlink()  # a term tagger assigned leaves the taxonomy
+    smaller = make_classifier(make_settings())
+    post = read_post(path)
+    assert not smaller.is_fresh(post, record, ["tags"]) and not smaller.is_fresh(post, record)  # to be retired
+    assert smaller.is_fresh(post, record, ["categories"])  # the other types have nothing to do
+
+
+def test_a_rerun_that_changes_nothing_leaves_the_record_file_as_it_was(classifier: Classifier, site: Path) -> None:
+    classifier.classify(wip(site))
+    before = record_path(wip(site)).read_bytes()
+    time.sleep(1.1)  # the record's time stamp has whole seconds: a rewrite would change it
+    result = classifier.classify(wip(site))
+    assert not result.written and record_path(wip(site)).read_bytes() == before
