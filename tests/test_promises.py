@@ -558,18 +558,48 @@ def test_stdlib_log_records_and_tracebacks_are_redacted(logged: Callable[[], str
     assert "ValueError: bad key ***" in failed["exception"]  # the traceback is kept, redacted
 
 
+def test_a_handler_someone_else_adds_gets_records_and_tracebacks_already_redacted(
+    logged: Callable[[], str],
+) -> None:
+    other = io.StringIO()  # a library's or an operator's own handler, with the standard formatter
+    handler = logging.StreamHandler(other)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    rq_log = logging.getLogger("rq.worker")
+    rq_log.addHandler(handler)
+    try:
+        try:
+            raise ValueError(f"bad key {API_KEY}")
+        except ValueError:
+            rq_log.exception("job failed with %s on %s", API_KEY, f"redis://:{PASSWORD}@h:6379/0")
+    finally:
+        rq_log.removeHandler(handler)
+    text = other.getvalue()
+    assert text.startswith("rq.worker ERROR job failed with *** on redis://:***@h:6379/0\n")
+    assert "ValueError: bad key ***" in text and API_KEY not in text and PASSWORD not in text
+
+
+def test_a_url_is_printed_without_its_password() -> None:
+    from worker.logs import redact_url
+
+    assert redact_url(f"redis://:{PASSWORD}@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redact_url("rediss://user:p@ss:w@host:1/2") == "rediss://user:***@host:1/2"  # "@" left unencoded
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
 def test_configured_again_redacts_the_new_secrets_and_no_longer_the_old(tmp_path: Path) -> None:
     other_key = "sk-other-9876543210fedcba"
     first = Settings(_env_file=None, OPENAI_API_KEY=API_KEY, TAGGER_LOG_FORMAT="json")  # type: ignore[call-arg]
     second = Settings(_env_file=None, OPENAI_API_KEY=other_key, TAGGER_LOG_FORMAT="json")  # type: ignore[call-arg]
-    stream = io.StringIO()
-    log = structlog.get_logger("tagger.test")  # taken before configure(): follows every later configure()
-    with configured(first, io.StringIO(), quiet=False):
+    stream, earlier = io.StringIO(), io.StringIO()
+    log = structlog.get_logger("tagger.test")  # taken and used before configure() again: follows it
+    with configured(first, earlier, quiet=False):
+        log.warning("first")
         configure(second, stream=stream)
         logging.getLogger("rq.worker").error("keys %s %s", API_KEY, other_key)
         log.warning("keys", first=API_KEY, second=other_key)
         # The record factory is replaced, not stacked: one layer over the factory that was there before.
         assert not hasattr(getattr(logging.getLogRecordFactory(), "tagger_wraps", None), "tagger_wraps")
+    assert json.loads(earlier.getvalue())["event"] == "first"
     rq_line, event = (json.loads(line) for line in stream.getvalue().splitlines())
     assert rq_line["event"] == f"keys {API_KEY} ***"
     assert event["first"] == API_KEY and event["second"] == "***"

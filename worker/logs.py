@@ -14,7 +14,8 @@ import structlog
 from worker.settings import Settings
 
 REDACTED = "***"
-_URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")
+# Up to the netloc's last "@", as urlparse reads it: an unencoded "@" in a password is still hidden.
+_URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^/]*@")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
