@@ -300,9 +300,13 @@ TOML_VALUES = {
         'tags = [\n  "a", # ] is not the end\n  "b",\n]',
         'tags = [\n  "a", # ] is not the end\n  "c",\n]',
     ),
-    "multi-line-basic": ('tags = """one\n]\n"""', 'tags = """two\n]\n"""'),
-    "multi-line-literal": ("tags = '''one\n[\n'''", "tags = '''two\n[\n'''"),
+    "multi-line-basic": ('tags = """one\n]\n"""', 'tags = """one\n]\nx"""'),
+    "multi-line-literal": ("tags = '''one\n[\n'''", "tags = '''one\n[\nx'''"),
+    "multi-line-empty": ('tags = """"""', 'tags = """x"""'),
     "inline-table-item": ('tags = [{ a = "]" }, "b"]', 'tags = [{ a = "]" }, "c"]'),
+    "table-item-on-its-line": ('tags = [\n  { a = 1 },\n  "b",\n]', 'tags = [\n  { a = 1 },\n  "c",\n]'),
+    "nested-array": ('tags = [\n  ["a"],\n  "b",\n]', 'tags = [\n  ["a"],\n  "c",\n]'),
+    "empty-string": ('tags = ["", "b"]', 'tags = ["", "c"]'),
     "trailing-comment": ('tags = ["a"]  # [why]', 'tags = ["b"]  # [why]'),
 }
 
@@ -310,9 +314,10 @@ TOML_VALUES = {
 @pytest.mark.parametrize("name", sorted(TOML_VALUES))
 def test_a_toml_owned_value_ends_where_toml_says_it_does(name: str) -> None:
     owned, changed = TOML_VALUES[name]
-    old = f'+++\ntitle = "T"\n{owned}\nnext = "n"\n+++\nbody\n'
+    old = f'+++\ntitle = "T"\n{owned}\nnext = "n"\nnotes = """\nn"""\n+++\nbody\n'
     assert foreign_changes(old, old.replace(owned, changed), OWNED) == []  # all of the value is owned
     assert foreign_changes(old, old.replace('next = "n"', 'next = "m"'), OWNED)  # the next key is not
+    assert foreign_changes(old, old.replace('\nn"""', '\nm"""'), OWNED)  # nor a multi-line string after it
     assert foreign_changes(old, old.replace('title = "T"', 'title = "U"'), OWNED)  # nor the one before
     last = f'+++\ntitle = "T"\n{owned}\n+++\nbody\n'  # the value is the header's last
     assert foreign_changes(last, last.replace(owned, changed), OWNED) == []
