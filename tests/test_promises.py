@@ -831,6 +831,51 @@ def test_an_odd_entry_on_a_queue_is_dropped_and_recorded_and_the_next_job_runs(
     assert dropped["job_id"] == "bad id/../x" and dropped["reason"] == entry["reason"]
 
 
+def test_a_failed_jobs_stored_traceback_keeps_its_story_but_not_the_key(
+    worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue
+) -> None:
+    from worker.queue.jobs import enqueue_posts
+
+    redis = rq_queue.connection
+    key = secrets_of(worker_env)[0]
+    fake_llm.inject("auth")  # the provider's 401 echoes the key it was sent, as real ones do
+    [queued] = enqueue_posts([site / "site" / "posts" / "limiting-wip.md"], worker_env, redis)
+    run_burst_worker(worker_env, redis)
+    job = rq_queue.fetch_job(queued.job_id)
+    assert job is not None and job.get_status() == JobStatus.FAILED
+    result = job.latest_result()  # what `rq info`, dashboards and on-call read, kept for the failure TTL
+    assert result is not None and result.exc_string is not None
+    assert "AuthenticationError" in result.exc_string and "***" in result.exc_string
+    assert key not in result.exc_string and key not in json.dumps(job.meta)
+    assert job.id in FailedJobRegistry(queue=rq_queue).get_job_ids()
+
+
+def test_a_worker_waits_longer_each_time_redis_fails_up_to_30_s_and_starts_over_once_it_answers() -> None:
+    from worker.queue.workers import Backoff
+
+    backoff = Backoff()
+    assert [backoff.next() for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    backoff.reset()
+    assert backoff.next() == 0.5
+    assert Backoff(first=2, cap=5).next() == 2
+
+
+def test_sigterm_between_jobs_stops_the_worker_loop_and_the_process(worker_env: Settings, rq_queue: Queue) -> None:
+    import signal
+
+    from rq.exceptions import StopRequested
+
+    from worker.queue.workers import STOPPING, TaggerWorker
+
+    worker = TaggerWorker([rq_queue], connection=rq_queue.connection, serializer=JSONSerializer, settings=worker_env)
+    try:
+        with pytest.raises(StopRequested):  # idle: RQ stops at once
+            worker.request_stop(signal.SIGTERM, None)
+        assert worker.stop_requested and STOPPING.is_set()  # and run_worker does not start another loop
+    finally:
+        STOPPING.clear()
+
+
 def test_a_worker_works_for_its_own_settings_not_a_context_left_in_the_process(
     worker_env: Settings,
     fake_llm: FakeLLM,

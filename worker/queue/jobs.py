@@ -225,7 +225,9 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     job = get_current_job()
     assert job is not None and job.connection is not None
     redis: Redis = job.connection
-    context = WorkerState.context = (WorkerState.context or WorkerContext.build(Settings(), redis)).fresh(redis)
+    context = WorkerState.context = (
+        WorkerState.context or WorkerContext.build(WorkerState.settings or Settings(), redis)
+    ).fresh(redis)
     settings = context.settings
     job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
     job.save_meta()
@@ -300,7 +302,7 @@ def _transient(settings: Settings, connection: Redis, job: Job, value: BaseExcep
 
 def on_failure(job: Job, connection: Redis, exc_type: Any, value: BaseException, tb: Any) -> None:
     """Record why a job failed; permanent failures are not retried."""
-    settings = Settings()
+    settings = WorkerState.settings or Settings()  # the worker's own (its secrets), not only the environment's
     kind = kind_of(value)
     if type(value).__name__ in INTERRUPTED:
         kind = "abandoned"

@@ -71,10 +71,12 @@ class WorkerContext:
 
 
 class WorkerState:
-    """The worker process's context, built before its first job."""
+    """The worker process's settings and context, set before its first job."""
 
-    # Process state on purpose: RQ calls a job function by import path, so this is how a classifier built
-    # once (taxonomy, SSL context, the SDK's per-model classes, open connections) reaches every job.
+    # Process state on purpose: RQ calls a job function and its failure callback by import path, so this is how
+    # the settings the worker was started with, and a classifier built once (taxonomy, SSL context, the SDK's
+    # per-model classes, open connections), reach every job.
+    settings: Settings | None = None
     context: WorkerContext | None = None
 
 
@@ -259,6 +261,7 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
     log line, then works again.
     """
     selected = [q for q in queues(settings, redis) if q.name.rsplit("-", 1)[-1] in priorities]
+    WorkerState.settings = settings
     stop = threading.Event()
     threading.Thread(target=_reaper, args=(settings, redis, stop), daemon=True).start()
     backoff = Backoff()
