@@ -14,8 +14,9 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from worker.classifier import Classifier, make_classifier
-from worker.errors import SettingsError, TaggerError, TaxonomyError, kind_of
+from worker.errors import PostReadOnly, SettingsError, TaggerError, TaxonomyError, kind_of
 from worker.paths import confine_folder, not_a_post, walk_posts
+from worker.posts import check_writable
 from worker.prompts import estimate_tokens
 from worker.queue.jobs import enqueue_posts
 from worker.queue.recovery import recover
@@ -43,6 +44,7 @@ class Summary:
     calls: int = 0
     tokens: int = 0
     failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "path: kind: message" of posts left alone (read-only)
     retired: list[str] = field(default_factory=list)  # "path: type: terms" tagger took back (left the taxonomy)
 
 
@@ -82,7 +84,8 @@ def plan(
 ) -> Plan:
     """Which posts under `folder` need classifying: record missing or stale (all with `include_fresh`).
 
-    Each post is planned on its own: one that cannot be read is skipped with its reason, the rest go on.
+    Each post is planned on its own: one that cannot be read, or is read-only and due, is skipped with its
+    reason, the rest go on.
     """
     classifier = make_classifier(settings)
     check_types(classifier, types)
@@ -94,6 +97,8 @@ def plan(
         try:
             post = classifier.read(path)
             fresh = classifier.is_fresh(post, classifier.load_record(post), types)
+            if not (fresh and not include_fresh) and not post.human_only:
+                check_writable(path)
         except Exception as exc:  # one post that breaks the parser (deep nesting, odd bytes) must not stop the plan
             message = exc.message if isinstance(exc, TaggerError) else f"{type(exc).__name__}: {exc}"[:300]
             result.skipped.append(f"{path}: {kind_of(exc)}: {message}")
@@ -174,6 +179,8 @@ def run_inline(
         try:
             with structlog.contextvars.bound_contextvars(post=post):
                 result = classifier.classify(path, types=types)
+        except PostReadOnly as exc:
+            summary.skipped.append(f"{path}: {exc.kind}: {exc.message}")
         except Exception as exc:  # a read-only folder or a parser crash fails this post only
             message = exc.message if isinstance(exc, TaggerError) else f"{type(exc).__name__}: {exc}"[:300]
             summary.failed.append(f"{path}: {kind_of(exc)}: {message}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from worker.errors import InvalidReply, PostChanged, PostWriteFailed, RecordWriteFailed, TaggerError
+from worker.errors import InvalidReply, PostChanged, PostReadOnly, PostWriteFailed, RecordWriteFailed, TaggerError
 from worker.judgements import (
     Classification,
     Decision,
@@ -30,6 +30,7 @@ from worker.posts import (
     ORIGIN_KEY,
     Change,
     Post,
+    check_writable,
     clean_stale_temps,
     file_hash,
     normal_form,
@@ -104,6 +105,8 @@ class Classifier:
                     post=str(path), content_hash=post.content_hash, judgements=[], decisions=[], assigned={},
                     rejected={}, usage=Usage(), cached_terms=0, skipped=NOTHING_TO_CLASSIFY,
                 )  # fmt: skip
+            if not dry_run and not post.human_only:
+                check_writable(path)  # a locked post is not judged either: no call spent on what cannot be written
             if not dry_run:
                 for folder in {path.parent, self.records.path_for(path).parent}:
                     for stale in clean_stale_temps(folder):
@@ -452,6 +455,10 @@ def write_back(
     except PostChanged:
         # Judgements already made are cached in the record, so the next pass is cheap.
         save(store, path, unwritten(new_record, record, post))
+        raise
+    except PostReadOnly:
+        # The announcement is taken back and no judgement kept: the post stays due, reported until it is unlocked.
+        save(store, path, record.model_copy(update={"pending": None}))
         raise
     except OSError as exc:
         # The announced record is settled from the post's file hash at the next run, as after a kill.

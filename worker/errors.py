@@ -56,6 +56,12 @@ class PostWriteFailed(TaggerError):
     transient = True
 
 
+class PostReadOnly(TaggerError):
+    """The post file is locked (no write bit for tagger's user class, e.g. mode 0444): it is left as it is."""
+
+    kind = "post_read_only"
+
+
 class OutsideContentRoot(TaggerError):
     """A path resolves outside the configured content root."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
 import re
+import stat
 import tempfile
 import time
 import tomllib
@@ -21,7 +23,7 @@ import tomlkit
 import tomlkit.items
 import yaml
 
-from worker.errors import BadPost, PostChanged, PostMissing
+from worker.errors import BadPost, PostChanged, PostMissing, PostReadOnly
 
 ORIGIN_KEY = "ClassificationContentOrigin"
 MAX_POST_BYTES = 20 * 1024 * 1024
@@ -539,6 +541,34 @@ def foreign_changes(old_text: str, new_text: str, owned_keys: Iterable[str]) -> 
 # --- files ---------------------------------------------------------------------------------------
 
 
+def read_only(path: Path) -> bool:
+    """True when the file's mode bits deny tagger's user class write access (`chmod 444`, `chmod u-w`).
+
+    The mode bits, not `os.access`: root may write anything, and a rename replaces a file whatever its bits,
+    so only the bits say that the site's owner locked the file. Root and the file's owner are judged by the
+    owner bits, members of its group by the group bits, anyone else by the other bits.
+    """
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    uid = os.geteuid()
+    if uid in (0, info.st_uid):
+        bit = stat.S_IWUSR
+    elif info.st_gid == os.getegid() or info.st_gid in os.getgroups():
+        bit = stat.S_IWGRP
+    else:
+        bit = stat.S_IWOTH
+    return not info.st_mode & bit
+
+
+def check_writable(path: Path) -> None:
+    """Raise PostReadOnly for a post whose mode bits say it is locked."""
+    if read_only(path):
+        mode = f"{path.stat().st_mode & 0o7777:04o}"
+        raise PostReadOnly(f"the post is read-only (mode {mode}); left as it is (chmod u+w to classify it)", path=path)
+
+
 def write_atomic(post: Post, new_text: str) -> None:
     """Replace the post with `new_text` atomically, unless it changed since it was read."""
     atomic_write(post.path, new_text.encode("utf-8"), expected=post.raw)
@@ -547,7 +577,8 @@ def write_atomic(post: Post, new_text: str) -> None:
 def atomic_write(path: Path, data: bytes, expected: bytes | None = None, mode: int | None = None) -> None:
     """Write via a temp file in the same folder, fsync and rename; with `expected`, only over those bytes.
 
-    The new file gets `mode`, else the mode of the file it replaces, else 0644.
+    With `expected` (a post), a file that is read-only by its mode bits is refused (PostReadOnly). The new file
+    gets `mode`, else the mode (and, where the user may, the owner and group) of the file it replaces, else 0644.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
@@ -562,11 +593,17 @@ def atomic_write(path: Path, data: bytes, expected: bytes | None = None, mode: i
                 raise PostMissing("post was deleted while it was being classified", path=path) from exc
             if current != expected:
                 raise PostChanged("post changed on disk while it was being classified", path=path)
+            check_writable(path)
+        try:
+            old = path.stat()
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            # A rename gives the file the writer's owner; only root (or the owner, for its groups) may keep it.
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, old.st_uid, old.st_gid)
         if mode is None:
-            try:
-                mode = path.stat().st_mode & 0o7777
-            except FileNotFoundError:
-                mode = 0o644
+            mode = old.st_mode & 0o7777 if old is not None else 0o644
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

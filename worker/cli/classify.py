@@ -11,7 +11,7 @@ import structlog
 from worker.backfill import check_types
 from worker.classifier import make_classifier
 from worker.cli.app import App, cut, err
-from worker.errors import NotAPost, OutsideContentRoot, TaggerError, kind_of
+from worker.errors import NotAPost, OutsideContentRoot, PostReadOnly, TaggerError, kind_of
 from worker.judgements import Classification
 from worker.logs import configure, redact, secrets_of
 from worker.paths import content_root, existing_post
@@ -80,7 +80,8 @@ def classify(
 
     PATH is a post inside the content root, relative to the current folder. Paths outside the content root,
     symlinks out of it and files that are not posts are refused (REFUSED path: reason) and left untouched;
-    a post that fails prints FAILED path: kind: message. Exit 1 when any was refused or failed.
+    a read-only post is left as it is (SKIPPED path: post_read_only: ...); a post that fails prints
+    FAILED path: kind: message. Exit 1 when any was refused, skipped or failed.
     """
     updates: dict[str, object] = {}
     if provider:
@@ -108,6 +109,9 @@ def classify(
         try:
             with structlog.contextvars.bound_contextvars(post=relative):
                 result = classifier.classify(root / relative, dry_run=dry_run, types=types or None)
+        except PostReadOnly as exc:
+            problems.append(f"SKIPPED {name}: {exc.kind}: {exc.message}")
+            continue
         except Exception as exc:  # one post's failure (a read-only folder too) never stops the others
             message = exc.message if isinstance(exc, TaggerError) else f"{type(exc).__name__}: {exc}"
             problems.append(f"FAILED {name}: {kind_of(exc)}: {redact(message, secrets_of(settings))}")

@@ -149,15 +149,18 @@ def backfill(
         if settings.provider == "offline":
             err(OFFLINE_NOTE)
         summary = backfill_lib.run_inline(settings, plan.todo, progress=progress, types=types or None)
+        skipped_count = len(plan.skipped) + len(summary.skipped)
         click.echo(
             f"\nbackfill: {summary.done} done, {summary.written} written, {len(summary.failed)} failed, "
-            f"{len(plan.skipped)} skipped, {summary.calls} provider calls, {summary.tokens} tokens"
+            f"{skipped_count} skipped, {summary.calls} provider calls, {summary.tokens} tokens"
         )
         for line in summary.retired:
             click.echo(f"  removed, no longer in the taxonomy: {line}")
+        for line in summary.skipped:
+            err(f"SKIPPED {line}")
         for line in summary.failed:
             err(f"FAILED {line}")
-        if summary.failed or skipped:
+        if summary.failed or summary.skipped or skipped:
             raise click.exceptions.Exit(1)
         return
     assert redis is not None
