@@ -163,7 +163,7 @@ def test_human_terms_stay_and_removed_terms_are_not_readded(classifier: Classifi
     result = classifier.classify(path)
     assert read_post(path).terms("tags") == ["Lean"]
     tags = next(d for d in result.decisions if d.type == "tags")
-    assert "Kanban" in tags.not_readded and "Lean" in tags.kept_human
+    assert "Kanban" in tags.removed_by_people and "Lean" in tags.kept_human
     path.write_text(path.read_text() + "\nMore about Kanban.\n", encoding="utf-8")
     classifier.classify(path)
     assert read_post(path).terms("tags") == ["Lean"]

@@ -36,10 +36,10 @@ class Row:
     rule: dict[str, Any] | None = None  # None: the default rule for the type
     present: list[str] = field(default_factory=list)  # what the post lists now
     assigned: list[str] = field(default_factory=list)  # what tagger assigned before (its record)
-    rejected: list[str] = field(default_factory=list)  # what people removed before (its record)
+    removed_before: list[str] = field(default_factory=list)  # what people removed before (its record)
     final: list[str] | None = None  # what the post must list after; None: same as `selected`
     kept_human: list[str] = field(default_factory=list)
-    not_readded: list[str] = field(default_factory=list)
+    removed_by_people: list[str] = field(default_factory=list)
 
 
 ROWS = [
@@ -104,17 +104,17 @@ ROWS = [
         present=["B"],
         assigned=["A", "B"],
         final=["B"],
-        not_readded=["A"],
+        removed_by_people=["A"],
     ),
-    Row("rejected-earlier-not-readded", "tags", {"A": 99}, [], rejected=["A"], final=[], not_readded=["A"]),
+    Row("removed-earlier-not-readded", "tags", {"A": 99}, [], removed_before=["A"], final=[], removed_by_people=["A"]),
     Row(
         "blocked-term-frees-its-slot",
         "concepts",
         {"A": 99, "B": 85},
         ["B"],
-        rejected=["A"],
+        removed_before=["A"],
         final=["B"],
-        not_readded=["A"],
+        removed_by_people=["A"],
     ),
     Row("own-term-dropped-below-threshold", "tags", {"A": 79.99}, [], present=["A"], assigned=["A"], final=[]),
     Row(
@@ -169,7 +169,7 @@ def settings_for(row: Row, **values: Any) -> Settings:
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_select(row: Row) -> None:
     decision = select(
-        row.type, judged(row.type, row.scores), row.present, row.assigned, row.rejected, settings_for(row)
+        row.type, judged(row.type, row.scores), row.present, row.assigned, row.removed_before, settings_for(row)
     )
     final = row.selected if row.final is None else row.final
     assert decision.selected == row.selected
@@ -177,7 +177,7 @@ def test_select(row: Row) -> None:
     assert decision.added == [t for t in final if t not in row.present]
     assert decision.removed == [t for t in row.present if t not in final]
     assert decision.kept_human == row.kept_human
-    assert decision.not_readded == row.not_readded
+    assert decision.removed_by_people == row.removed_by_people
 
 
 def test_a_type_without_a_rule_gets_the_catch_all_rule() -> None:

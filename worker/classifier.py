@@ -103,7 +103,7 @@ class Classifier:
                 log.info("skipped", post=str(path), reason=NOTHING_TO_CLASSIFY)
                 return Classification(
                     post=str(path), content_hash=post.content_hash, judgements=[], decisions=[], assigned={},
-                    rejected={}, usage=Usage(), cached_terms=0, skipped=NOTHING_TO_CLASSIFY,
+                    removed_by_people={}, usage=Usage(), cached_terms=0, skipped=NOTHING_TO_CLASSIFY,
                 )  # fmt: skip
             if not dry_run and not post.human_only:
                 check_writable(path)  # a locked post is not judged either: no call spent on what cannot be written
@@ -339,7 +339,7 @@ class Classifier:
         decisions: list[Decision] = []
         changes: dict[str, Change] = {}
         assigned = {k: v for k, v in record.assigned.items() if k not in wanted_types}
-        rejected = dict(record.rejected)
+        removed_by_people = dict(record.removed_by_people)
         added_keys = set(record.added_keys)
         for term_type in wanted_types:
             present = post.terms(term_type)
@@ -348,7 +348,7 @@ class Classifier:
                 [j for j in judgements if j.type == term_type],
                 present,
                 record.assigned.get(term_type, []),
-                record.rejected.get(term_type, []),
+                record.removed_by_people.get(term_type, []),
                 self.settings,
             )
             decision.retired = [t for t in retired.get(term_type, []) if t in decision.removed]
@@ -364,7 +364,7 @@ class Classifier:
             elif key_absent:
                 added_keys.discard(term_type)  # a person removed the key: it is no longer tagger's
             assigned[term_type] = decision.assigned
-            rejected[term_type] = decision.not_readded
+            removed_by_people[term_type] = decision.removed_by_people
         if any(v for v in changes.values()) and not post.human_only and str(post.meta.get(ORIGIN_KEY, "")) != "AI":
             changes[ORIGIN_KEY] = "AI"
         new_text = None
@@ -401,7 +401,7 @@ class Classifier:
             mode=f"{post_mode(post.path):04o}",
             content_hash=post.content_hash,
             assigned=assigned,
-            rejected=rejected,
+            removed_by_people=removed_by_people,
             added_keys=sorted(added_keys),
             judgements=judgements + kept,
             usage=usage if usage.calls else record.usage,
@@ -412,7 +412,7 @@ class Classifier:
             post=str(post.path),
             content_hash=post.content_hash,
             assigned=assigned,
-            rejected=rejected,
+            removed_by_people=removed_by_people,
             judgements=judgements,
             usage=usage,
             truncated_chars=cut,
@@ -444,7 +444,7 @@ def write_back(
             "pending": Pending(
                 before_file_hash=post.file_hash,
                 assigned=record.assigned,
-                rejected=record.rejected,
+                removed_by_people=record.removed_by_people,
                 added_keys=record.added_keys,
             ),
         }
@@ -476,7 +476,7 @@ def unwritten(new_record: Record, record: Record, post: Post) -> Record:
     return new_record.model_copy(
         update={
             "assigned": record.assigned,
-            "rejected": record.rejected,
+            "removed_by_people": record.removed_by_people,
             "added_keys": record.added_keys,
             "file_hash": post.file_hash,
             "pending": None,
@@ -499,7 +499,7 @@ def select(
     judgements: list[Judgement],
     present: list[str],
     previously_assigned: list[str],
-    rejected: list[str],
+    removed_by_people: list[str],
     settings: Settings,
 ) -> Decision:
     """Choose a type's terms and merge them with what the post already lists.
@@ -512,9 +512,9 @@ def select(
     nf = normal_form
     present_n = {nf(t) for t in present}
     assigned_n = {nf(t) for t in previously_assigned}
-    removed_by_human = [t for t in previously_assigned if nf(t) not in present_n]
-    not_readded = sorted(set(rejected) | set(removed_by_human))
-    blocked = {nf(t) for t in not_readded}
+    removed_now = [t for t in previously_assigned if nf(t) not in present_n]
+    by_people = sorted(set(removed_by_people) | set(removed_now))
+    blocked = {nf(t) for t in by_people}
     human = [t for t in present if nf(t) not in assigned_n]
     human_n = {nf(t) for t in human}
     ranked = sorted(judgements, key=lambda j: (-j.confidence, j.term))
@@ -541,7 +541,7 @@ def select(
         added=[t for t in final if nf(t) not in present_n],
         removed=[t for t in present if t not in final],
         kept_human=[t for t in human if t in final],
-        not_readded=not_readded,
+        removed_by_people=by_people,
         assigned=[t for t in final if nf(t) in selected_n and nf(t) not in human_n],
     )
 

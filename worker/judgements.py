@@ -126,7 +126,7 @@ class Decision(BaseModel):
     added: list[str]
     removed: list[str]
     kept_human: list[str]
-    not_readded: list[str]
+    removed_by_people: list[str]  # terms tagger assigned that people removed (now or before): never re-added
     assigned: list[str] = Field(default_factory=list)
     retired: list[str] = Field(default_factory=list)
 
@@ -139,7 +139,7 @@ class Classification(BaseModel):
     judgements: list[Judgement]
     decisions: list[Decision]
     assigned: dict[str, list[str]]
-    rejected: dict[str, list[str]]
+    removed_by_people: dict[str, list[str]]
     usage: Usage
     cached_terms: int
     llm_seconds: float = 0.0

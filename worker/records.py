@@ -27,7 +27,7 @@ HEADER = (
     "content_hash",
     "file_hash",
     "assigned",
-    "rejected",
+    "removed_by_people",
     "added_keys",
     "pending",
     "usage",
@@ -41,7 +41,7 @@ class Pending(BaseModel):
 
     before_file_hash: str
     assigned: dict[str, list[str]] = Field(default_factory=dict)
-    rejected: dict[str, list[str]] = Field(default_factory=dict)
+    removed_by_people: dict[str, list[str]] = Field(default_factory=dict)  # terms people took out: never re-added
     added_keys: list[str] = Field(default_factory=list)
 
 
@@ -54,7 +54,7 @@ class Record(BaseModel):
     content_hash: str = ""
     file_hash: str = ""
     assigned: dict[str, list[str]] = Field(default_factory=dict)
-    rejected: dict[str, list[str]] = Field(default_factory=dict)
+    removed_by_people: dict[str, list[str]] = Field(default_factory=dict)  # terms people took out: never re-added
     added_keys: list[str] = Field(default_factory=list)
     pending: Pending | None = None
     judgements: list[Judgement] = Field(default_factory=list)
@@ -85,7 +85,7 @@ def reconcile(record: Record, post: Post) -> Record:
                 "pending": None,
                 "file_hash": pending.before_file_hash,
                 "assigned": pending.assigned,
-                "rejected": pending.rejected,
+                "removed_by_people": pending.removed_by_people,
                 "added_keys": pending.added_keys,
             }
         )
@@ -97,7 +97,7 @@ def reconcile(record: Record, post: Post) -> Record:
         update={
             "pending": None,
             "assigned": union(pending.assigned, record.assigned),
-            "rejected": union(pending.rejected, record.rejected),
+            "removed_by_people": union(pending.removed_by_people, record.removed_by_people),
             "added_keys": sorted({*pending.added_keys, *record.added_keys}),
         }
     )
@@ -108,7 +108,7 @@ def dumps(record: Record) -> bytes:
     data = record.model_dump(mode="json")
     judgements = sorted(record.judgements, key=lambda j: (j.type, j.term))
     shared = {f: _most_common([getattr(j, f) for j in judgements]) for f in SHARED}
-    for key in ("assigned", "rejected"):
+    for key in ("assigned", "removed_by_people"):
         data[key] = {k: data[key][k] for k in sorted(data[key])}
     lines = [f"{json.dumps(k)}: {_compact(data[k])}" for k in HEADER]
     lines.append(f'"shared": {_compact(shared)}')
@@ -128,10 +128,12 @@ def dumps(record: Record) -> bytes:
 
 
 def loads(data: bytes) -> Record:
-    """A record from its JSON: this format, or version 1 (every field of every judgement) migrated."""
-    raw = json.loads(data)
-    if not isinstance(raw, dict):
-        raise ValueError("a record is a JSON object")
+    """A record from its JSON: this format, or version 1 (every field of every judgement) migrated.
+
+    Records written before `removed_by_people` was named so call it `rejected` (in the header and the pending
+    write): read under the new name, written with it next time.
+    """
+    raw = _renamed(json.loads(data))
     if raw.get("version", 1) < 2:
         return Record.model_validate({k: v for k, v in raw.items() if k != "version"})
     shared = raw.get("shared", {})
@@ -153,6 +155,16 @@ def loads(data: bytes) -> Record:
         )
     fields = {k: raw[k] for k in HEADER if k in raw}
     return Record.model_validate({**fields, "judgements": judgements})
+
+
+def _renamed(raw: Any) -> dict[str, Any]:
+    """The record's JSON with the old name of `removed_by_people` (`rejected`) migrated."""
+    if not isinstance(raw, dict):
+        raise ValueError("a record is a JSON object")
+    for holder in (raw, raw.get("pending")):
+        if isinstance(holder, dict) and "rejected" in holder:
+            holder.setdefault("removed_by_people", holder.pop("rejected"))
+    return raw
 
 
 def _compact(value: Any) -> str:

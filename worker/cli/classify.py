@@ -38,7 +38,8 @@ def table(result: Classification) -> list[str]:
             if result.human_only
             else (("added", decision.added), ("removed", decision.removed))
         )
-        for label, terms in (*labels, ("kept (human)", decision.kept_human), ("not re-added", decision.not_readded)):
+        people = (("kept (human)", decision.kept_human), ("removed by people", decision.removed_by_people))
+        for label, terms in (*labels, *people):
             if terms:
                 out.append(f"     {label}: {', '.join(terms)}")
     return out
