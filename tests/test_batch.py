@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from worker import batch
 from worker.backfill import estimate, plan, run_inline
-from worker.fakellm import FakeLLM
+from worker.fakellm import FakeLLM, asked_names
 from worker.posts import read_post
 from worker.queue.jobs import job_id_for
 from worker.records import load_record
@@ -446,3 +446,59 @@ def test_batch_commands_with_redis_from_the_command_line(
     assert "completed" in status and "      3 " in status
     assert not (site / "site" / batch.STATE_FILE).exists()  # with Redis, the state is in Redis
     assert redis.zcard(f"{queue_env['TAGGER_REDIS_PREFIX']}:batches") == 1
+
+
+def chat_requests(fake: FakeLLM, since: int) -> list[list[str]]:
+    """The terms of each chat request the fake answered after the first `since` (batch lines included)."""
+    return [asked_names(body) for body in fake.requests[since:] if "messages" in body]
+
+
+@pytest.mark.parametrize("fault", ["server_error", "refusal", "schema_invalid"])
+def test_a_post_with_one_bad_line_keeps_its_good_chunks_and_asks_only_the_bad_one_again(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path, fault: str
+) -> None:
+    settings = make_settings()
+    store = inline_store(settings)
+    fake_llm.batch_api.line_faults = {1: fault}  # the first post's second chunk (of three, one per type)
+    submitted = batch.submit(settings, plan(settings).todo, store)
+    first = next(iter(submitted.batches[0].posts.values()))
+    lines = [
+        json.loads(line)["body"]
+        for line in fake_llm.batch_api.contents[submitted.batches[0].input_file_id].splitlines()
+    ]
+    bad_chunk = asked_names(lines[1])
+    before = len(fake_llm.requests)
+    result = batch.collect(settings, store)
+    assert [line.split(": ", 1)[0] for line in result.inline] == [first.path]
+    synchronous = chat_requests(fake_llm, before)[9:]  # after the batch's own nine lines
+    assert synchronous == [bad_chunk]  # only the failed chunk is asked again
+    assert not result.failed and plan(settings).todo == []
+    record = load_record(site / "site" / first.path)
+    assert {j.term for j in record.judgements} >= {n for body in lines[:3] for n in asked_names(body)}
+
+
+@pytest.mark.redis
+def test_a_half_expired_batch_keeps_the_answered_chunks_and_the_queue_asks_only_the_rest(
+    make_settings: Callable[..., Settings],
+    fake_llm: FakeLLM,
+    site: Path,
+    queue_env: dict[str, str],
+    redis: redis_lib.Redis,
+) -> None:
+    settings = make_settings(REDIS_URL=queue_env["REDIS_URL"], TAGGER_REDIS_PREFIX=queue_env["TAGGER_REDIS_PREFIX"])
+    store = batch.store_for(settings, redis)
+    fake_llm.batch_api.script("expire_half")  # 9 lines, the first 4 answered: the second post has 1 of its 3
+    submitted = batch.submit(settings, plan(settings).todo, store)
+    second = list(submitted.batches[0].posts.values())[1]
+    result = batch.collect(settings, store, redis=redis)
+    assert len(result.enqueued) == 2
+    kept = load_record(site / "site" / second.path)
+    assert kept.judgements and not kept.assigned and kept.pending is None  # judged, nothing claimed as written
+    before = len(fake_llm.requests)
+    work = subprocess.run(
+        [sys.executable, "-m", "worker", "work", "--burst"], env=queue_env, capture_output=True, text=True, timeout=120
+    )
+    assert work.returncode == 0, work.stderr
+    # the second post asks 2 chunks (1 kept), the third all 3: 5 requests, not 6
+    assert len(chat_requests(fake_llm, before)) == 5
+    assert plan(settings).todo == []

@@ -4,7 +4,8 @@ Submission plans each post exactly as the classifier would (cached terms skipped
 and sends the very request bodies of the synchronous path. Collection runs the classifier on each post with a
 provider that answers from the batch (`BatchReplies`), so validation, selection, records and the write-back are
 the synchronous path's own. A post that changed since submission, a failed line, an invalid reply and every
-request of an expired or cancelled batch go to the normal queue (or into a new batch): nothing is dropped.
+request of an expired or cancelled batch go to the normal queue (or into a new batch): nothing is dropped, and
+the judgements of a returned post's good lines are kept in its record, so its retry asks only what failed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from redis import Redis
 
 from worker import backfill
 from worker.classifier import Classifier, make_classifier
-from worker.errors import TaggerError
+from worker.errors import InvalidReply, NotInBatch, TaggerError
 from worker.paths import confine
 from worker.posts import Post, atomic_write
 from worker.prompts import Prompt
@@ -548,25 +549,43 @@ def _collect_post(
     results: dict[str, LineResult],
     why: str,
 ) -> str:
-    """`written` or `unchanged`, else why the post goes back to the queue."""
-    for custom_id in entry.requests:
-        line = results.get(custom_id)
-        if line is None or line.body is None:
-            return line.error if line is not None else why
+    """`written` or `unchanged`, else why the post goes back to the queue.
+
+    A post that goes back keeps, in its record, the judgements of its good lines: its retry asks only the rest.
+    """
     path = classifier.settings.content_root() / entry.path
+    bodies = {
+        digest: str(line.body)
+        for cid, digest in entry.requests.items()
+        if (line := results.get(cid)) is not None and line.body is not None
+    }
+    judged = dataclasses.replace(classifier, provider=BatchReplies(api.provider, bodies))
+    failed = next((cid for cid in entry.requests if entry.requests[cid] not in bodies), None)
     try:
         post = classifier.read(path)
-    except TaggerError as exc:
-        return f"{exc.kind}: {exc.message}"
-    if post.content_hash != entry.content_hash:
-        return "the post changed after it was submitted"
-    bodies = {entry.requests[cid]: str(results[cid].body) for cid in entry.requests}
-    judged = dataclasses.replace(classifier, provider=BatchReplies(api.provider, bodies))
-    try:
+        if post.content_hash != entry.content_hash:
+            return "the post changed after it was submitted"
+        if failed is not None:
+            line = results.get(failed)
+            _keep_answered(judged, path, state, bodies)
+            return line.error if line is not None else why
         result = judged.classify(path, types=state.types)
     except TaggerError as exc:
+        if failed is None and isinstance(exc, InvalidReply | NotInBatch):
+            _keep_answered(judged, path, state, bodies)  # a bad reply: keep the other lines' judgements
         return f"{exc.kind}: {exc.message}"
     return "written" if result.written else "unchanged"
+
+
+def _keep_answered(judged: Classifier, path: Path, state: BatchState, bodies: dict[str, str]) -> None:
+    if not bodies:
+        return
+    try:
+        kept = judged.keep_answered(path, state.types)
+    except TaggerError as exc:  # a record that cannot be written: the retry asks every chunk, nothing is lost
+        log.warning("batch_judgements_not_kept", batch=state.id, post=str(path), kind=exc.kind)
+        return
+    log.info("batch_judgements_kept", batch=state.id, post=str(path), judgements=kept)
 
 
 def _retry(

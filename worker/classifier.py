@@ -118,8 +118,7 @@ class Classifier:
             except TaggerError as exc:
                 # Judgements of the chunks that succeeded are kept, so a retry asks only the missing ones.
                 if exc.partial and not dry_run:
-                    kept = {(j.type, j.term): j for j in [*record.judgements, *exc.partial]}
-                    save(self.records, path, record.model_copy(update={"judgements": list(kept.values())}))
+                    self.keep(path, record, exc.partial)
                 raise
             if dry_run:
                 return decided.result
@@ -134,6 +133,33 @@ class Classifier:
                 continue
             return decided.result
         raise AssertionError("unreachable")
+
+    def keep(self, path: Path, record: Record, judgements: Sequence[Judgement]) -> None:
+        """Add judgements to the post's record (the cache) without touching its assignments."""
+        kept = {(j.type, j.term): j for j in [*record.judgements, *judgements]}
+        save(self.records, path, record.model_copy(update={"judgements": list(kept.values())}))
+
+    def keep_answered(self, path: Path, types: Sequence[str] | None = None) -> int:
+        """Judge every chunk of the post the provider can answer and keep those judgements; how many were kept.
+
+        For replies already paid for (a batch's good lines): a chunk that fails is passed over, not fatal, so the
+        retry of the post asks only the chunks that failed. Nothing is written to the post.
+        """
+        post = self.read(path)
+        record = self.load_record(post)
+        _, todo = self.split_cached(post, self.terms_for(post, types), record)
+        if self.settings.shortlist_min and todo:
+            _, todo = self.shortlist(post, todo)
+        prompts, _ = self.prompts_for(post, todo)
+        answered: list[Judgement] = []
+        for prompt in prompts:
+            try:
+                answered += self._judge_prompt(prompt, post.content_hash)[0]
+            except TaggerError as exc:
+                log.info("chunk_not_kept", post=str(path), type=prompt.terms[0].type, kind=exc.kind)
+        if answered:
+            self.keep(path, record, answered)
+        return len(answered)
 
     def terms_for(self, post: Post, types: Sequence[str] | None = None) -> list[Term]:
         """The terms to judge a post against: a term page is never judged against its own term."""
