@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from worker import batch
 from worker.backfill import plan, run_inline
 from worker.classifier import Classifier, write_back
 from worker.errors import PostReadOnly
@@ -199,3 +200,16 @@ def test_a_queued_job_for_a_locked_post_fails_at_once_as_post_read_only(
     assert "attempts: 1" in shown  # not transient: no retry (TAGGER_JOB_RETRIES is 1 here)
     assert wip(site).read_bytes() == before and fake_llm.counts["requests"] == 0
     assert not record_path(wip(site)).exists()
+
+
+def test_batch_collect_leaves_a_post_locked_after_submission_and_reports_it(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
+) -> None:
+    settings = make_settings()
+    store = batch.store_for(settings, None)
+    batch.submit(settings, plan(settings).todo, store)
+    os.chmod(wip(site), 0o444)
+    before = wip(site).read_bytes()
+    result = batch.collect(settings, store)
+    assert [line.split(": ")[:2] for line in result.failed] == [[str(wip(site)), "post_read_only"]]
+    assert wip(site).read_bytes() == before and len(result.written) + len(result.unchanged) == 2

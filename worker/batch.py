@@ -617,8 +617,8 @@ def _retry(
         return
     inline = backfill.run_inline(settings, paths, types=state.types)
     summary.inline += [f"{e.path}: {why}" for e, why in retry.values()]
-    summary.failed += inline.failed
-    failed = {line.split(": ", 1)[0] for line in inline.failed}
+    summary.failed += inline.failed + inline.skipped  # a read-only post was not written either
+    failed = {line.split(": ", 1)[0] for line in inline.failed + inline.skipped}
     store.mark(
         state.id,
         {key: "inline" if str(root / e.path) not in failed else "inline failed" for key, (e, _) in retry.items()},

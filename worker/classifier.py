@@ -158,7 +158,8 @@ class Classifier:
             except TaggerError as exc:
                 log.info("chunk_not_kept", post=str(path), type=prompt.terms[0].type, kind=exc.kind)
         if answered:
-            self.keep(path, record, answered)
+            now = datetime.now(UTC).isoformat(timespec="seconds")  # one time stamp, as `judge` gives a run
+            self.keep(path, record, [j.model_copy(update={"judged_at": now}) for j in answered])
         return len(answered)
 
     def terms_for(self, post: Post, types: Sequence[str] | None = None) -> list[Term]:
