@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,3 +221,70 @@ def test_changed_since_enqueues_exactly_what_a_push_changed(queue_env: dict[str,
     run = tagger(queue_env, "enqueue", "--changed-since", "HEAD")
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("enqueued") == 1 and "posts/shipping-daily.md" in run.stdout
+
+
+def test_backfill_wait_follows_the_rerun_a_producer_asked_for_while_the_job_ran(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
+) -> None:
+    """A post enqueued again while its job runs gets a rerun; `backfill --wait` counts it done only after that
+    rerun ran, and the post ends judged on its last text."""
+    env = {**queue_env, "TAGGER_REQUEST_TIMEOUT": "60"}  # held calls must not time out
+    solo = site / "site" / "solo"
+    solo.mkdir()
+    post = solo / "wip.md"
+    shutil.copy(posts(site) / "limiting-wip.md", post)
+    fake_llm.hold()
+    backfill = subprocess.Popen(
+        [sys.executable, "-m", "worker", "backfill", "--wait", str(solo)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = spawn_worker(env)
+    try:
+        assert fake_llm.wait_held(1, timeout=60)  # the backfill's job is running
+        with post.open("a", encoding="utf-8") as f:
+            f.write("\nAn editor's paragraph about continuous delivery.\n")
+        again = tagger(env, "enqueue", str(post))
+        assert "rerun-after-current" in again.stdout, again.stdout + again.stderr
+        os.killpg(first.pid, signal.SIGTERM)  # finish the current job, then stop: its rerun stays queued
+        fake_llm.release()
+        assert first.wait(timeout=60) == 0
+        wait_for_group_exit(first.pid)
+        # Edited after the first job's last read: only the rerun can judge this text.
+        with post.open("a", encoding="utf-8") as f:
+            f.write("\nA second paragraph, about technical debt.\n")
+        fake_llm.hold()
+        second = spawn_worker(env)
+        try:
+            assert fake_llm.wait_held(1, timeout=60)  # the rerun is at the model
+            assert backfill.poll() is None, "backfill --wait returned before the post's rerun ran"
+            fake_llm.release()
+            out, err = backfill.communicate(timeout=120)
+        finally:
+            os.killpg(second.pid, signal.SIGTERM)
+            second.wait(timeout=60)
+            wait_for_group_exit(second.pid)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+        if backfill.poll() is None:
+            backfill.kill()
+            backfill.wait(timeout=60)
+    assert backfill.returncode == 0, out + err
+    assert "backfill: 1 done, 0 failed" in out, out + err
+    tags = read_post(post).terms("tags")
+    assert "Continuous Delivery" in tags and "Technical Debt" in tags, tags
+    assert load_record(post).content_hash == read_post(post).content_hash
+
+
+def spawn_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "work"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )

@@ -207,6 +207,9 @@ def follow(
 ) -> Summary:
     """Wait until every job finished or failed for good, reporting progress.
 
+    A job that ends having queued its post's rerun (a producer asked for the post while it ran) is followed by
+    that rerun: the post counts as done or failed by the rerun's outcome.
+
     Recovery runs at every poll. Redis trouble is waited out (reconnecting). A job that vanished from Redis
     (restarted without persistence) is enqueued again when its post is known (`posts`: job id -> post
     relative to the content root). `notice` hears what the user must know: no live worker, Redis down,
@@ -233,9 +236,17 @@ def follow(
                 status = job.get_status(refresh=False)
                 if status == JobStatus.FINISHED:
                     pending.discard(job.id)
-                    summary.done += 1
                     value = job.return_value() or {}
-                    summary.tokens += int(value.get("tokens", 0)) if isinstance(value, dict) else 0
+                    value = value if isinstance(value, dict) else {}
+                    summary.tokens += int(value.get("tokens", 0))
+                    rerun = value.get("rerun")
+                    if isinstance(rerun, str) and rerun:
+                        # Asked for again while it ran (edited): the post is done when its rerun is.
+                        pending.add(rerun)
+                        if job.id in known:
+                            known[rerun] = known[job.id]
+                        continue
+                    summary.done += 1
                 elif status == JobStatus.FAILED:
                     pending.discard(job.id)
                     summary.failed.append(f"{job.meta.get('post')}: {job.meta.get('kind')}: {job.meta.get('error')}")

@@ -249,12 +249,13 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
         duration=round(time.monotonic() - started, 4),
         llm_seconds=result.llm_seconds,
     )
-    _rerun_if_edited(redis, settings, job)
+    rerun = _rerun_if_edited(redis, settings, job)
     return {
         "post": relative,
         "written": result.written,
         "calls": usage.calls,
         "tokens": usage.input_tokens + usage.output_tokens,
+        "rerun": rerun,  # the id of the post's run after this one, when a producer asked for it meanwhile
     }
 
 
@@ -268,17 +269,19 @@ def count_usage(redis: Redis, settings: Settings, usage: Usage) -> None:
         pipe.execute()
 
 
-def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> None:
-    if redis.delete(keys.rerun(settings, job.id)):
-        # A producer asked again while this job ran: run once more after it, on the same queue.
-        queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
-        # The other of the post's two ids (never `-again-again`), so producers still see one post.
-        again = job.id.removesuffix(AGAIN) if job.id.endswith(AGAIN) else job.id + AGAIN
-        with redis.pipeline() as pipe:
-            data = job_data(queue, job.meta["post"], again, settings, job.meta.get("types"))
-            queue.enqueue_many([data], pipeline=pipe)
-            track(settings, pipe, [again])
-            pipe.execute()
+def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> str | None:
+    """Enqueue the post's run after this one when a producer asked for it while this job ran; its id, or None."""
+    if not redis.delete(keys.rerun(settings, job.id)):
+        return None
+    queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)  # the same queue
+    # The other of the post's two ids (never `-again-again`), so producers still see one post.
+    again = job.id.removesuffix(AGAIN) if job.id.endswith(AGAIN) else job.id + AGAIN
+    with redis.pipeline() as pipe:
+        data = job_data(queue, job.meta["post"], again, settings, job.meta.get("types"))
+        queue.enqueue_many([data], pipeline=pipe)
+        track(settings, pipe, [again])
+        pipe.execute()
+    return again
 
 
 def _transient(settings: Settings, connection: Redis, job: Job, value: BaseException) -> bool:
