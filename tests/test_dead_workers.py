@@ -7,19 +7,23 @@ behaviour (processes, signals, `tagger status`, `tagger failed list`), whatever 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import liveness_env, wait_for_group_exit
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
+from worker.queue.workers import IDLE_BEAT, SILENT_MARGIN
 
 pytestmark = pytest.mark.redis
 LIVENESS = 1.0  # seconds without a sign of life after which a worker counts as dead
@@ -131,3 +135,73 @@ def test_a_job_whose_worker_keeps_dying_fails_as_abandoned(
     assert tagger(env, "work", "--burst").returncode == 0  # a healthy worker does not run it again
     assert fake_llm.counts["requests"] == calls
     assert wip.read_bytes() == before
+
+
+def status_json(env: dict[str, str]) -> dict[str, Any]:
+    run = tagger(env, "status", "--json")
+    assert run.returncode == 0, run.stderr
+    info: dict[str, Any] = json.loads(run.stdout)
+    return info
+
+
+def start_and_name(workers: Workers, known: set[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start one worker process and return it with the RQ name it registered under."""
+    process = workers.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        names = {w["name"] for w in status_json(workers.env)["workers"]} - known
+        if names:
+            assert len(names) == 1, names
+            return process, names.pop()
+        time.sleep(0.2)
+    raise AssertionError("the worker never registered with RQ")
+
+
+def beat_age(info: dict[str, Any], name: str) -> float:
+    entry = next(w for w in info["workers"] + info["silent_workers"] if w["name"] == name)
+    return float(entry["heartbeat_age"])
+
+
+def test_status_calls_killed_workers_silent_and_a_live_worker_alive(
+    workers: Workers, fake_llm: FakeLLM, site: Path
+) -> None:
+    """A worker killed with -9, busy or idle, is shown silent (presumed dead) once its heartbeat is overdue by the
+    margin, not counted as a worker; the live worker beside it stays listed as alive."""
+    env = workers.env
+    fake_llm.hold()
+    busy, busy_name = start_and_name(workers, set())
+    assert tagger(env, "enqueue", str(site / "site" / "posts" / "limiting-wip.md")).returncode == 0
+    assert fake_llm.wait_held(1, timeout=60)  # the first worker is running the job
+    idle, idle_name = start_and_name(workers, {busy_name})
+    live, live_name = start_and_name(workers, {busy_name, idle_name})
+    workers.kill(idle)  # first: alive, it could take the busy worker's job once that one is recovered
+    workers.kill(busy)
+    killed_at = time.monotonic()
+    info = status_json(env)
+    busy_beat = killed_at - beat_age(info, busy_name)  # when each last beat, on this clock
+    idle_beat = killed_at - beat_age(info, idle_name)
+
+    # A busy worker beats every third of a lease: overdue by the margin, it is silent.
+    time.sleep(max(0.0, busy_beat + LIVENESS / 3 + SILENT_MARGIN + 1 - time.monotonic()))
+    info = status_json(env)
+    silent = {w["name"]: w for w in info["silent_workers"]}
+    assert busy_name in silent, info
+    assert silent[busy_name]["state"] == "silent" and silent[busy_name]["last_state"] == "busy"
+    assert silent[busy_name]["heartbeat_age"] > LIVENESS / 3 + SILENT_MARGIN
+    assert live_name in {w["name"] for w in info["workers"]}
+    assert busy_name not in {w["name"] for w in info["workers"]}
+
+    # An idle worker beats after each wait on the queues (RQ's dequeue timeout): overdue by the margin, silent.
+    time.sleep(max(0.0, idle_beat + IDLE_BEAT + SILENT_MARGIN + 1 - time.monotonic()))
+    info = status_json(env)
+    assert [w["name"] for w in info["workers"]] == [live_name], info
+    assert info["workers"][0]["heartbeat_age"] <= IDLE_BEAT + SILENT_MARGIN
+    silent = {w["name"]: w for w in info["silent_workers"]}
+    assert idle_name in silent and silent[idle_name]["last_state"] == "idle", info
+    text = tagger(env, "status").stdout
+    assert "workers: 1 (and 2 silent, presumed dead)" in text, text
+    line = next(row for row in text.splitlines() if idle_name in row)
+    assert re.search(r"silent \(no heartbeat for \d+ s; presumed dead; was idle\)", line), line
+    assert f"{live_name} " in text and "presumed dead" not in next(r for r in text.splitlines() if live_name in r)
+    fake_llm.release()
+    workers.kill(live, signal.SIGTERM)

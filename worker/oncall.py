@@ -17,7 +17,7 @@ from worker.queue.jobs import enqueue_posts
 from worker.queue.keys import PRIORITIES, queues
 from worker.queue.recovery import recover, track
 from worker.queue.throttle import RedisThrottle
-from worker.queue.workers import live_workers
+from worker.queue.workers import SeenWorker, seen_workers
 from worker.settings import Settings
 
 
@@ -169,6 +169,18 @@ def awaiting_recovery(settings: Settings, redis: Redis) -> int:
     return expired + redis.hlen(keys.orphans(settings))
 
 
+def _worker(seen: SeenWorker) -> dict[str, Any]:
+    return {
+        "name": seen.worker.name,
+        "host": seen.worker.hostname,
+        "pid": seen.worker.pid,
+        "state": seen.state if seen.alive else "silent",
+        "last_state": seen.state,
+        "job": seen.worker.get_current_job_id(),
+        "heartbeat_age": round(seen.heartbeat_age, 1),
+    }
+
+
 def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]:
     """Queue depths, running and scheduled jobs, workers, failures by kind, recent throughput and tokens."""
     recover(settings, redis)
@@ -195,7 +207,8 @@ def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]
     for name in ("done", "tokens", "calls"):
         names = [keys.stats(settings, name, m) for m in range(now - minutes + 1, now + 1)]
         stats[name] = sum(int(v or 0) for v in redis.mget(names))
-    workers = live_workers(settings, redis)
+    seen = seen_workers(settings, redis)
+    workers = [w for w in seen if w.alive]
     # A delayed retry waits too: only a worker's scheduler ever runs it.
     waiting = sum(d["queued"] + d["awaiting_recovery"] + d["scheduled"] for d in depth.values())
     throttle = RedisThrottle(settings, redis)
@@ -207,6 +220,8 @@ def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]
         "failed_by_kind": kinds,
         "last_minutes": minutes,
         **stats,
-        "workers": [{"name": w.name, "state": _name(w.get_state()), "job": w.get_current_job_id()} for w in workers],
+        "workers": [_worker(w) for w in workers],
+        # Killed workers linger in RQ until their entry expires: shown, never counted as running.
+        "silent_workers": [_worker(w) for w in seen if not w.alive],
         "no_worker": bool(waiting and not workers),
     }

@@ -146,10 +146,13 @@ def status(app: App, as_json: bool) -> None:
         click.echo(f"{name:<24} " + "  ".join(f"{k} {v}" for k, v in depth.items()))
     if info["no_worker"]:
         click.echo("WARNING: jobs are waiting and no worker is running: start 'tagger work'")
-    click.echo(
-        f"workers: {len(info['workers'])}"
-        + "".join(f"\n  {w['name']} {w['state']} {w['job'] or ''}" for w in info["workers"])
-    )
+    silent = info["silent_workers"]
+    click.echo(f"workers: {len(info['workers'])}" + (f" (and {len(silent)} silent, presumed dead)" if silent else ""))
+    for w in info["workers"]:
+        click.echo(f"  {w['name']} {w['state']} (heartbeat {w['heartbeat_age']:.0f}s ago) {w['job'] or ''}".rstrip())
+    for w in silent:
+        was = f"; was {w['last_state']}" + (f" on {w['job']}" if w["job"] else "")
+        click.echo(f"  {w['name']} silent (no heartbeat for {w['heartbeat_age']:.0f} s; presumed dead{was})")
     click.echo("failed by kind: " + (", ".join(f"{k} {v}" for k, v in info["failed_by_kind"].items()) or "none"))
     minutes = info["last_minutes"]
     click.echo(

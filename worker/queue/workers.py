@@ -36,9 +36,13 @@ from worker.queue.throttle import RedisThrottle
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.workers")
-# RQ's worker TTL: an idle worker heartbeats every WORKER_TTL - 15 s; one silent for longer is dead.
+# RQ's worker TTL: an idle worker heartbeats after each wait on the queues, WORKER_TTL - 15 s (RQ's
+# `dequeue_timeout`); RQ keeps a worker's entry WORKER_TTL + 60 s after its last beat, dead or not.
 WORKER_TTL = 35
-LIVE_WITHIN = WORKER_TTL + 30
+IDLE_BEAT = max(1, WORKER_TTL - 15)
+# A worker silent for its beat interval plus this is presumed dead: room for a slow Redis, a loaded machine
+# and clocks a few seconds apart (the beat's time is the worker's clock).
+SILENT_MARGIN = 10.0
 MAINTENANCE_INTERVAL = 30  # RQ's registry maintenance, which also restarts a scheduler that died
 DROPPED_KEEP = 1000
 STOPPING = threading.Event()  # set by SIGTERM/SIGINT in a worker process
@@ -155,7 +159,7 @@ class TaggerWorker(SimpleWorker):
             done.set()
 
     def _beat(self, job: Job, done: threading.Event) -> None:
-        interval = max(0.2, self.settings.lease_seconds / 3)
+        interval = beat_interval(self.settings, "busy")
         while not done.wait(interval):
             execution: Execution | None = self.execution
             if execution is None:
@@ -233,24 +237,43 @@ def _reaper(settings: Settings, redis: Redis, stop: threading.Event) -> None:
             log.exception("reaper_error")  # never let recovery die with the first surprise
 
 
-def live_workers(settings: Settings, redis: Redis) -> list[BaseWorker]:
-    """RQ workers on tagger's queues that heartbeat recently (a killed worker's entry lingers in Redis).
+def beat_interval(settings: Settings, state: str) -> float:
+    """Seconds between a worker's heartbeats in an RQ state: a third of a lease while busy, else RQ's idle wait."""
+    return max(0.2, settings.lease_seconds / 3) if state == "busy" else float(IDLE_BEAT)
 
-    An idle worker beats at least every WORKER_TTL - 15 s; a busy one every third of TAGGER_LEASE_SECONDS, so
-    a worker killed mid-job drops out of the list (and out of "busy") within a couple of leases.
+
+@dataclass(frozen=True)
+class SeenWorker:
+    """An RQ worker on tagger's queues as its last heartbeat shows it."""
+
+    worker: BaseWorker
+    state: str  # the state it last reported (`idle`, `busy`, ...), whether or not it still lives
+    heartbeat_age: float  # seconds since its last heartbeat, by this machine's clock
+    alive: bool  # False: silent for longer than its beat interval plus SILENT_MARGIN, presumed dead
+
+
+def seen_workers(settings: Settings, redis: Redis) -> list[SeenWorker]:
+    """Every RQ worker on tagger's queues still in Redis, judged by its heartbeat's age.
+
+    A killed worker's entry lingers in Redis (WORKER_TTL + 60 s after its last beat) showing the state it died
+    in; a worker whose beat is overdue by more than SILENT_MARGIN is presumed dead.
     """
     names = set(queue_names(settings))
     now = datetime.now(UTC)
-    busy_within = 2 * settings.lease_seconds + 2
     found = []
     for worker in Worker.all(connection=redis):
         if not names & set(worker.queue_names()) or worker.last_heartbeat is None:
             continue
         beat = worker.last_heartbeat if worker.last_heartbeat.tzinfo else worker.last_heartbeat.replace(tzinfo=UTC)
-        age = (now - beat).total_seconds()
-        if age <= LIVE_WITHIN and (str(worker.get_state()) != "busy" or age <= busy_within):
-            found.append(worker)
+        age = max(0.0, (now - beat).total_seconds())
+        state = str(getattr(worker.get_state(), "value", worker.get_state()))
+        found.append(SeenWorker(worker, state, age, age <= beat_interval(settings, state) + SILENT_MARGIN))
     return found
+
+
+def live_workers(settings: Settings, redis: Redis) -> list[BaseWorker]:
+    """RQ workers on tagger's queues whose heartbeat is not overdue (see `seen_workers`)."""
+    return [seen.worker for seen in seen_workers(settings, redis) if seen.alive]
 
 
 def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRIORITIES, burst: bool = False) -> None:
