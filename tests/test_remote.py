@@ -10,14 +10,19 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
+from tests.conftest import wait_for_group_exit
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.records import record_path
@@ -233,3 +238,87 @@ def test_apply_commit_makes_one_commit_of_exactly_the_posts_and_records(
     assert again.returncode == 0 and "committed" not in again.stdout
     log = subprocess.run(["git", "log", "--format=%s"], cwd=checkout, capture_output=True, text=True).stdout
     assert len(log.splitlines()) == 2
+
+
+def chunked(worker: tuple[dict[str, str], Path]) -> tuple[dict[str, str], Path]:
+    """The remote worker asking one chunk at a time, so a test knows which chunks were judged."""
+    env, folder = worker
+    return {**env, "TAGGER_CONCURRENCY": "1", "TAGGER_REQUEST_TIMEOUT": "60"}, folder
+
+
+def job_status(redis: redis_lib.Redis, job_id: str) -> JobStatus | None:
+    return Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status()
+
+
+def test_a_remote_retry_after_a_failed_chunk_asks_only_the_chunks_not_judged_yet(
+    producer: dict[str, str],
+    remote_worker: tuple[dict[str, str], Path],
+    fake_llm: FakeLLM,
+    redis: redis_lib.Redis,
+) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    post = checkout / "posts" / "limiting-wip.md"
+    enq = tagger(producer, "enqueue", "--remote", str(post), cwd=checkout)
+    assert enq.returncode == 0, enq.stderr
+    job_id = enq.stdout.split()[0]
+    worker = chunked(remote_worker)
+    fake_llm.inject("ok", "refusal")  # the first chunk is judged, the second refused (permanent)
+    work(worker)
+    assert job_status(redis, job_id) == JobStatus.FAILED
+    assert "refused" in tagger(producer, "failed", "list").stdout
+    asked = fake_llm.counts["requests"]
+    assert asked == 2  # the third chunk was never asked
+    chunks = 3  # one per type: tags, categories, concepts
+    assert "requeued 1" in tagger(producer, "failed", "retry", "--all").stdout
+    work(worker)
+    assert job_status(redis, job_id) == JobStatus.FINISHED
+    assert fake_llm.counts["requests"] - asked == chunks - 1  # the judged chunk was not paid for again
+    applied = tagger(producer, "apply", cwd=checkout)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "Kanban" in read_post(post).terms("tags")
+    prefix = producer["TAGGER_REDIS_PREFIX"]
+    assert not list(redis.scan_iter(f"{prefix}:judged:*")), "a finished job's kept judgements were not removed"
+
+
+def test_a_remote_job_killed_between_chunks_is_retried_without_asking_the_judged_ones(
+    producer: dict[str, str],
+    remote_worker: tuple[dict[str, str], Path],
+    fake_llm: FakeLLM,
+    redis: redis_lib.Redis,
+) -> None:
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    post = checkout / "posts" / "limiting-wip.md"
+    enq = tagger(producer, "enqueue", "--remote", str(post), cwd=checkout)
+    assert enq.returncode == 0, enq.stderr
+    job_id = enq.stdout.split()[0]
+    env, folder = chunked(remote_worker)
+    fake_llm.hold()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "work"],
+        env=env,
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert fake_llm.wait_held(1, timeout=60)
+        fake_llm.release(1)  # the first chunk is answered; the second waits at the model
+        deadline = time.monotonic() + 60
+        while not (fake_llm.counts["requests"] == 2 and fake_llm.held == 1):
+            assert time.monotonic() < deadline, "the second chunk never reached the model"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # kill -9 between chunks
+        process.wait(timeout=60)
+        wait_for_group_exit(process.pid)
+    fake_llm.release()
+    deadline = time.monotonic() + 60
+    while job_status(redis, job_id) != JobStatus.FINISHED:  # recovery requeues it once the lease lapses
+        assert time.monotonic() < deadline, f"the killed job was never run again: {job_status(redis, job_id)}"
+        time.sleep(1)
+        work((env, folder))
+    assert fake_llm.counts["requests"] == 2 + 2  # two before the kill, then only the two chunks not judged
+    applied = tagger(producer, "apply", cwd=checkout)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "Kanban" in read_post(post).terms("tags")

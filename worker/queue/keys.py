@@ -85,6 +85,11 @@ def rerun(settings: Settings, job_id: str) -> str:
     return redis_key(settings, "rerun", job_id)
 
 
+def judged_chunks(settings: Settings, job_id: str) -> str:
+    """Hash of a remote job's judgements so far (`type\0term` -> judgement JSON): its retry asks only the rest."""
+    return redis_key(settings, "judged", job_id)
+
+
 def stats(settings: Settings, name: str, minute: int) -> str:
     """Per-minute counter (done, tokens, calls)."""
     return redis_key(settings, "stats", name, str(minute))

@@ -16,19 +16,22 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any, ClassVar
 
 import structlog
-from redis import Redis
+from redis import Redis, RedisError
 
 from worker.classifier import Classifier
 from worker.errors import PostTooLarge, TaxonomyUnpublished
-from worker.judgements import Usage
+from worker.judgements import Judgement, Usage
+from worker.logs import redact, secrets_of
 from worker.posts import Change, file_hash, post_from_bytes
-from worker.prompts import TEMPLATES, Templates
+from worker.prompts import TEMPLATES, Prompt, Templates
 from worker.queue import keys
 from worker.records import Record, RecordStore, dumps, loads, reconcile
 from worker.settings import Settings
@@ -36,6 +39,10 @@ from worker.taxonomy import Taxonomy, Term
 
 log = structlog.get_logger("tagger.remote")
 WARM_VERSIONS = 4  # taxonomy versions a worker process keeps built
+# How long a failed or interrupted remote job's judgements wait for its retry (`failed retry` included).
+JUDGED_TTL = 7 * 86400
+# Where the running job wants each chunk's judgements as soon as they are in (the chunks' threads see it too).
+CHUNK_SINK: ContextVar[Callable[[list[Judgement]], None] | None] = ContextVar("tagger_chunk_sink", default=None)
 
 
 def taxonomy_document(taxonomy: Taxonomy, templates: Templates, root: Path | None = None) -> dict[str, Any]:
@@ -138,6 +145,42 @@ class Outcome:
         return loads(self.record.encode("utf-8"))
 
 
+class RemoteClassifier(Classifier):
+    """The shared classifier, except that each chunk's judgements reach the running job's sink once judged."""
+
+    def _judge_prompt(self, prompt: Prompt, content_hash: str) -> tuple[list[Judgement], Usage]:
+        judged, usage = super()._judge_prompt(prompt, content_hash)
+        sink = CHUNK_SINK.get()
+        if sink is not None:
+            sink(judged)
+        return judged, usage
+
+
+def keep_judged(settings: Settings, redis: Redis, job_id: str, judged: Sequence[Judgement]) -> None:
+    """Store one chunk's judgements under the job, so a retry (after a failure or a kill -9) does not ask again."""
+    if not judged:
+        return
+    key = keys.judged_chunks(settings, job_id)
+    try:
+        with redis.pipeline() as pipe:
+            pipe.hset(key, mapping={f"{j.type}\0{j.term}": j.model_dump_json() for j in judged})
+            pipe.expire(key, JUDGED_TTL)
+            pipe.execute()
+    except RedisError as exc:  # the chunk still counts in this run; only a retry would ask it again
+        log.warning(
+            "redis_unavailable", where="judged_chunks", job_id=job_id, error=redact(str(exc), secrets_of(settings))
+        )
+
+
+def judged_before(settings: Settings, redis: Redis, job_id: str) -> list[Judgement]:
+    """The judgements earlier attempts of this job stored (an unreadable entry is asked again)."""
+    found = []
+    for raw in redis.hvals(keys.judged_chunks(settings, job_id)):
+        with contextlib.suppress(ValueError):
+            found.append(Judgement.model_validate_json(raw))
+    return found
+
+
 class RemoteState:
     """Per worker process: the settings and a warm classifier per taxonomy version (a few, least recent out)."""
 
@@ -159,7 +202,7 @@ def classifier_for(redis: Redis, version: str) -> Classifier:
         return cached
     taxonomy, templates = load_published(settings, redis, version)
     provider = make_provider(settings, templates, RedisThrottle(settings, redis))
-    built = Classifier(settings, taxonomy, templates, provider)
+    built = RemoteClassifier(settings, taxonomy, templates, provider)
     RemoteState.classifiers[version] = built
     while len(RemoteState.classifiers) > WARM_VERSIONS:
         RemoteState.classifiers.popitem(last=False)
@@ -167,12 +210,20 @@ def classifier_for(redis: Redis, version: str) -> Classifier:
     return built
 
 
-def decide_remote(classifier: Classifier, payload: dict[str, Any]) -> tuple[Outcome, Usage, float]:
-    """Decide one carried post with its carried record (no file is read or written); usage and LLM seconds."""
+def decide_remote(
+    classifier: Classifier, payload: dict[str, Any], judged: Sequence[Judgement] = ()
+) -> tuple[Outcome, Usage, float]:
+    """Decide one carried post with its carried record (no file is read or written); usage and LLM seconds.
+
+    `judged`: judgements earlier attempts made, reused like the record's own where still valid.
+    """
     relative = payload["post"]
     raw = base64.b64decode(payload["bytes"])
     post = post_from_bytes(Path(relative), raw, classifier.settings.max_front_matter_bytes)
     record = loads(payload["record"].encode("utf-8"))
+    if judged:
+        merged = {(j.type, j.term): j for j in [*record.judgements, *judged]}
+        record = record.model_copy(update={"judgements": list(merged.values())})
     base = {"post": relative, "content_hash": post.content_hash, "file_hash": post.file_hash}
     if not post.has_content:
         unchanged = Outcome(**base, new_file_hash="", changes={}, added={}, removed={}, record=dumps(record).decode())
@@ -208,9 +259,19 @@ def classify_remote(payload: dict[str, Any]) -> dict[str, Any]:
     bound = log.bind(job_id=job.id, post=relative, attempt=job.meta["attempts"], taxonomy=payload["taxonomy"])
     bound.info("started")
     classifier = classifier_for(redis, payload["taxonomy"])
-    with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative):
-        outcome, usage, llm_seconds = decide_remote(classifier, payload)
-    count_usage(redis, classifier.settings, usage)
+    settings = classifier.settings
+    judged = judged_before(settings, redis, job.id)
+    if judged:
+        bound.info("judgements_reused", judgements=len(judged))
+    # Each chunk's judgements are kept as soon as they are in: a retry, even after a kill -9, asks only the rest.
+    sink = CHUNK_SINK.set(lambda chunk: keep_judged(settings, redis, job.id, chunk))
+    try:
+        with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative):
+            outcome, usage, llm_seconds = decide_remote(classifier, payload, judged)
+    finally:
+        CHUNK_SINK.reset(sink)
+    redis.delete(keys.judged_chunks(settings, job.id))  # the outcome's record holds them now
+    count_usage(redis, settings, usage)
     bound.info(
         "decided",
         changes=sorted(outcome.changes),
