@@ -41,11 +41,12 @@ class Workers:
         self.running: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
+        log = os.environ.get("TAGGER_TEST_WORKER_LOG")  # set it to a file to read the workers' logs
         process = subprocess.Popen(
             [sys.executable, "-m", "worker", "work", *args],
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=open(log, "ab") if log else subprocess.DEVNULL,  # noqa: SIM115 (the child keeps it)
             start_new_session=True,
         )
         self.running.append(process)
@@ -176,10 +177,11 @@ def test_status_calls_killed_workers_silent_and_a_live_worker_alive(
     live, live_name = start_and_name(workers, {busy_name, idle_name})
     workers.kill(idle)  # first: alive, it could take the busy worker's job once that one is recovered
     workers.kill(busy)
-    killed_at = time.monotonic()
     info = status_json(env)
-    busy_beat = killed_at - beat_age(info, busy_name)  # when each last beat, on this clock
-    idle_beat = killed_at - beat_age(info, idle_name)
+    # When each last beat, on this clock: at the latest, the status's end minus the age it saw.
+    seen_at = time.monotonic()
+    busy_beat = seen_at - beat_age(info, busy_name)
+    idle_beat = seen_at - beat_age(info, idle_name)
 
     # A busy worker beats every third of a lease: overdue by the margin, it is silent.
     time.sleep(max(0.0, busy_beat + LIVENESS / 3 + SILENT_MARGIN + 1 - time.monotonic()))
