@@ -10,15 +10,20 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
 from tests.conftest import wait_for_group_exit
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
+from worker.queue.jobs import AGAIN, RERUN_CHECKED, enqueue_posts
 from worker.records import load_record, record_path
+from worker.settings import Settings
 
 pytestmark = pytest.mark.redis
 
@@ -288,3 +293,28 @@ def spawn_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def test_a_post_asked_for_while_its_job_is_ending_gets_a_run_of_its_own(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis, make_settings: Callable[..., Settings]
+) -> None:
+    """Between a job's look for rerun requests and RQ marking it finished, a request would never be read: the
+    producer sees the job past that look and enqueues the post's other job id instead."""
+    settings = make_settings(REDIS_URL=queue_env["REDIS_URL"], TAGGER_REDIS_PREFIX=queue_env["TAGGER_REDIS_PREFIX"])
+    wip = posts(site) / "limiting-wip.md"
+    first = enqueue_posts([wip], settings, redis)[0]
+    assert first.action == "enqueued"
+    job = Job.fetch(first.job_id, connection=redis, serializer=JSONSerializer)
+    job.set_status(JobStatus.STARTED)  # running, and as the job marks itself just before its look for reruns:
+    job.meta[RERUN_CHECKED] = True
+    job.save_meta()
+    second = enqueue_posts([wip], settings, redis)[0]
+    assert (second.action, second.job_id) == ("enqueued", first.job_id + AGAIN)
+    again = Job.fetch(second.job_id, connection=redis, serializer=JSONSerializer)
+    assert again.get_status() == JobStatus.QUEUED and again.meta["post"] == "posts/limiting-wip.md"
+    # While it still runs, before that look, a request is recorded for the job to read.
+    job.meta[RERUN_CHECKED] = False
+    job.save_meta()
+    Job.fetch(second.job_id, connection=redis, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
+    third = enqueue_posts([wip], settings, redis)[0]
+    assert (third.action, third.job_id) == ("rerun-after-current", first.job_id)

@@ -35,6 +35,13 @@ BATCH = 500  # posts per atomic enqueue
 # Exceptions that mean the worker was stopped or its process torn down, not that the job is bad.
 INTERRUPTED = ("AbandonedJobError", "SystemExit", "KeyboardInterrupt", "StopRequested")
 AGAIN = "-again"  # a post's second job id: its run after the current one (the two ids take turns)
+# Set in a running job's meta once it has looked for a rerun request: one asked later would never be seen.
+RERUN_CHECKED = "rerun_checked"
+
+
+def other_id(job_id: str) -> str:
+    """The other of a post's two job ids (never `-again-again`), so producers still see one post."""
+    return job_id.removesuffix(AGAIN) if job_id.endswith(AGAIN) else job_id + AGAIN
 
 
 def job_id_for(relative: str, settings: Settings) -> str:
@@ -148,16 +155,22 @@ def _enqueue_batch(
                 to_enqueue = []
                 pipe.multi()
                 for n, (relative, job_id) in enumerate(zip(relatives, ids, strict=True)):
-                    states = [(j.id, j.get_status(refresh=False)) for j in jobs[2 * n : 2 * n + 2] if j is not None]
-                    waiting = next((i for i, status in states if status in WAITING), None)
-                    running = next((i for i, status in states if status == JobStatus.STARTED), None)
+                    pair = [j for j in jobs[2 * n : 2 * n + 2] if j is not None]
+                    waiting = next((j.id for j in pair if j.get_status(refresh=False) in WAITING), None)
+                    running = next((j for j in pair if j.get_status(refresh=False) == JobStatus.STARTED), None)
                     if waiting is not None:
                         results.append(Enqueued(relative, waiting, "already-queued"))
                     elif running is not None and payloads is not None:
-                        results.append(Enqueued(relative, running, "already-queued"))  # running on these bytes
+                        results.append(Enqueued(relative, running.id, "already-queued"))  # running on these bytes
+                    elif running is not None and running.meta.get(RERUN_CHECKED):
+                        # Past its look for reruns (it is ending): a run of its own, under the post's other id.
+                        again = other_id(running.id)
+                        to_enqueue.append(job_data(queue, relative, again, settings, types, timeout))
+                        results.append(Enqueued(relative, again, "enqueued"))
                     elif running is not None:
-                        pipe.set(keys.rerun(settings, running), "1", ex=7 * 86400)
-                        results.append(Enqueued(relative, running, "rerun-after-current"))
+                        # Watched: a job marking itself past its look for reruns makes this transaction retry.
+                        pipe.set(keys.rerun(settings, running.id), "1", ex=7 * 86400)
+                        results.append(Enqueued(relative, running.id, "rerun-after-current"))
                     else:
                         payload = payloads[relative] if payloads is not None else None
                         to_enqueue.append(job_data(queue, relative, job_id, settings, types, timeout, payload))
@@ -230,6 +243,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     ).fresh(redis)
     settings = context.settings
     job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
+    job.meta[RERUN_CHECKED] = False  # a retry takes rerun requests again
     job.save_meta()
     started = time.monotonic()
     bound = log.bind(job_id=job.id, post=relative, attempt=job.meta["attempts"], model=settings.model)
@@ -270,18 +284,32 @@ def count_usage(redis: Redis, settings: Settings, usage: Usage) -> None:
 
 
 def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> str | None:
-    """Enqueue the post's run after this one when a producer asked for it while this job ran; its id, or None."""
+    """Enqueue the post's run after this one when a producer asked for it while this job ran; its id, or None.
+
+    The job first marks itself past this look (producers watch its hash): a producer asking from then on
+    enqueues a run itself instead of setting a request nobody would read.
+    """
+    job.meta[RERUN_CHECKED] = True
+    job.save_meta()
     if not redis.delete(keys.rerun(settings, job.id)):
         return None
     queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)  # the same queue
-    # The other of the post's two ids (never `-again-again`), so producers still see one post.
-    again = job.id.removesuffix(AGAIN) if job.id.endswith(AGAIN) else job.id + AGAIN
-    with redis.pipeline() as pipe:
-        data = job_data(queue, job.meta["post"], again, settings, job.meta.get("types"))
-        queue.enqueue_many([data], pipeline=pipe)
-        track(settings, pipe, [again])
-        pipe.execute()
-    return again
+    again = other_id(job.id)
+    while True:
+        with redis.pipeline() as pipe:
+            try:
+                pipe.watch(Job.key_for(again))
+                current = Job.fetch_many([again], connection=redis, serializer=JSONSerializer)[0]
+                if current is not None and current.get_status(refresh=False) in {*WAITING, JobStatus.STARTED}:
+                    return again  # a producer that saw this job ending enqueued it already (after the edit)
+                pipe.multi()
+                data = job_data(queue, job.meta["post"], again, settings, job.meta.get("types"))
+                queue.enqueue_many([data], pipeline=pipe)
+                track(settings, pipe, [again])
+                pipe.execute()
+                return again
+            except WatchError:
+                continue  # a producer enqueued or changed it meanwhile: look again
 
 
 def _transient(settings: Settings, connection: Redis, job: Job, value: BaseException) -> bool:
