@@ -39,18 +39,20 @@ def test_a_post_enqueued_while_its_rerun_waits_is_not_queued_twice(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:
     """Enqueue during a run schedules one rerun (`-again`); enqueuing again while that rerun waits is a no-op."""
-    fake_llm.latency = 1.5
+    fake_llm.hold()  # each job's calls wait at the model until the test lets them go: no race with a latency
     wip, other = site / "site" / "posts" / "limiting-wip.md", sorted((site / "site" / "posts").glob("*.md"))[0]
     assert other != wip
     assert tagger(queue_env, "enqueue", str(wip), str(other)).returncode == 0
     queue = Queue(f"{queue_env['TAGGER_REDIS_PREFIX']}-default", connection=redis, serializer=JSONSerializer)
     first = queue.get_job_ids()[0]
+    env = {**queue_env, "TAGGER_CONCURRENCY": "1", "TAGGER_REQUEST_TIMEOUT": "60"}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "work"], env=queue_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "worker", "work"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        assert wait_for(lambda: fake_llm.counts["requests"] > 0)
+        assert fake_llm.wait_held(1, timeout=60)  # the first post's job is running
         assert "rerun-after-current" in tagger(queue_env, "enqueue", str(wip)).stdout
+        fake_llm.release(3)  # its three calls (one per type) end; the other post's first call is held next
         # The rerun waits behind the other post while the only worker judges that one.
         assert wait_for(lambda: f"{first}-again" in queue.get_job_ids())
         again = tagger(queue_env, "enqueue", str(wip))
@@ -59,6 +61,7 @@ def test_a_post_enqueued_while_its_rerun_waits_is_not_queued_twice(
         waiting = [j for j in Job.fetch_many(queue.get_job_ids(), connection=redis, serializer=JSONSerializer) if j]
         assert sum(1 for j in waiting if j.meta.get("post") == "posts/limiting-wip.md") == 1
     finally:
+        fake_llm.release()
         worker.terminate()
         worker.wait(timeout=60)
 
