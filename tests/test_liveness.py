@@ -208,13 +208,13 @@ def test_burst_workers_alone_recover_a_killed_workers_job(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:
     """(b) SIGKILL mid-job; then only `work --burst` runs, again and again (cron): the post is written."""
-    fake_llm.latency = 3.0
+    fake_llm.hold()  # the job's calls wait at the model: the kill lands mid-job, however slow the machine
     wip = posts(site) / "limiting-wip.md"
     tagger(queue_env, "enqueue", str(wip))
-    worker = spawn(queue_env, "work")
-    assert wait_for(lambda: fake_llm.counts["requests"] > 0, 60)
+    worker = spawn({**queue_env, "TAGGER_REQUEST_TIMEOUT": "60"}, "work")
+    assert fake_llm.wait_held(1, timeout=60)
     kill_session(worker)
-    fake_llm.latency = 0
+    fake_llm.release()
     assert not written([wip])
     # The dead worker is not listed (as busy or at all), and status says no worker is there for the job.
     assert wait_for(lambda: json.loads(tagger(queue_env, "status", "--json").stdout)["no_worker"], 30)
