@@ -252,7 +252,7 @@ CHILD = textwrap.dedent(
     from worker.posts import read_post
     path, limit, expected = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.monotonic()
+    started = time.process_time()  # CPU seconds: the parse's own work, however busy the machine is
     try:
         post = read_post(path, limit)
         post.title, post.terms("tags")
@@ -260,7 +260,7 @@ CHILD = textwrap.dedent(
     except BadPost as exc:
         outcome = exc.message
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
-    print(f"{time.monotonic() - started:.2f}s {grown}MB {outcome}")
+    print(f"{time.process_time() - started:.2f}s {grown}MB {outcome}")
     assert re.search(expected, outcome), outcome
     """
 )
@@ -286,7 +286,7 @@ def test_hostile_front_matter_ends_within_seconds_and_tens_of_mb(tmp_path: Path,
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     seconds, grown, _ = run.stdout.split(" ", 2)
-    assert float(seconds[:-1]) < 10, run.stdout
+    assert float(seconds[:-1]) < 10, run.stdout  # CPU seconds the parse took
     assert int(grown[:-2]) < 60, run.stdout  # MB the parse added to the process's peak
     assert elapsed < 30
 
