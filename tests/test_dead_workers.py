@@ -23,7 +23,8 @@ import pytest
 from tests.conftest import liveness_env, wait_for_group_exit
 from worker.fakellm import FakeLLM
 from worker.posts import read_post
-from worker.queue.workers import IDLE_BEAT, SILENT_MARGIN
+from worker.queue.fleet import SILENT_MARGIN
+from worker.queue.workers import IDLE_BEAT
 
 pytestmark = pytest.mark.redis
 LIVENESS = 1.0  # seconds without a sign of life after which a worker counts as dead
