@@ -297,11 +297,8 @@ def test_write_atomic_refuses_a_file_changed_since_it_was_read(tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["p.md"]
 
 
-def test_an_edit_made_while_the_model_is_thinking_is_kept_and_judged(
-    classifier: Classifier, everything_selected: FakeLLM, site: Path
-) -> None:
-    path = site / "site" / "posts" / "limiting-wip.md"
-    everything_selected.hold()
+def classify_in_thread(classifier: Classifier, path: Path) -> tuple[threading.Thread, list[BaseException]]:
+    """Classify `path` in a started thread; the list receives what it raised."""
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -312,6 +309,15 @@ def test_an_edit_made_while_the_model_is_thinking_is_kept_and_judged(
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, errors
+
+
+def test_an_edit_made_while_the_model_is_thinking_is_kept_and_judged(
+    classifier: Classifier, everything_selected: FakeLLM, site: Path
+) -> None:
+    path = site / "site" / "posts" / "limiting-wip.md"
+    everything_selected.hold()
+    thread, errors = classify_in_thread(classifier, path)
     assert everything_selected.wait_held(1)  # the first call is with the model: the post was read
     path.write_text(path.read_text(encoding="utf-8") + "\nA late paragraph.\n", encoding="utf-8")
     everything_selected.release()
@@ -336,16 +342,7 @@ def test_a_post_edited_at_every_pass_is_left_as_the_person_wrote_it_and_its_reco
     fake_llm.score(default=95)  # now every term is selected: every pass has something to write
     path.write_text(path.read_text(encoding="utf-8") + "\nA first edit.\n", encoding="utf-8")
     fake_llm.hold()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            classifier.classify(path)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, errors = classify_in_thread(classifier, path)
     texts = []
     for n in range(CHANGED_POST_PASSES):  # each pass reads the post, and a person edits it before the write
 
