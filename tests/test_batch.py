@@ -144,6 +144,11 @@ def test_bad_lines_and_replies_are_never_written_and_go_to_the_synchronous_path(
     assert not result.failed and sum(snapshot(site)[n] != b for n, b in original.items()) == 2
 
 
+def queue_settings(make_settings: Callable[..., Settings], queue_env: dict[str, str]) -> Settings:
+    """Settings for the fake server and the scratch site, on the queue test's Redis and key prefix."""
+    return make_settings(REDIS_URL=queue_env["REDIS_URL"], TAGGER_REDIS_PREFIX=queue_env["TAGGER_REDIS_PREFIX"])
+
+
 def test_expired_half_done_batch_ends_with_every_post_written_after_collect_and_workers(
     make_settings: Callable[..., Settings],
     fake_llm: FakeLLM,
@@ -151,7 +156,7 @@ def test_expired_half_done_batch_ends_with_every_post_written_after_collect_and_
     queue_env: dict[str, str],
     redis: redis_lib.Redis,
 ) -> None:
-    settings = make_settings(REDIS_URL=queue_env["REDIS_URL"], TAGGER_REDIS_PREFIX=queue_env["TAGGER_REDIS_PREFIX"])
+    settings = queue_settings(make_settings, queue_env)
     store = batch.store_for(settings, redis)
     fake_llm.batch_api.script("expire_half")
     batch.submit(settings, plan(settings).todo, store)
@@ -177,7 +182,7 @@ def test_post_edited_between_submission_and_collection_is_enqueued_not_overwritt
     queue_env: dict[str, str],
     redis: redis_lib.Redis,
 ) -> None:
-    settings = make_settings(REDIS_URL=queue_env["REDIS_URL"], TAGGER_REDIS_PREFIX=queue_env["TAGGER_REDIS_PREFIX"])
+    settings = queue_settings(make_settings, queue_env)
     store = batch.store_for(settings, redis)
     batch.submit(settings, plan(settings).todo, store)
     edited = posts_of(site)[0]
@@ -485,7 +490,7 @@ def test_a_half_expired_batch_keeps_the_answered_chunks_and_the_queue_asks_only_
     queue_env: dict[str, str],
     redis: redis_lib.Redis,
 ) -> None:
-    settings = make_settings(REDIS_URL=queue_env["REDIS_URL"], TAGGER_REDIS_PREFIX=queue_env["TAGGER_REDIS_PREFIX"])
+    settings = queue_settings(make_settings, queue_env)
     store = batch.store_for(settings, redis)
     fake_llm.batch_api.script("expire_half")  # 9 lines, the first 4 answered: the second post has 1 of its 3
     submitted = batch.submit(settings, plan(settings).todo, store)

@@ -250,17 +250,22 @@ def job_status(redis: redis_lib.Redis, job_id: str) -> JobStatus | None:
     return Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status()
 
 
+def enqueue_remote(producer: dict[str, str]) -> tuple[Path, Path, str]:
+    """Enqueue the producer's limiting-wip post as a remote job: (checkout, post, job id)."""
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    post = checkout / "posts" / "limiting-wip.md"
+    enq = tagger(producer, "enqueue", "--remote", str(post), cwd=checkout)
+    assert enq.returncode == 0, enq.stderr
+    return checkout, post, enq.stdout.split()[0]
+
+
 def test_a_remote_retry_after_a_failed_chunk_asks_only_the_chunks_not_judged_yet(
     producer: dict[str, str],
     remote_worker: tuple[dict[str, str], Path],
     fake_llm: FakeLLM,
     redis: redis_lib.Redis,
 ) -> None:
-    checkout = Path(producer["TAGGER_CONTENT_DIR"])
-    post = checkout / "posts" / "limiting-wip.md"
-    enq = tagger(producer, "enqueue", "--remote", str(post), cwd=checkout)
-    assert enq.returncode == 0, enq.stderr
-    job_id = enq.stdout.split()[0]
+    checkout, post, job_id = enqueue_remote(producer)
     worker = chunked(remote_worker)
     fake_llm.inject("ok", "refusal")  # the first chunk is judged, the second refused (permanent)
     work(worker)
@@ -286,11 +291,7 @@ def test_a_remote_job_killed_between_chunks_is_retried_without_asking_the_judged
     fake_llm: FakeLLM,
     redis: redis_lib.Redis,
 ) -> None:
-    checkout = Path(producer["TAGGER_CONTENT_DIR"])
-    post = checkout / "posts" / "limiting-wip.md"
-    enq = tagger(producer, "enqueue", "--remote", str(post), cwd=checkout)
-    assert enq.returncode == 0, enq.stderr
-    job_id = enq.stdout.split()[0]
+    checkout, post, job_id = enqueue_remote(producer)
     env, folder = chunked(remote_worker)
     fake_llm.hold()
     process = subprocess.Popen(
