@@ -21,11 +21,12 @@ from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.evaluation import dollars
 from worker.fakellm import FakeLLM
-from worker.judgements import Usage
 from worker.logs import configure
 from worker.posts import read_post
 from worker.records import load_record
+from worker.results import Usage
 from worker.settings import DEFAULT_PRICES, Settings
+from worker.taxonomy import taxonomy_for
 
 PRICE = DEFAULT_PRICES["gpt-4o-mini"]
 CONFIGURATIONS = (  # label, TAGGER_CHUNK_SIZE, TAGGER_DEFINITIONS, TAGGER_REPLY
@@ -158,9 +159,7 @@ def main() -> None:
             sweep.append((floor, counts, asked))
     finally:
         fake.stop()
-    terms = {
-        (t.type, t.title) for t in make_classifier(Settings(_env_file=None, TAGGER_TAXONOMY_DIR=str(taxonomy))).taxonomy
-    }  # type: ignore[call-arg]
+    terms = {(t.type, t.title) for t in taxonomy_for(Settings(_env_file=None, TAGGER_TAXONOMY_DIR=str(taxonomy)))}  # type: ignore[call-arg]
     picked = [
         {(ty, ti) for ty in ("categories", "tags", "concepts") for ti in read_post(p).terms(ty) if (ty, ti) in terms}
         for p in posts

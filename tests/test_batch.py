@@ -210,12 +210,12 @@ def test_post_edited_between_submission_and_collection_is_enqueued_not_overwritt
 CRASHING_COLLECT = textwrap.dedent(
     """
     import os, signal, sys
-    import worker.classifier as classifier
+    import worker.writeback as writeback
     from worker import batch
     from worker.settings import Settings
 
     kill_at, when = int(sys.argv[1]), sys.argv[2]
-    real = classifier.write_atomic
+    real = writeback.write_atomic
     count = 0
 
     def write_atomic(post, text):
@@ -227,7 +227,7 @@ CRASHING_COLLECT = textwrap.dedent(
         if count == kill_at and when == "after":
             os.kill(os.getpid(), signal.SIGKILL)  # the post is replaced, nothing logged as collected yet
 
-    classifier.write_atomic = write_atomic
+    writeback.write_atomic = write_atomic
     settings = Settings()
     batch.collect(settings, batch.store_for(settings, None))
     """

@@ -15,12 +15,14 @@ import pytest
 
 from tests.conftest import fill_disk
 from worker.backfill import plan, run_inline
-from worker.classifier import Classifier, make_classifier, select
+from worker.classifier import Classifier, make_classifier
+from worker.decide import select
 from worker.errors import AuthError, InvalidReply, QuotaExhausted, RateLimited, RecordWriteFailed, Refused, Truncated
 from worker.fakellm import FakeLLM, asked_names
-from worker.judgements import Classification, Decision, Judgement, TermScores, confidence, level
 from worker.posts import read_post
 from worker.records import load_record, record_path
+from worker.reply import TermScores, confidence
+from worker.results import Classification, Decision, Judgement, level
 from worker.settings import Settings, Weights
 
 MakeSettings = Callable[..., Settings]
@@ -288,7 +290,7 @@ def test_a_kill_between_record_and_post_is_settled_from_the_post_hash(
     def killed(*_: Any) -> None:
         raise SystemExit("killed after the record was written, before the post was replaced")
 
-    monkeypatch.setattr("worker.classifier.write_atomic", killed)
+    monkeypatch.setattr("worker.writeback.write_atomic", killed)
     with pytest.raises(SystemExit):
         classifier.classify(path)
     assert path.read_bytes() == original and load_record(path).pending is not None
@@ -467,7 +469,7 @@ def judgement(term_type: str, term: str, value: float) -> Judgement:
 def test_a_type_whose_key_posts_use_for_something_else_is_named_with_the_posts(
     classifier: Classifier, tmp_path: Path
 ) -> None:
-    from worker.classifier import type_key_problems
+    from worker.taxonomy import type_key_problems
 
     def post(name: str, header: str) -> Path:
         path = tmp_path / f"{name}.md"

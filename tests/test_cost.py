@@ -59,8 +59,8 @@ def test_shortlist_skips_hopeless_terms_and_caches_them(
 def test_the_shortlist_asks_a_term_at_its_floor_and_records_why_the_others_were_not_asked(
     make_settings: Callable[..., Settings], site: Path
 ) -> None:
-    from worker.judgements import Judgement
     from worker.posts import read_post
+    from worker.results import Judgement
 
     post = read_post(site / "site" / "posts" / "limiting-wip.md")
 

@@ -21,10 +21,10 @@ from worker.cli import main
 from worker.errors import InvalidReply
 from worker.evaluation import Case, evaluate, sweep, sweep_point
 from worker.fakellm import FakeLLM
-from worker.judgements import NOT_RELEVANT
 from worker.logs import configure
 from worker.posts import read_post
 from worker.records import Record, load_record, record_path, save_record
+from worker.reply import NOT_RELEVANT
 from worker.settings import Settings
 
 TERM = """---

@@ -41,12 +41,13 @@ from tests.waiting import wait_for
 from worker.classifier import Classifier
 from worker.errors import BadPost, InvalidReply, PostChanged, PostMissing
 from worker.fakellm import FakeLLM, scripted_entry
-from worker.judgements import TermScores, Usage
 from worker.logs import configure, redact, secrets_of
 from worker.posts import ORIGIN_KEY, Post, file_hash, read_post, render_changes, write_atomic
 from worker.prompts import Prompt, load_templates
 from worker.providers.base import Reply
 from worker.records import load_record, record_path
+from worker.reply import TermScores
+from worker.results import Usage
 from worker.settings import Settings
 from worker.taxonomy import load_taxonomy
 

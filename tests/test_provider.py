@@ -14,9 +14,9 @@ from pydantic import BaseModel
 from worker.classifier import make_classifier
 from worker.errors import Refused, Truncated
 from worker.fakellm import FakeLLM, asked_names
-from worker.judgements import ReplyBase, reply_model
 from worker.prompts import load_templates
 from worker.providers.openai import STRICT_KEYWORDS, OpenAIProvider, response_format, strict_schema
+from worker.reply import ReplyBase, reply_model
 from worker.settings import Settings
 
 PACKAGE = Path(__file__).resolve().parent.parent / "worker"

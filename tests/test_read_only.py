@@ -14,12 +14,13 @@ import redis as redis_lib
 
 from worker import batch
 from worker.backfill import plan, run_inline
-from worker.classifier import Classifier, write_back
+from worker.classifier import Classifier
 from worker.errors import PostReadOnly
 from worker.fakellm import FakeLLM
 from worker.posts import read_only, read_post, write_atomic
 from worker.records import record_path
 from worker.settings import Settings
+from worker.writeback import write_back
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner (chown) needs root")

@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
-from worker.classifier import make_classifier, select
+from worker.classifier import make_classifier
+from worker.decide import select
 from worker.fakellm import FakeLLM, scripted_entry
-from worker.judgements import Judgement, TermScores, confidence, level
 from worker.posts import read_post
 from worker.records import load_record
+from worker.reply import TermScores, confidence
+from worker.results import Judgement, level
 from worker.settings import DEFAULT_RULES, OTHER_TYPES_RULE, SelectionRule, Settings, Weights
 
 MakeSettings = Callable[..., Settings]

@@ -21,7 +21,6 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from worker.classifier import post_mode, save, unwritten, write_back
 from worker.errors import PostChanged, TaggerError
 from worker.paths import confine, existing_post
 from worker.posts import Post, file_hash, read_post, render_changes
@@ -29,6 +28,7 @@ from worker.queue.jobs import Enqueued, enqueue_posts, job_id_for
 from worker.queue.remote import Outcome
 from worker.records import Record, RecordStore, reconcile
 from worker.settings import Settings
+from worker.writeback import post_mode, save, unwritten, write_back
 
 log = structlog.get_logger("tagger.apply")
 DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}

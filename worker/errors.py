@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 
 class TaggerError(Exception):
@@ -17,7 +16,6 @@ class TaggerError(Exception):
         self.message = message
         self.path = str(path) if path is not None else None
         self.raw_reply = raw_reply
-        self.partial: list[Any] = []  # judgements made before the failure (kept in the post's record)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message

@@ -19,9 +19,9 @@ from pydantic import BaseModel, ValidationError
 
 from worker.classifier import Classifier, make_classifier
 from worker.errors import TaggerError
-from worker.judgements import Judgement, Usage
 from worker.posts import Post, normal_form
 from worker.records import Record, dumps, loads
+from worker.results import Judgement, Usage
 from worker.settings import FOLDER_SETTINGS, Price, SelectionRule, Settings
 
 SWEEP_CONFIDENCES = range(0, 101)

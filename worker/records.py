@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from worker.judgements import SUB_SCORES, Judgement, Usage, level
 from worker.posts import Post, atomic_write
+from worker.results import SUB_SCORES, Judgement, Usage, level
 
 RECORD_VERSION = 2
 # Fields most judgements of a record share: written once in the header, per line only where they differ.

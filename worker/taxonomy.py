@@ -1,4 +1,4 @@
-"""Terms and the taxonomy they form, loaded from one markdown file per term."""
+"""Terms and the taxonomy they form, loaded from one markdown file per term, and checked against the posts."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import frontmatter
 import yaml
 from frontmatter.default_handlers import YAMLHandler
 
-from worker.errors import BadPost, TaxonomyError
-from worker.posts import MAX_FRONT_MATTER_BYTES, parse_header
+from worker.errors import BadPost, TaggerError, TaxonomyError
+from worker.posts import MAX_FRONT_MATTER_BYTES, parse_header, read_post
+from worker.settings import Settings
 
 TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 # Keys a post uses for something other than a list of terms (Hugo's, Jekyll's and tagger's own): a type named
@@ -253,3 +254,30 @@ def load_taxonomy(root: Path, known_types: Iterable[str] = ()) -> Taxonomy:
     if not terms:
         raise TaxonomyError(f"no usable term files under {root}", path=root)
     return Taxonomy(terms=terms, problems=problems)
+
+
+def taxonomy_for(settings: Settings) -> Taxonomy:
+    """The configured taxonomy (TAGGER_TAXONOMY_DIR, TAGGER_SELECTION's types), read without building a classifier."""
+    return load_taxonomy(settings.taxonomy_dir, known_types=settings.selection)
+
+
+def type_key_problems(taxonomy: Taxonomy, posts: Iterable[Path], shown: int = 5) -> list[str]:
+    """Types whose key some post uses for something other than a list of terms (a boolean, number, mapping)."""
+    misuse: dict[str, list[str]] = {}
+    for path in posts:
+        try:
+            meta = read_post(path).meta
+        except TaggerError:
+            continue
+        for term_type in taxonomy.types():
+            value = meta.get(term_type)
+            if value is not None and not isinstance(value, str | list):
+                misuse.setdefault(term_type, []).append(f"{path} ({type(value).__name__})")
+    problems = []
+    for term_type, where in misuse.items():
+        more = f" and {len(where) - shown} more" if len(where) > shown else ""
+        problems.append(
+            f"type '{term_type}': posts use this key for something other than a list of terms:"
+            f" {', '.join(where[:shown])}{more}"
+        )
+    return problems

@@ -12,10 +12,10 @@ from worker.backfill import check_types
 from worker.classifier import make_classifier
 from worker.cli.app import App, cut, err
 from worker.errors import NotAPost, OutsideContentRoot, PostReadOnly, TaggerError, kind_of
-from worker.judgements import Classification
 from worker.logs import configure, redact, secrets_of
 from worker.paths import content_root, existing_post
 from worker.providers import OFFLINE_NOTE
+from worker.results import Classification
 
 SHOWN_TERMS = 12
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 
 from worker.backfill import post_files
-from worker.classifier import type_key_problems
 from worker.cli.app import App, err
-from worker.taxonomy import load_taxonomy
+from worker.taxonomy import load_taxonomy, taxonomy_for, type_key_problems
 
 
 @click.group()
@@ -44,14 +43,14 @@ def publish(app: App) -> None:
 
     Content-addressed: the same terms and templates give the same version (`enqueue --remote` publishes too).
     """
-    from worker.classifier import make_classifier
     from worker.cli.app import redis_for
     from worker.logs import configure
+    from worker.prompts import load_templates
     from worker.queue.remote import publish as publish_taxonomy
 
     settings = app.settings()
     configure(settings, quiet=True)
-    classifier = make_classifier(settings.model_copy(update={"provider_choice": "offline"}))
-    version = publish_taxonomy(settings, redis_for(settings), classifier.taxonomy, classifier.templates)
+    terms = taxonomy_for(settings)
+    version = publish_taxonomy(settings, redis_for(settings), terms, load_templates(settings.prompts_dir))
     click.echo(version)
-    err(f"{len(classifier.taxonomy)} terms published as {version}")
+    err(f"{len(terms)} terms published as {version}")

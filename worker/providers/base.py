@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from worker.judgements import TermScores, Usage
 from worker.prompts import Prompt
+from worker.reply import TermScores
+from worker.results import Usage
 
 
 @dataclass(frozen=True)

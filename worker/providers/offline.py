@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from worker.judgements import TermScores, Usage
 from worker.prompts import Prompt
 from worker.providers.base import Reply
+from worker.reply import TermScores
+from worker.results import Usage
 
 OFFLINE_NOTE = (
     "tagger: using the offline provider: a rough word-overlap baseline, not an LLM "

@@ -25,10 +25,11 @@ from worker.errors import (
     Refused,
     Truncated,
 )
-from worker.judgements import ReplyBase, Usage, missing_or_repeated, reply_model
 from worker.logs import redact, secrets_of
 from worker.prompts import Prompt, Templates, estimate_tokens, reask_message
 from worker.providers.base import NoThrottle, Reply, Throttle
+from worker.reply import ReplyBase, reply_model, reply_problem
+from worker.results import Usage
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.openai")
@@ -174,7 +175,7 @@ class OpenAIProvider:
         if parsed is None:
             return answer
         complete = prompt.reply == "all"
-        error = missing_or_repeated(parsed, prompt.names, complete) or ""
+        error = reply_problem(prompt.names, [j.term for j in parsed.judgements], complete) or ""
         silent = not complete and not parsed.judgements and len(prompt.post.body) >= LONG_POST_CHARS
         if not error and silent and not last_try:
             error = "the reply names no term at all; check again which listed terms apply to this post"

@@ -19,14 +19,15 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from worker.errors import TaggerError, kind_of
-from worker.judgements import Usage
 from worker.logs import redact, secrets_of
 from worker.paths import confine, existing_post
 from worker.queue import keys
 from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, PRIORITIES, REMOTE_FUNCTION, queues
 from worker.queue.recovery import track
 from worker.queue.workers import WorkerContext, WorkerState
+from worker.results import Usage
 from worker.settings import Settings
+from worker.taxonomy import Taxonomy, taxonomy_for
 
 log = structlog.get_logger("tagger.jobs")
 WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
@@ -87,11 +88,13 @@ def enqueue_posts(
             refused.append(Enqueued(str(p), "", "refused", exc.message))
     relatives = list(dict.fromkeys(accepted))
     payloads: dict[str, dict[str, Any]] | None = None
-    if remote if remote is not None else settings.job_mode == "remote":
-        relatives, payloads, too_big = _payloads(settings, redis, relatives, types)
+    taxonomy: Taxonomy | None = None
+    if (remote if remote is not None else settings.job_mode == "remote") and relatives:
+        taxonomy = taxonomy_for(settings)  # read once: published for the jobs and sizing their timeout
+        relatives, payloads, too_big = _payloads(settings, redis, relatives, types, taxonomy)
         refused += too_big
     queue = Queue(keys.queue_name(settings, priority), connection=redis, serializer=JSONSerializer)
-    timeout = job_timeout(settings) if relatives else 0
+    timeout = job_timeout(settings, taxonomy) if relatives else 0
     results: list[Enqueued] = list(refused)
     for start in range(0, len(relatives), BATCH):
         batch = relatives[start : start + BATCH]
@@ -110,16 +113,13 @@ def enqueue_posts(
 
 
 def _payloads(
-    settings: Settings, redis: Redis, relatives: list[str], types: Sequence[str] | None
+    settings: Settings, redis: Redis, relatives: list[str], types: Sequence[str] | None, taxonomy: Taxonomy
 ) -> tuple[list[str], dict[str, dict[str, Any]], list[Enqueued]]:
     """Publish the taxonomy and build each post's self-contained job; a post too big to carry is refused."""
-    from worker.classifier import make_classifier
+    from worker.prompts import load_templates
     from worker.queue.remote import make_payload, publish
 
-    if not relatives:
-        return [], {}, []
-    classifier = make_classifier(settings.model_copy(update={"provider_choice": "offline"}))
-    version = publish(settings, redis, classifier.taxonomy, classifier.templates)
+    version = publish(settings, redis, taxonomy, load_templates(settings.prompts_dir))
     payloads: dict[str, dict[str, Any]] = {}
     refused: list[Enqueued] = []
     for relative in relatives:
@@ -190,13 +190,11 @@ def _enqueue_batch(
                 continue  # another producer enqueued some of these posts meanwhile: read their states again
 
 
-def job_timeout(settings: Settings) -> int:
+def job_timeout(settings: Settings, taxonomy: Taxonomy | None = None) -> int:
     """RQ's job timeout: every wave of chunks (more chunks than TAGGER_CONCURRENCY run in waves) may use
     the provider's whole retry deadline, twice (one re-ask), plus a margin."""
-    from worker.taxonomy import load_taxonomy
-
     try:
-        taxonomy = load_taxonomy(settings.taxonomy_dir, known_types=settings.selection)
+        taxonomy = taxonomy or taxonomy_for(settings)
         chunks = sum(-(-len(taxonomy.of_type(t)) // settings.chunk_size) for t in taxonomy.types())
     except TaggerError:
         chunks = settings.concurrency  # the workers will say what is wrong with the taxonomy

@@ -16,8 +16,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -26,14 +25,14 @@ from typing import Any, ClassVar
 import structlog
 from redis import Redis, RedisError
 
-from worker.classifier import Classifier
+from worker.classifier import Classifier, OnChunk
 from worker.errors import PostTooLarge, TaxonomyUnpublished
-from worker.judgements import Judgement, Usage
 from worker.logs import redact, secrets_of
 from worker.posts import Change, file_hash, post_from_bytes
-from worker.prompts import TEMPLATES, Prompt, Templates
+from worker.prompts import TEMPLATES, Templates
 from worker.queue import keys
 from worker.records import Record, RecordStore, dumps, loads, reconcile
+from worker.results import Judgement, Usage
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, Term
 
@@ -41,8 +40,6 @@ log = structlog.get_logger("tagger.remote")
 WARM_VERSIONS = 4  # taxonomy versions a worker process keeps built
 # How long a failed or interrupted remote job's judgements wait for its retry (`failed retry` included).
 JUDGED_TTL = 7 * 86400
-# Where the running job wants each chunk's judgements as soon as they are in (the chunks' threads see it too).
-CHUNK_SINK: ContextVar[Callable[[list[Judgement]], None] | None] = ContextVar("tagger_chunk_sink", default=None)
 
 
 def taxonomy_document(taxonomy: Taxonomy, templates: Templates, root: Path | None = None) -> dict[str, Any]:
@@ -145,17 +142,6 @@ class Outcome:
         return loads(self.record.encode("utf-8"))
 
 
-class RemoteClassifier(Classifier):
-    """The shared classifier, except that each chunk's judgements reach the running job's sink once judged."""
-
-    def _judge_prompt(self, prompt: Prompt, content_hash: str) -> tuple[list[Judgement], Usage]:
-        judged, usage = super()._judge_prompt(prompt, content_hash)
-        sink = CHUNK_SINK.get()
-        if sink is not None:
-            sink(judged)
-        return judged, usage
-
-
 def keep_judged(settings: Settings, redis: Redis, job_id: str, judged: Sequence[Judgement]) -> None:
     """Store one chunk's judgements under the job, so a retry (after a failure or a kill -9) does not ask again."""
     if not judged:
@@ -202,7 +188,7 @@ def classifier_for(redis: Redis, version: str) -> Classifier:
         return cached
     taxonomy, templates = load_published(settings, redis, version)
     provider = make_provider(settings, templates, RedisThrottle(settings, redis))
-    built = RemoteClassifier(settings, taxonomy, templates, provider)
+    built = Classifier(settings, taxonomy, templates, provider)
     RemoteState.classifiers[version] = built
     while len(RemoteState.classifiers) > WARM_VERSIONS:
         RemoteState.classifiers.popitem(last=False)
@@ -211,11 +197,15 @@ def classifier_for(redis: Redis, version: str) -> Classifier:
 
 
 def decide_remote(
-    classifier: Classifier, payload: dict[str, Any], judged: Sequence[Judgement] = ()
+    classifier: Classifier,
+    payload: dict[str, Any],
+    judged: Sequence[Judgement] = (),
+    on_chunk: OnChunk | None = None,
 ) -> tuple[Outcome, Usage, float]:
     """Decide one carried post with its carried record (no file is read or written); usage and LLM seconds.
 
-    `judged`: judgements earlier attempts made, reused like the record's own where still valid.
+    `judged`: judgements earlier attempts made, reused like the record's own where still valid. `on_chunk` gets
+    each chunk's judgements as soon as that chunk is judged.
     """
     relative = payload["post"]
     raw = base64.b64decode(payload["bytes"])
@@ -228,7 +218,7 @@ def decide_remote(
     if not post.has_content:
         unchanged = Outcome(**base, new_file_hash="", changes={}, added={}, removed={}, record=dumps(record).decode())
         return unchanged, Usage(), 0.0
-    decided = classifier.decide(post, record, payload.get("types"))
+    decided = classifier.decide(post, record, payload.get("types"), on_chunk=on_chunk)
     result = decided.result
     outcome = Outcome(
         **base,
@@ -263,13 +253,13 @@ def classify_remote(payload: dict[str, Any]) -> dict[str, Any]:
     judged = judged_before(settings, redis, job.id)
     if judged:
         bound.info("judgements_reused", judgements=len(judged))
+
+    def keep_chunk(chunk: list[Judgement]) -> None:
+        keep_judged(settings, redis, job.id, chunk)
+
     # Each chunk's judgements are kept as soon as they are in: a retry, even after a kill -9, asks only the rest.
-    sink = CHUNK_SINK.set(lambda chunk: keep_judged(settings, redis, job.id, chunk))
-    try:
-        with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative):
-            outcome, usage, llm_seconds = decide_remote(classifier, payload, judged)
-    finally:
-        CHUNK_SINK.reset(sink)
+    with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative):
+        outcome, usage, llm_seconds = decide_remote(classifier, payload, judged, on_chunk=keep_chunk)
     redis.delete(keys.judged_chunks(settings, job.id))  # the outcome's record holds them now
     count_usage(redis, settings, usage)
     bound.info(

@@ -1,0 +1,99 @@
+"""The write protocol: announce the decision in the record, replace the post atomically, confirm.
+
+Shared by the classifier (workers, `tagger classify`, the Batch collector) and `tagger apply`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+
+from worker.errors import PostChanged, PostReadOnly, PostWriteFailed, RecordWriteFailed
+from worker.posts import Post, file_hash, write_atomic
+from worker.records import Pending, Record, RecordStore
+
+log = structlog.get_logger("tagger.classifier")  # the name its events always had: log filters keep working
+
+
+def write_back(
+    store: RecordStore, path: Path, post: Post, stored: Record, record: Record, new_text: str | None, new_record: Record
+) -> bool:
+    """Write a decision: announce it in the record, replace the post atomically, confirm; True when written.
+
+    `record` is `stored` reconciled with `post`. A post that changed since it was read raises PostChanged
+    after its new judgements are cached in the record (so judging it again is cheap).
+    """
+    if new_text is None:
+        save(store, path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=stored)
+        return False
+    # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
+    # failure after this line is settled by `reconcile` from the post's file hash at the next run.
+    announced = new_record.model_copy(
+        update={
+            "file_hash": file_hash(new_text.encode("utf-8")),
+            "pending": Pending(
+                before_file_hash=post.file_hash,
+                assigned=record.assigned,
+                removed_by_people=record.removed_by_people,
+                added_keys=record.added_keys,
+            ),
+        }
+    )
+    save(store, path, announced)
+    try:
+        write_atomic(post, new_text)
+    except PostChanged:
+        # Judgements already made are cached in the record, so the next pass is cheap.
+        save(store, path, unwritten(new_record, record, post))
+        raise
+    except PostReadOnly:
+        # The announcement is taken back and no judgement kept: the post stays due, reported until it is unlocked.
+        save(store, path, record.model_copy(update={"pending": None}))
+        raise
+    except OSError as exc:
+        # The announced record is settled from the post's file hash at the next run, as after a kill.
+        raise PostWriteFailed(f"cannot replace the post: {exc.strerror or exc}", path=path) from exc
+    try:
+        save(store, path, announced.model_copy(update={"pending": None}))
+    except RecordWriteFailed as exc:
+        # The announced record already names this write: the next run confirms it from the file hash.
+        log.warning("record_confirm_failed", post=str(path), error=exc.message)
+    return True
+
+
+def unwritten(new_record: Record, record: Record, post: Post) -> Record:
+    """The new judgements with the earlier assignments: the post was not replaced."""
+    return new_record.model_copy(
+        update={
+            "assigned": record.assigned,
+            "removed_by_people": record.removed_by_people,
+            "added_keys": record.added_keys,
+            "file_hash": post.file_hash,
+            "pending": None,
+        }
+    )
+
+
+def save(store: RecordStore, path: Path, record: Record, previous: Record | None = None) -> None:
+    """Write a post's record (not when only its time stamp would change); a failure is RecordWriteFailed."""
+    if previous is not None and _same(previous, record) and store.path_for(path).exists():
+        return  # nothing but the time would change: keep the file (and its git history) as it is
+    try:
+        store.save(path, record)
+    except OSError as exc:
+        raise RecordWriteFailed(f"cannot write the result record: {exc.strerror or exc}", path=path) from exc
+
+
+def post_mode(path: Path) -> int:
+    """The post file's permission bits (0 when it cannot be read)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0
+
+
+def _same(old: Record, new: Record) -> bool:
+    """True when two records differ at most in their time stamp."""
+    skip = {"updated_at", "post"}
+    return old.model_dump(exclude=skip) == new.model_dump(exclude=skip)
