@@ -166,11 +166,11 @@ class Classifier:
                 return [], Usage()
             try:
                 judged, used = self._judge_prompt(prompt, content_hash)
+                if on_chunk is not None:
+                    on_chunk(judged)
             except BaseException:
                 failed.set()
                 raise
-            if on_chunk is not None:
-                on_chunk(judged)
             return judged, used
 
         waited = time.monotonic()
