@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from worker.fakellm import FakeLLM
+from tests.fakellm import FakeLLM
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -39,7 +39,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from benchmarks._support import REPO, delete_prefix
-from worker.fakellm import FakeLLM
+from tests.fakellm import FakeLLM
 from worker.posts import ORIGIN_KEY, foreign_changes, read_post
 
 FAULT_MIX = ("rate_limit", "server_error", "timeout", "broken_json", "schema_invalid", "refusal")

@@ -16,11 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._support import fake_settings, need_corpus, scratch_posts
+from tests.fakellm import FakeLLM
 from worker import batch
 from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.evaluation import dollars
-from worker.fakellm import FakeLLM
 from worker.logs import configure
 from worker.posts import read_post
 from worker.records import load_record

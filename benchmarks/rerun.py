@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._support import fake_settings, need_corpus, scratch_posts
+from tests.fakellm import FakeLLM
 from worker.backfill import plan, run_inline
-from worker.fakellm import FakeLLM
 from worker.logs import configure
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._support import REPO, delete_prefix, redis_url
-from worker.fakellm import FakeLLM
+from tests.fakellm import FakeLLM
 
 
 def make_site(posts: int) -> Path:

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from tests.fakellm import FakeLLM
 from worker.classifier import Classifier, make_classifier
-from worker.fakellm import FakeLLM
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ import redis as redis_lib
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from tests.fakellm import FakeLLM, asked_names
 from worker import batch
 from worker.backfill import estimate, plan, run_inline
-from worker.fakellm import FakeLLM, asked_names
 from worker.posts import read_post
 from worker.queue.jobs import job_id_for
 from worker.records import load_record

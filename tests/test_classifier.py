@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import fill_disk
+from tests.fakellm import FakeLLM, asked_names
 from worker.backfill import plan, run_inline
 from worker.classifier import Classifier, make_classifier
 from worker.decide import select
 from worker.errors import AuthError, InvalidReply, QuotaExhausted, RateLimited, RecordWriteFailed, Refused, Truncated
-from worker.fakellm import FakeLLM, asked_names
 from worker.posts import read_post
 from worker.records import load_record, record_path
 from worker.reply import TermScores, confidence

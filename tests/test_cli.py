@@ -15,10 +15,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from tests.fakellm import FakeLLM
 from worker.cli import main
 from worker.cli.app import cut
 from worker.cli.queue import progress
-from worker.fakellm import FakeLLM
 from worker.posts import read_post
 
 

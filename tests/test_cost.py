@@ -6,9 +6,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.fakellm import FakeLLM, asked_names
 from worker.backfill import estimate, plan
 from worker.classifier import Classifier, make_classifier
-from worker.fakellm import FakeLLM, asked_names
 from worker.records import load_record
 from worker.settings import Settings
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import liveness_env, wait_for_group_exit
-from worker.fakellm import FakeLLM
+from tests.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.queue.fleet import SILENT_MARGIN
 from worker.queue.workers import IDLE_BEAT

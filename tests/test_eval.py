@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from tests.fakellm import FakeLLM
 from worker.classifier import make_classifier
 from worker.cli import main
 from worker.errors import InvalidReply
 from worker.evaluation import Case, evaluate, sweep, sweep_point
-from worker.fakellm import FakeLLM
 from worker.logs import configure
 from worker.posts import read_post
 from worker.records import Record, load_record, record_path, save_record

@@ -96,6 +96,8 @@ def test_wheel_holds_every_module_and_the_templates_and_nothing_else(dist: Dist)
     for name, data in packaged.items():
         assert data == (REPO / "prompts" / Path(name).name).read_bytes(), f"{name} differs from prompts/"
     assert "tagger = worker.cli:main" in entry_points
+    # The fake OpenAI server is a test tool: users never run it, so the wheel does not carry it.
+    assert not [n for n in names if "fakellm" in n], "the fake server ships in the wheel"
     assert not [n for n in names if n.startswith(FORBIDDEN) or "/__pycache__/" in n or n.endswith(".pyc")]
 
 

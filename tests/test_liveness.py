@@ -27,8 +27,8 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from tests.fakellm import FakeLLM
 from tests.waiting import wait_for
-from worker.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.records import load_record
 

@@ -17,7 +17,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from worker.fakellm import FakeLLM
+from tests.fakellm import FakeLLM
 
 pytestmark = pytest.mark.redis
 

@@ -36,11 +36,11 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from tests.conftest import REPO, SESSION, delete_keys
+from tests.fakellm import FakeLLM, scripted_entry
 from tests.owned_bytes import assert_only_owned_changed, foreign_bytes
 from tests.waiting import wait_for
 from worker.classifier import Classifier
 from worker.errors import BadPost, InvalidReply, PostChanged, PostMissing
-from worker.fakellm import FakeLLM, scripted_entry
 from worker.logs import configure, redact, secrets_of
 from worker.posts import ORIGIN_KEY, Post, file_hash, read_post, render_changes, write_atomic
 from worker.prompts import Prompt, load_templates

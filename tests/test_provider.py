@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from tests.fakellm import FakeLLM, asked_names
 from worker.classifier import make_classifier
 from worker.errors import Refused, Truncated
-from worker.fakellm import FakeLLM, asked_names
 from worker.prompts import load_templates
 from worker.providers.openai import STRICT_KEYWORDS, OpenAIProvider, response_format, strict_schema
 from worker.reply import ReplyBase, reply_model

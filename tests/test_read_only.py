@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.fakellm import FakeLLM
 from worker import batch
 from worker.backfill import plan, run_inline
 from worker.classifier import Classifier
 from worker.errors import PostReadOnly
-from worker.fakellm import FakeLLM
 from worker.posts import read_only, read_post, write_atomic
 from worker.records import record_path
 from worker.settings import Settings

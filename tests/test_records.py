@@ -7,8 +7,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.fakellm import FakeLLM
 from worker.classifier import make_classifier
-from worker.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.records import dumps, loads, reconcile, record_path
 from worker.settings import Settings

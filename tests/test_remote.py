@@ -23,7 +23,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from tests.conftest import wait_for_group_exit
-from worker.fakellm import FakeLLM
+from tests.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.records import record_path
 

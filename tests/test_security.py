@@ -18,8 +18,8 @@ import redis as redis_lib
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
+from tests.fakellm import FakeLLM
 from tests.redis_scan import count_keys, scan_for_secrets
-from worker.fakellm import FakeLLM
 from worker.posts import read_post
 
 pytestmark = pytest.mark.redis

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from tests.fakellm import FakeLLM, scripted_entry
 from worker.classifier import make_classifier
 from worker.decide import select
-from worker.fakellm import FakeLLM, scripted_entry
 from worker.posts import read_post
 from worker.records import load_record
 from worker.reply import TermScores, confidence

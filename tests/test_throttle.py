@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.fakellm import FakeLLM
 from worker.classifier import make_classifier
 from worker.errors import QuotaExhausted, RateLimited
-from worker.fakellm import FakeLLM
 from worker.queue.throttle import RedisThrottle, _seconds
 from worker.settings import Settings
 
