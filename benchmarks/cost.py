@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._support import fake_settings, need_corpus, scratch_posts
 from tests.fakellm import FakeLLM
-from worker import batch
+from worker import batch_backfill as batch
 from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.evaluation import dollars

@@ -17,7 +17,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from tests.fakellm import FakeLLM, asked_names
-from worker import batch
+from worker import batch_backfill as batch
 from worker.backfill import estimate, plan, run_inline
 from worker.posts import read_post
 from worker.queue.jobs import job_id_for
@@ -211,7 +211,7 @@ CRASHING_COLLECT = textwrap.dedent(
     """
     import os, signal, sys
     import worker.writeback as writeback
-    from worker import batch
+    from worker import batch_backfill as batch
     from worker.settings import Settings
 
     kill_at, when = int(sys.argv[1]), sys.argv[2]
@@ -381,9 +381,9 @@ def test_state_file_survives_a_line_cut_short(tmp_path: Path) -> None:
 CRASHING_SUBMIT = textwrap.dedent(
     """
     import os, signal, sys
-    from worker import batch
+    from worker import batch_backfill as batch
     from worker.backfill import plan
-    from worker.providers.batch import BatchAPI
+    from worker.providers.batch_api import BatchAPI
     from worker.settings import Settings
 
     if sys.argv[1] == "after_create":  # the provider made the batch; tagger has not saved its id

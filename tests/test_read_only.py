@@ -13,7 +13,7 @@ import pytest
 import redis as redis_lib
 
 from tests.fakellm import FakeLLM
-from worker import batch
+from worker import batch_backfill as batch
 from worker.backfill import plan, run_inline
 from worker.classifier import Classifier
 from worker.errors import PostReadOnly

@@ -12,7 +12,7 @@ from redis import RedisError
 from worker import __version__
 from worker.cli.app import App, Fail, use_env_file
 from worker.cli.apply import apply_command
-from worker.cli.batch import batch
+from worker.cli.batch_commands import batch
 from worker.cli.classify import classify
 from worker.cli.eval import eval_command
 from worker.cli.oncall import failed, resume, status

@@ -140,7 +140,7 @@ def backfill(
             )
         return
     if batch:
-        from worker.cli.batch import submit
+        from worker.cli.batch_commands import submit
 
         if not submit(settings, plan.todo, types or None, redis, wait, progress) or skipped:
             raise click.exceptions.Exit(1)

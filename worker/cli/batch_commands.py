@@ -17,12 +17,12 @@ from worker.logs import configure
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker import batch as batch_types
+    from worker import batch_backfill as batch_types
 
 
 def _lib() -> ModuleType:
-    """`worker.batch`, imported when a batch command runs (it loads the SDK; other commands start faster)."""
-    return importlib.import_module("worker.batch")
+    """`worker.batch_backfill`, imported when a batch command runs (it loads the SDK; other commands start faster)."""
+    return importlib.import_module("worker.batch_backfill")
 
 
 def _cost(value: float | None, settings: Settings) -> str:

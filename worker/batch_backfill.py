@@ -32,8 +32,16 @@ from worker.errors import InvalidReply, NotInBatch, TaggerError
 from worker.paths import confine
 from worker.posts import Post, atomic_write
 from worker.prompts import Prompt
-from worker.providers.batch import TERMINAL, BatchAPI, BatchReplies, LineResult, batch_api, body_digest, read_results
-from worker.providers.batch import request_line as line_for
+from worker.providers.batch_api import (
+    TERMINAL,
+    BatchAPI,
+    BatchReplies,
+    LineResult,
+    batch_api,
+    body_digest,
+    read_results,
+)
+from worker.providers.batch_api import request_line as line_for
 from worker.providers.openai import OpenAIProvider
 from worker.queue.jobs import enqueue_posts
 from worker.queue.keys import batch_index_key, batch_key
