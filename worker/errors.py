@@ -1,4 +1,39 @@
-"""Errors named for the condition, each carrying the facts an on-call engineer needs."""
+"""Every error tagger raises on purpose: named for the condition, carrying `kind`, `transient` and the facts.
+
+The hierarchy (`kind`; * = transient, worth retrying):
+
+    TaggerError                       error            base: message, path, raw_reply, partial judgements
+    ├── BadPost                       bad_post         the post cannot be read, or its front matter parsed or edited
+    │   ├── PostMissing               post_missing     the post file does not exist
+    │   └── PostTooLarge              post_too_large   above what a remote job carries (TAGGER_MAX_JOB_BYTES)
+    ├── PostChanged                 * post_changed     the post changed between reading and writing back
+    ├── RecordWriteFailed           * record_write     the result record could not be written
+    ├── PostWriteFailed             * post_write       the post could not be replaced
+    ├── PostReadOnly                  post_read_only   the post file is locked: left as it is
+    ├── OutsideContentRoot            outside_root     a path resolves outside the content root
+    ├── NotAPost                      not_a_post       a path inside the root that is not a post
+    ├── UsageError                    usage            a command was given something that does not exist
+    ├── SettingsError                 settings         a setting is wrong or an env file is missing
+    ├── BadSettingsFile               bad_settings     an `eval --compare` settings file is unreadable
+    ├── BadGold                       bad_gold         an `eval --gold` file is unreadable
+    ├── TaxonomyError                 taxonomy         the taxonomy cannot be loaded
+    │   └── TaxonomyUnpublished       taxonomy_unpublished  a remote job names a version not in Redis
+    ├── TemplateUnreadable            templates        a prompt template cannot be read
+    ├── NotInBatch                  * not_in_batch     collecting, a request the batch did not answer
+    └── ProviderError                 provider         the provider failed; retrying will not fix it (a 400)
+        ├── AuthError                 auth             the provider rejected the credentials
+        ├── QuotaExhausted            quota            the account is out of quota
+        ├── BatchUnsupported          batch_unsupported  the endpoint has no Batch API
+        ├── ProviderUnavailable     * unavailable      5xx or connection trouble past the retry budget
+        │   ├── RateLimited         * rate_limit       429s past the retry budget
+        │   └── ProviderTimeout     * timeout          timeouts past the retry budget
+        └── InvalidReply              invalid_reply    failed validation even after one re-ask
+            ├── Refused               refused          the model refused
+            └── Truncated             truncated        the reply was cut at the token limit
+
+One translation point per edge: the CLI turns these into one line (`worker/cli/__init__.py`), the job runtime
+into a failed job's meta (`worker/queue/jobs.py`).
+"""
 
 from __future__ import annotations
 
@@ -82,6 +117,18 @@ class SettingsError(TaggerError):
     """A setting or an env file that tagger cannot use."""
 
     kind = "settings"
+
+
+class BadSettingsFile(TaggerError):
+    """A settings file for `eval --compare` that cannot be read or names no real setting."""
+
+    kind = "bad_settings"
+
+
+class BadGold(TaggerError):
+    """An `eval --gold` file that cannot be read as the labels it should hold."""
+
+    kind = "bad_gold"
 
 
 class TaxonomyError(TaggerError):
@@ -180,9 +227,4 @@ def kind_of(exc: BaseException) -> str:
     """A short failure kind for any exception, for `failed list` and logs."""
     if isinstance(exc, TaggerError):
         return exc.kind
-    name = type(exc).__name__
-    if name == "AbandonedJobError":
-        return "abandoned"
-    if name == "JobTimeoutException":
-        return "job_timeout"
     return "crash"

@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ValidationError
 
 from worker.classifier import Classifier, make_classifier
-from worker.errors import TaggerError
+from worker.errors import BadGold, BadSettingsFile, TaggerError
 from worker.posts import Post, normal_form
 from worker.records import Record, dumps, loads
 from worker.results import Judgement, Usage
@@ -28,18 +28,6 @@ SWEEP_CONFIDENCES = range(0, 101)
 SWEEP_TOPS = range(1, 31)
 WORST_POSTS = 10
 TOP_TERMS = 10
-
-
-class BadGold(TaggerError):
-    """A `--gold` file that cannot be read as the labels it should hold."""
-
-    kind = "bad_gold"
-
-
-class BadSettingsFile(TaggerError):
-    """A settings file for `--compare` that cannot be read or names no real setting."""
-
-    kind = "bad_settings"
 
 
 class Scores(BaseModel):
