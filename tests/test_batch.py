@@ -20,7 +20,7 @@ from tests.fakellm import FakeLLM, asked_names
 from worker import batch_backfill as batch
 from worker.backfill import estimate, plan, run_inline
 from worker.posts import read_post
-from worker.queue.jobs import job_id_for
+from worker.queue.enqueue import job_id_for
 from worker.records import load_record
 from worker.settings import Settings
 

@@ -373,7 +373,7 @@ def test_two_producers_make_one_pending_job_per_post(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(f) Two `enqueue --stdin` of the same 50 posts at once, plus four threads: 50 jobs, each queued once."""
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
     from worker.settings import Settings
 
     made = many_posts(site, 50)
@@ -538,7 +538,7 @@ def test_backfill_wait_warns_when_no_worker_is_running(queue_env: dict[str, str]
 
 def test_job_time_budget_covers_waves_of_chunks(make_settings: Callable[..., object]) -> None:
     """More chunks than TAGGER_CONCURRENCY run in waves: the job's timeout grows with the waves."""
-    from worker.queue.jobs import job_timeout
+    from worker.queue.enqueue import job_timeout
 
     one_wave = job_timeout(make_settings(TAGGER_CHUNK_SIZE=60, TAGGER_CONCURRENCY=4))  # type: ignore[arg-type]
     waves = job_timeout(make_settings(TAGGER_CHUNK_SIZE=1, TAGGER_CONCURRENCY=1))  # type: ignore[arg-type]
@@ -557,7 +557,8 @@ def test_job_timeout_while_rate_limited_is_transient(
     from rq.timeouts import JobTimeoutException
 
     from worker.queue import keys
-    from worker.queue.jobs import job_data, on_failure
+    from worker.queue.enqueue import job_data
+    from worker.queue.jobs import on_failure
     from worker.settings import Settings
 
     for name, value in queue_env.items():

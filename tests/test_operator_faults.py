@@ -126,7 +126,7 @@ def test_backfill_wait_ends_when_vanished_jobs_are_a_rerun_or_a_deleted_post(
     import threading
 
     from worker.backfill import Summary, follow
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
     from worker.settings import Settings
 
     for name, value in queue_env.items():

@@ -21,8 +21,8 @@ from click.testing import CliRunner, Result
 from worker.cli import main
 from worker.paths import confine
 from worker.posts import read_post
-from worker.queue.jobs import enqueue_posts, job_id_for
-from worker.queue.keys import connect
+from worker.queue.connection import connect
+from worker.queue.enqueue import enqueue_posts, job_id_for
 from worker.records import record_path
 from worker.settings import Settings
 

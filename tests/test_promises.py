@@ -777,7 +777,7 @@ def run_burst_worker(settings: Settings, redis: redis_lib.Redis, limit: float = 
 def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
     worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue
 ) -> None:
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
     from worker.queue.recovery import reap_abandoned
 
     redis = rq_queue.connection
@@ -811,7 +811,7 @@ def test_an_odd_entry_on_a_queue_is_dropped_and_recorded_and_the_next_job_runs(
     worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue
 ) -> None:
     from worker.queue import keys
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
 
     redis = rq_queue.connection
     queue = Queue(f"{worker_env.redis_prefix}-default", connection=redis, serializer=JSONSerializer)
@@ -832,7 +832,7 @@ def test_an_odd_entry_on_a_queue_is_dropped_and_recorded_and_the_next_job_runs(
 def test_a_failed_jobs_stored_traceback_keeps_its_story_but_not_the_key(
     worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue
 ) -> None:
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
 
     redis = rq_queue.connection
     key = secrets_of(worker_env)[0]
@@ -882,8 +882,8 @@ def test_a_worker_works_for_its_own_settings_not_a_context_left_in_the_process(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from worker.queue.jobs import enqueue_posts
-    from worker.queue.workers import WorkerContext, WorkerState
+    from worker.queue.context import WorkerContext, WorkerState
+    from worker.queue.enqueue import enqueue_posts
 
     redis = rq_queue.connection
     elsewhere = tmp_path / "elsewhere"
@@ -903,7 +903,7 @@ def test_a_worker_works_for_its_own_settings_not_a_context_left_in_the_process(
 def test_a_warm_worker_context_is_rebuilt_when_a_term_file_or_template_changes(
     worker_env: Settings, site: Path, rq_queue: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.queue.workers import WorkerContext
+    from worker.queue.context import WorkerContext
 
     redis = rq_queue.connection
     prompts = tmp_path / "prompts"
@@ -940,7 +940,7 @@ def test_a_job_a_worker_took_and_never_started_is_requeued_once_after_the_grace(
     worker_env: Settings, site: Path, rq_queue: Queue
 ) -> None:
     from worker.queue import keys
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
     from worker.queue.recovery import lost_grace, recover
 
     redis = rq_queue.connection

@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 from tests.conftest import wait_for_group_exit
 from tests.fakellm import FakeLLM
 from worker.posts import read_post
-from worker.queue.jobs import AGAIN, RERUN_CHECKED, enqueue_posts
+from worker.queue.enqueue import AGAIN, RERUN_CHECKED, enqueue_posts
 from worker.records import load_record, record_path
 from worker.settings import Settings
 

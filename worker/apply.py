@@ -24,8 +24,8 @@ from rq.serializers import JSONSerializer
 from worker.errors import PostChanged, TaggerError
 from worker.paths import confine, existing_post
 from worker.posts import Post, file_hash, read_post, render_changes
-from worker.queue.jobs import Enqueued, enqueue_posts, job_id_for
-from worker.queue.remote import Outcome
+from worker.queue.enqueue import Enqueued, enqueue_posts, job_id_for
+from worker.queue.payload import Outcome
 from worker.records import Record, RecordStore, reconcile
 from worker.settings import Settings
 from worker.writeback import post_mode, save, unwritten, write_back

@@ -18,8 +18,8 @@ from worker.errors import PostReadOnly, SettingsError, TaggerError, TaxonomyErro
 from worker.paths import confine_folder, not_a_post, walk_posts
 from worker.posts import check_writable
 from worker.prompts import estimate_tokens
+from worker.queue.enqueue import enqueue_posts
 from worker.queue.fleet import live_workers
-from worker.queue.jobs import enqueue_posts
 from worker.queue.recovery import recover
 from worker.queue.workers import Backoff
 from worker.settings import Settings

@@ -43,7 +43,7 @@ from worker.providers.batch_api import (
 )
 from worker.providers.batch_api import request_line as line_for
 from worker.providers.openai import OpenAIProvider
-from worker.queue.jobs import enqueue_posts
+from worker.queue.enqueue import enqueue_posts
 from worker.queue.keys import batch_index_key, batch_key
 from worker.settings import Settings
 

@@ -16,6 +16,7 @@ The hierarchy (`kind`; * = transient, worth retrying):
     ├── SettingsError                 settings         a setting is wrong or an env file is missing
     ├── BadSettingsFile               bad_settings     an `eval --compare` settings file is unreadable
     ├── BadGold                       bad_gold         an `eval --gold` file is unreadable
+    ├── BadPayload                    bad_payload      a remote job's payload from Redis is not tagger's
     ├── TaxonomyError                 taxonomy         the taxonomy cannot be loaded
     │   └── TaxonomyUnpublished       taxonomy_unpublished  a remote job names a version not in Redis
     ├── TemplateUnreadable            templates        a prompt template cannot be read
@@ -129,6 +130,12 @@ class BadGold(TaggerError):
     """An `eval --gold` file that cannot be read as the labels it should hold."""
 
     kind = "bad_gold"
+
+
+class BadPayload(TaggerError):
+    """A remote job's payload read back from Redis is not one tagger's producer made."""
+
+    kind = "bad_payload"
 
 
 class TaxonomyError(TaggerError):

@@ -13,9 +13,10 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 
 from worker.queue import keys
+from worker.queue.connection import PRIORITIES
+from worker.queue.enqueue import enqueue_posts
 from worker.queue.fleet import SeenWorker, seen_workers
-from worker.queue.jobs import enqueue_posts
-from worker.queue.keys import PRIORITIES, queues
+from worker.queue.keys import queues
 from worker.queue.recovery import recover, track
 from worker.queue.throttle import RedisThrottle
 from worker.settings import Settings

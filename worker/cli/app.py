@@ -13,7 +13,7 @@ from redis import Redis
 
 from worker.errors import SettingsError
 from worker.logs import redact_url
-from worker.queue.keys import connect
+from worker.queue.connection import connect
 from worker.settings import ENV_FILE_VARIABLE, Settings
 
 ELLIPSIS = "…"

@@ -14,9 +14,9 @@ from worker.cli.app import App, Fail, err, redis_for, stdout_is_terminal
 from worker.logs import configure
 from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
+from worker.queue.connection import PRIORITIES
+from worker.queue.enqueue import enqueue_posts
 from worker.queue.fleet import run_processes
-from worker.queue.jobs import enqueue_posts
-from worker.queue.keys import PRIORITIES
 
 ID_WIDTH = 29  # "post-" and 24 hex digits (remote jobs add the content hash)
 

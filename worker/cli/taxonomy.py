@@ -46,7 +46,7 @@ def publish(app: App) -> None:
     from worker.cli.app import redis_for
     from worker.logs import configure
     from worker.prompts import load_templates
-    from worker.queue.remote import publish as publish_taxonomy
+    from worker.queue.payload import publish as publish_taxonomy
 
     settings = app.settings()
     configure(settings, quiet=True)

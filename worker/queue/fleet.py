@@ -20,7 +20,8 @@ from redis import Redis
 from rq import Worker
 from rq.worker import BaseWorker
 
-from worker.queue.keys import PRIORITIES, connect, queue_names
+from worker.queue.connection import PRIORITIES, connect
+from worker.queue.keys import queue_names
 from worker.queue.workers import beat_interval, run_worker
 from worker.settings import Settings
 

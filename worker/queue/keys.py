@@ -1,4 +1,4 @@
-"""Tagger's queues in Redis: their names, the connection, what may run on them, and every key tagger owns.
+"""Tagger's queues in Redis: their names, what may run on them, and every key tagger owns.
 
 RQ's own keys (jobs, queues, registries, workers) are reached only through RQ's API; the keys below are
 tagger's, all under `TAGGER_REDIS_PREFIX`, and this module is the only place their names are spelled.
@@ -7,37 +7,17 @@ tagger's, all under `TAGGER_REDIS_PREFIX`, and this module is the only place the
 from __future__ import annotations
 
 from redis import Redis
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry as RedisRetry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from worker.queue.connection import PRIORITIES
 from worker.settings import Settings
 
-PRIORITIES = ("high", "default", "low")
 # The only function and callback a tagger worker runs; anything else found on the queues is refused.
 JOB_FUNCTION = "worker.queue.jobs.classify_job"
 REMOTE_FUNCTION = "worker.queue.remote.classify_remote"  # a self-contained job (TAGGER_JOB_MODE=remote)
 JOB_FUNCTIONS = (JOB_FUNCTION, REMOTE_FUNCTION)
 FAILURE_CALLBACK = "worker.queue.jobs.on_failure"
-
-
-def connect(settings: Settings) -> Redis:
-    """A Redis connection for the configured URL (`rediss://` for TLS, password in the URL).
-
-    Each command is retried a few times on connection errors, timeouts and `LOADING` (a restarting Redis),
-    so a short blip costs a pause, not an exception; longer outages are handled by the callers' loops.
-    """
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=5,
-        health_check_interval=15,
-        retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), 3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, BusyLoadingError],
-    )
 
 
 def queue_name(settings: Settings, priority: str) -> str:

@@ -1,4 +1,4 @@
-"""A worker process: a warm classifier, RQ heartbeats, refusal of foreign jobs, recovery, Redis trouble."""
+"""A worker process: its context built at start, RQ heartbeats, refusal of foreign jobs, recovery, Redis trouble."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -20,12 +19,12 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.classifier import Classifier, make_classifier
 from worker.logs import redact, secrets_of
 from worker.queue import keys
-from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, JOB_FUNCTIONS, PRIORITIES, queues
+from worker.queue.connection import PRIORITIES
+from worker.queue.context import WorkerContext, WorkerState
+from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, JOB_FUNCTIONS, queues
 from worker.queue.recovery import pending, recover
-from worker.queue.throttle import RedisThrottle
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.workers")
@@ -36,42 +35,6 @@ IDLE_BEAT = max(1, WORKER_TTL - 15)
 MAINTENANCE_INTERVAL = 30  # RQ's registry maintenance, which also restarts a scheduler that died
 DROPPED_KEEP = 1000
 STOPPING = threading.Event()  # set by SIGTERM/SIGINT in a worker process
-
-
-def _signature(settings: Settings) -> tuple[tuple[str, int, int], ...]:
-    """What, on disk, a built classifier depends on: term files and prompt templates."""
-    from worker.prompts import template_paths
-
-    files = [*settings.taxonomy_dir.rglob("*.md"), *template_paths(settings.prompts_dir)]
-    return tuple(sorted((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
-
-
-@dataclass
-class WorkerContext:
-    """Built once per worker process and reused by its jobs: settings and a ready classifier."""
-
-    settings: Settings
-    classifier: Classifier
-    signature: tuple[tuple[str, int, int], ...]
-
-    @classmethod
-    def build(cls, settings: Settings, redis: Redis) -> WorkerContext:
-        """Read the taxonomy and templates `settings` name, and set up the provider."""
-        return cls(settings, make_classifier(settings, RedisThrottle(settings, redis)), _signature(settings))
-
-    def fresh(self, redis: Redis) -> WorkerContext:
-        """This context, or a rebuilt one when a term file or template changed on disk."""
-        return self if _signature(self.settings) == self.signature else WorkerContext.build(self.settings, redis)
-
-
-class WorkerState:
-    """The worker process's settings and context, set before its first job."""
-
-    # Process state on purpose: RQ calls a job function and its failure callback by import path, so this is how
-    # the settings the worker was started with, and a classifier built once (taxonomy, SSL context, the SDK's
-    # per-model classes, open connections), reach every job.
-    settings: Settings | None = None
-    context: WorkerContext | None = None
 
 
 def refusal(job: Job) -> str | None:
@@ -240,7 +203,6 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
     log line, then works again.
     """
     selected = [q for q in queues(settings, redis) if q.name.rsplit("-", 1)[-1] in priorities]
-    WorkerState.settings = settings
     stop = threading.Event()
     threading.Thread(target=_reaper, args=(settings, redis, stop), daemon=True).start()
     backoff = Backoff()
@@ -249,9 +211,9 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
         while not STOPPING.is_set():
             try:
                 current = WorkerState.context
-                if settings.job_mode == "shared" and (current is None or current.settings != settings):
-                    # A remote worker has no taxonomy folder: its jobs bring a published taxonomy version.
-                    WorkerState.context = WorkerContext.build(settings, redis)
+                if current is None or current.settings != settings:
+                    # The process's context, built at start (a context left by another run is not this worker's).
+                    WorkerState.context = WorkerContext.start(settings, redis)
                 recover(settings, redis)
                 worker = TaggerWorker(
                     selected,
