@@ -45,6 +45,10 @@ def one_line(exc: BaseException, app: App | None) -> str:
 class TaggerGroup(click.Group):
     """The command group; it turns tagger's own errors, Redis errors and bad settings into one line."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The commands in the order a user meets them (as added), not alphabetical."""
+        return list(self.commands)
+
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand; an expected error becomes `tagger: kind: message` and exit 1, never a traceback."""
         try:
@@ -71,12 +75,13 @@ def main(ctx: click.Context, env_file: str | None) -> None:
     Settings come from, in order: command-line options, the environment, the env file (--env-file or
     TAGGER_ENV_FILE, else .env in the current folder), then defaults. Every setting is in .env.example.
     """
-    ctx.obj = App(env_file=use_env_file(env_file))
+    ctx.obj = App(env_file=use_env_file(env_file))  # the one context every command gets (`pass_app`)
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
 
 
-COMMANDS = (classify, taxonomy, enqueue, backfill, batch, work, failed, status, resume, eval_command, apply_command)
+# Setup, classifying one post, the queue, on-call, quality, then the Batch API: `tagger --help` lists them so.
+COMMANDS = (taxonomy, classify, enqueue, backfill, work, status, failed, resume, apply_command, eval_command, batch)
 for command in COMMANDS:
     main.add_command(command)
 

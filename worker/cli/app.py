@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import click
 from redis import Redis
 
 from worker.errors import SettingsError
-from worker.logs import redact_url
+from worker.logs import configure, redact_url
 from worker.queue.connection import connect
 from worker.settings import ENV_FILE_VARIABLE, Settings
 
@@ -31,16 +32,35 @@ class Fail(click.ClickException):
 
 @dataclass
 class App:
-    """The click context object: the env file named on the command line and the settings, read once."""
+    """The CLI context, one per run and passed to every command: the env file, the settings, logging and Redis.
+
+    Each is made once, when a command first asks for it (a command that needs no Redis never connects).
+    """
 
     env_file: Path | None = None
     loaded: Settings | None = field(default=None, repr=False)
+    _redis: Redis | None = field(default=None, repr=False)
 
     def settings(self, **updates: Any) -> Settings:
         """The settings from the environment and the env file, with command-line overrides."""
         if self.loaded is None:
             self.loaded = Settings()
         return self.loaded.model_copy(update=updates) if updates else self.loaded
+
+    def configured(self, quiet: bool = True, updates: Mapping[str, Any] | None = None) -> Settings:
+        """The settings (with overrides), with logging set up from them; `quiet` logs warnings and errors only."""
+        settings = self.settings(**(updates or {}))
+        configure(settings, quiet=quiet)
+        return settings
+
+    def redis(self) -> Redis:
+        """The Redis connection, made (and checked) once."""
+        if self._redis is None:
+            self._redis = redis_for(self.settings())
+        return self._redis
+
+
+pass_app = click.make_pass_decorator(App)
 
 
 def use_env_file(path: str | None) -> Path | None:

@@ -7,8 +7,7 @@ import sys
 import click
 
 from worker import apply as apply_lib
-from worker.cli.app import App, err, redis_for, stdout_is_terminal
-from worker.logs import configure
+from worker.cli.app import App, err, pass_app, stdout_is_terminal
 
 # Exit codes: everything applied; something failed or is missing; some posts re-enqueued or still running.
 ALL_APPLIED, FAILED, NOT_YET = 0, 1, 2
@@ -21,7 +20,7 @@ ALL_APPLIED, FAILED, NOT_YET = 0, 1, 2
     "--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True, metavar="S", help="Wait at most S s."
 )
 @click.option("--commit", is_flag=True, help="Make one git commit of exactly the posts and records changed.")
-@click.pass_obj
+@pass_app
 def apply_command(app: App, refs: tuple[str, ...], wait: bool, timeout: float, commit: bool) -> None:
     """Write finished remote jobs' results into the posts and records here.
 
@@ -31,9 +30,8 @@ def apply_command(app: App, refs: tuple[str, ...], wait: bool, timeout: float, c
     Exit 0 when everything was applied, 1 when a job failed or is missing, 2 when posts were re-enqueued or
     jobs are still running (run apply again later).
     """
-    settings = app.settings()
-    configure(settings, quiet=True)
-    redis = redis_for(settings)
+    settings = app.configured()
+    redis = app.redis()
     posts = apply_lib.remembered(settings) if not refs else {}
     ids = apply_lib.job_ids(settings, refs) if refs else list(posts)
     if not ids:

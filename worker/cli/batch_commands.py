@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import click
 from redis import Redis
 
 from worker.backfill import Progress
-from worker.cli.app import App, err, redis_for
-from worker.logs import configure
+from worker.cli.app import App, err, pass_app
 from worker.settings import Settings
 
 if TYPE_CHECKING:
     from worker import batch_backfill as batch_types
 
-
-def _lib() -> ModuleType:
-    """`worker.batch_backfill`, imported when a batch command runs (it loads the SDK; other commands start faster)."""
-    return importlib.import_module("worker.batch_backfill")
+# `worker.batch_backfill` loads the SDK: the batch commands import it when they run, so the others start faster.
 
 
 def _cost(value: float | None, settings: Settings) -> str:
@@ -38,8 +32,10 @@ def submit(
     progress: Progress,
 ) -> bool:
     """Submit a planned backfill as batches (`backfill --batch`); with `wait`, follow and collect. True if all went."""
-    store = _lib().store_for(settings, redis)
-    done = _lib().submit(settings, todo, store, types)
+    from worker import batch_backfill
+
+    store = batch_backfill.store_for(settings, redis)
+    done = batch_backfill.submit(settings, todo, store, types)
     for state in done.batches:
         click.echo(
             f"batch {state.id}: {state.requests} requests, {len(state.posts)} posts, {state.bytes} bytes, "
@@ -60,12 +56,12 @@ def submit(
             click.echo(f"then: tagger batch status{inline}; tagger batch collect{inline}")
         return not done.failed
     try:
-        _lib().wait(settings, store, [b.id for b in done.batches], progress)
+        batch_backfill.wait(settings, store, [b.id for b in done.batches], progress)
     except KeyboardInterrupt:
         click.echo(f"\nbackfill: stopped waiting; the batches carry on (tagger batch collect{inline} later)")
         raise click.exceptions.Exit(130) from None
     click.echo()
-    collected = _lib().collect(settings, store, [b.id for b in done.batches], redis)
+    collected = batch_backfill.collect(settings, store, [b.id for b in done.batches], redis)
     return _print_collected(collected, settings) and not done.failed
 
 
@@ -88,10 +84,11 @@ def _print_collected(result: batch_types.Collected, settings: Settings) -> bool:
 
 
 def _setup(app: App, inline: bool) -> tuple[Settings, batch_types.BatchStore, Redis | None]:
-    settings = app.settings()
-    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table
-    redis = None if inline else redis_for(settings)
-    return settings, _lib().store_for(settings, redis), redis
+    from worker import batch_backfill
+
+    settings = app.configured()  # warnings go to stderr, never into the printed table
+    redis = None if inline else app.redis()
+    return settings, batch_backfill.store_for(settings, redis), redis
 
 
 INLINE_HELP = "State in a file under the records folder (else the content root): no Redis."
@@ -105,11 +102,13 @@ def batch() -> None:
 @batch.command()
 @click.argument("batches", nargs=-1, metavar="[BATCH]...")
 @click.option("--inline", is_flag=True, help=INLINE_HELP)
-@click.pass_obj
+@pass_app
 def status(app: App, batches: tuple[str, ...], inline: bool) -> None:
     """List tagger's batches (or each BATCH id given): state, request counts, posts settled, age, estimated cost."""
+    from worker import batch_backfill
+
     settings, store, _ = _setup(app, inline)
-    rows = _lib().status(settings, store, batches)
+    rows = batch_backfill.status(settings, store, batches)
     click.echo(
         f"{'batch':<28} {'status':<11} {'done':>7} {'failed':>7} {'total':>7} {'posts':>6} {'settled':>7} "
         f"{'age':>8}  est. cost"
@@ -126,25 +125,29 @@ def status(app: App, batches: tuple[str, ...], inline: bool) -> None:
 @click.argument("batches", nargs=-1, metavar="[BATCH]...")
 @click.option("--inline", is_flag=True, help=INLINE_HELP + " What failed is classified in this process.")
 @click.option("--rebatch", is_flag=True, help="Send what failed into a new batch instead of the queue.")
-@click.pass_obj
+@pass_app
 def collect(app: App, batches: tuple[str, ...], inline: bool, rebatch: bool) -> None:
     """Write back the posts of finished batches (all of tagger's, or each BATCH id given).
 
     What failed goes to the queue (or a new batch with --rebatch). Safe to run again at any time.
     """
+    from worker import batch_backfill
+
     settings, store, redis = _setup(app, inline)
-    if not _print_collected(_lib().collect(settings, store, batches, redis, rebatch=rebatch), settings):
+    if not _print_collected(batch_backfill.collect(settings, store, batches, redis, rebatch=rebatch), settings):
         raise click.exceptions.Exit(1)
 
 
 @batch.command()
 @click.argument("batches", nargs=-1, metavar="[BATCH]...")
 @click.option("--inline", is_flag=True, help=INLINE_HELP)
-@click.pass_obj
+@pass_app
 def cancel(app: App, batches: tuple[str, ...], inline: bool) -> None:
     """Cancel tagger's unfinished batches (or each BATCH id given); `batch collect` then queues their posts."""
+    from worker import batch_backfill
+
     settings, store, _ = _setup(app, inline)
-    for batch_id, state in _lib().cancel(settings, store, batches):
+    for batch_id, state in batch_backfill.cancel(settings, store, batches):
         click.echo(f"{batch_id}: {state}")
 
 

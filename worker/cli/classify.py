@@ -10,9 +10,9 @@ import structlog
 
 from worker.backfill import check_types
 from worker.classifier import make_classifier
-from worker.cli.app import App, cut, err
+from worker.cli.app import App, cut, err, pass_app
 from worker.errors import NotAPost, OutsideContentRoot, PostReadOnly, TaggerError, kind_of
-from worker.logs import configure, redact, secrets_of
+from worker.logs import redact, secrets_of
 from worker.paths import content_root, existing_post
 from worker.providers import OFFLINE_NOTE
 from worker.results import Classification
@@ -66,7 +66,7 @@ def state_of(result: Classification, dry_run: bool) -> str:
 )
 @click.option("--type", "types", multiple=True, metavar="TYPE", help="Only this classification type (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every LLM call on stderr.")
-@click.pass_obj
+@pass_app
 def classify(
     app: App,
     paths: tuple[str, ...],
@@ -89,8 +89,7 @@ def classify(
         updates["provider_choice"] = provider
     if taxonomy:
         updates["taxonomy_dir"] = taxonomy
-    settings = app.settings(**updates)
-    configure(settings, quiet=not verbose)
+    settings = app.configured(quiet=not verbose, updates=updates)
     if settings.provider == "offline" and not as_json:
         err(OFFLINE_NOTE)
     classifier = make_classifier(settings)

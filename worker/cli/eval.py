@@ -11,9 +11,8 @@ import click
 
 from worker.backfill import check_types, post_files
 from worker.classifier import make_classifier
-from worker.cli.app import App, err
+from worker.cli.app import App, err, pass_app
 from worker.evaluation import Evaluation, evaluate, load_gold, read_settings_file
-from worker.logs import configure
 from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
 from worker.report import render
@@ -137,7 +136,7 @@ def format_comparison(evaluations: Sequence[Evaluation]) -> list[str]:
 @click.option(
     "--taxonomy", type=click.Path(path_type=Path), metavar="DIR", help="Term files folder (TAGGER_TAXONOMY_DIR)."
 )
-@click.pass_obj
+@pass_app
 def eval_command(
     app: App,
     args: tuple[str, ...],
@@ -174,8 +173,7 @@ def eval_command(
         updates["provider_choice"] = provider
     if taxonomy:
         updates["taxonomy_dir"] = taxonomy
-    base = app.settings(**updates)
-    configure(base, quiet=True)
+    base = app.configured(updates=updates)
     root = content_root(base)
     runs: list[tuple[str, Settings, Path | None]] = [("settings", base, None)]
     if compare:

@@ -9,10 +9,8 @@ from datetime import UTC, datetime
 import click
 
 from worker import errors, oncall
-from worker.cli.app import App, Fail, cut, err, redis_for
-from worker.logs import configure
+from worker.cli.app import App, Fail, cut, err, pass_app
 from worker.queue.throttle import RedisThrottle
-from worker.settings import Settings
 
 # Kinds a failed job can carry besides the errors' own: set by RQ, recovery, the worker's refusal, `failed list`.
 OTHER_KINDS = ("abandoned", "job_timeout", "crash", "foreign_job", "unreadable")
@@ -30,12 +28,6 @@ def known_kinds() -> list[str]:
     return sorted(found)
 
 
-def _quiet(app: App) -> Settings:
-    settings = app.settings()
-    configure(settings, quiet=True)  # warnings go to stderr, never into the printed table or JSON
-    return settings
-
-
 def _check_kind(kind: str | None, present: list[str]) -> None:
     if kind is not None and kind not in known_kinds() and kind not in present:
         raise Fail(f"usage: no failure kind {kind!r}; kinds: {', '.join(known_kinds())}")
@@ -48,11 +40,11 @@ def failed() -> None:
 
 @failed.command("list")
 @click.option("--error", "kind", metavar="KIND", help="Only failures of this kind (e.g. quota, bad_post).")
-@click.pass_obj
+@pass_app
 def list_(app: App, kind: str | None) -> None:
     """List failed jobs, newest first: job, kind, tries, when, post and message."""
-    settings = _quiet(app)
-    redis = redis_for(settings)
+    settings = app.configured()  # warnings go to stderr, never into the printed table or JSON
+    redis = app.redis()
     rows = oncall.failures(settings, redis)
     _check_kind(kind, [f.kind for f in rows])
     rows = [f for f in rows if kind is None or f.kind == kind]
@@ -68,11 +60,11 @@ def list_(app: App, kind: str | None) -> None:
 
 @failed.command()
 @click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
-@click.pass_obj
+@pass_app
 def show(app: App, jobs: tuple[str, ...]) -> None:
     """Show everything known about each JOB (an id from `failed list`): error, traceback, raw reply."""
-    settings = _quiet(app)
-    redis = redis_for(settings)
+    settings = app.configured()  # warnings go to stderr, never into the printed table or JSON
+    redis = app.redis()
     missing = []
     for job_id in jobs:
         info = oncall.show(settings, redis, job_id)
@@ -90,13 +82,13 @@ def show(app: App, jobs: tuple[str, ...]) -> None:
 @click.argument("jobs", nargs=-1, metavar="[JOB]...")
 @click.option("--all", "retry_all", is_flag=True, help="Retry every failed job (of --error KIND, if given).")
 @click.option("--error", "kind", metavar="KIND", help="With --all: only failures of this kind.")
-@click.pass_obj
+@pass_app
 def retry(app: App, jobs: tuple[str, ...], retry_all: bool, kind: str | None) -> None:
     """Requeue the failed JOBs named, or all of them with --all."""
     if bool(jobs) == retry_all:
         raise click.UsageError("name the failed jobs to retry, or use --all [--error KIND]")
-    settings = _quiet(app)
-    redis = redis_for(settings)
+    settings = app.configured()  # warnings go to stderr, never into the printed table or JSON
+    redis = app.redis()
     _check_kind(kind, [f.kind for f in oncall.failures(settings, redis)])
     done = oncall.retry(settings, redis, None if retry_all else list(jobs), kind)
     click.echo(f"requeued {len(done)}: {' '.join(done)}" if done else "nothing to do")
@@ -107,11 +99,11 @@ def retry(app: App, jobs: tuple[str, ...], retry_all: bool, kind: str | None) ->
 
 @failed.command()
 @click.option("--yes", is_flag=True, help="Delete without asking.")
-@click.pass_obj
+@pass_app
 def purge(app: App, yes: bool) -> None:
     """Delete every failed job (asks first)."""
-    settings = _quiet(app)
-    redis = redis_for(settings)
+    settings = app.configured()  # warnings go to stderr, never into the printed table or JSON
+    redis = app.redis()
     count = len(oncall.failures(settings, redis))
     if not count:
         click.echo("nothing to do")
@@ -127,14 +119,14 @@ def purge(app: App, yes: bool) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@click.pass_obj
+@pass_app
 def status(app: App, as_json: bool) -> None:
     """Queues, workers, failures and throughput.
 
     Queue depths, workers, failures by kind, the last minutes' posts, calls and tokens, and the shared pause.
     """
-    settings = _quiet(app)
-    info = oncall.status(settings, redis_for(settings))
+    settings = app.configured()
+    info = oncall.status(settings, app.redis())
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
@@ -162,12 +154,12 @@ def status(app: App, as_json: bool) -> None:
 
 
 @click.command()
-@click.pass_obj
+@pass_app
 def resume(app: App) -> None:
     """Lift the shared pause (after quota was topped up).
 
     Quota exhaustion and 429s pause every worker's LLM calls; this lifts the pause at once.
     """
-    settings = _quiet(app)
-    lifted = RedisThrottle(settings, redis_for(settings)).resume()
+    settings = app.configured()
+    lifted = RedisThrottle(settings, app.redis()).resume()
     click.echo("resumed: workers may call the LLM again" if lifted else "nothing to do: not paused")

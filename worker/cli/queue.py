@@ -10,8 +10,7 @@ import click
 
 from worker import backfill as backfill_lib
 from worker.apply import remember
-from worker.cli.app import App, Fail, err, redis_for, stdout_is_terminal
-from worker.logs import configure
+from worker.cli.app import App, Fail, err, pass_app, stdout_is_terminal
 from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
 from worker.queue.connection import PRIORITIES
@@ -37,7 +36,7 @@ ID_WIDTH = 29  # "post-" and 24 hex digits (remote jobs add the content hash)
     is_flag=True,
     help="Self-contained jobs for workers on other machines (also TAGGER_JOB_MODE=remote); then `tagger apply`.",
 )
-@click.pass_obj
+@pass_app
 def enqueue(
     app: App, paths: tuple[str, ...], priority: str, from_stdin: bool, changed_since: str | None, remote: bool
 ) -> None:
@@ -50,8 +49,7 @@ def enqueue(
     """
     if not paths and not from_stdin and not changed_since:
         raise click.UsageError("name the posts to enqueue, or use --stdin or --changed-since")
-    settings = app.settings()
-    configure(settings, quiet=True)
+    settings = app.configured()
     root = content_root(settings)
     names = list(paths)
     if from_stdin:
@@ -62,7 +60,7 @@ def enqueue(
         names += changes.changed
         deleted = changes.deleted
     remote = remote or settings.job_mode == "remote"
-    results = enqueue_posts(names, settings, redis_for(settings), priority, remote=remote) if names else []
+    results = enqueue_posts(names, settings, app.redis(), priority, remote=remote) if names else []
     if remote:
         remember(settings, [r for r in results if r.action != "refused"])  # for `tagger apply --wait`
     refused = False
@@ -90,7 +88,7 @@ def enqueue(
 @click.option(
     "--priority", type=click.Choice(PRIORITIES), default="low", show_default=True, help="Queue to put the jobs on."
 )
-@click.pass_obj
+@pass_app
 def backfill(
     app: App,
     folder: Path,
@@ -108,9 +106,8 @@ def backfill(
     DIR is a folder inside the content root (the root itself or a subfolder). Files that cannot be planned are
     reported as SKIPPED path: reason and the rest go on; exit 1 when anything was skipped or failed.
     """
-    settings = app.settings()
-    configure(settings, quiet=True)
-    redis = None if inline or estimate else redis_for(settings)  # before planning: a big site plans for a while
+    settings = app.configured()
+    redis = None if inline or estimate else app.redis()  # before planning: a big site plans for a while
     plan = backfill_lib.plan(settings, include_fresh=include_fresh, limit=limit, types=types or None, folder=folder)
     click.echo(f"backfill: content root {settings.content_root_label()}")
     click.echo(
@@ -229,7 +226,7 @@ def progress(done: int, failed: int, total: int, started: float, tokens: int) ->
     type=click.Choice(PRIORITIES),
     help="Work only this queue (repeatable; default all, highest priority first).",
 )
-@click.pass_obj
+@pass_app
 def work(app: App, burst: bool, processes: int, priorities: tuple[str, ...]) -> None:
     """Run workers.
 
@@ -237,9 +234,8 @@ def work(app: App, burst: bool, processes: int, priorities: tuple[str, ...]) -> 
     whose worker died, Redis trouble waited out. The processes are supervised (one that dies is restarted);
     SIGTERM/SIGINT lets each current job finish within TAGGER_SHUTDOWN_GRACE, a second one stops at once.
     """
-    settings = app.settings()
-    configure(settings)
-    redis_for(settings)  # one clear line here rather than one from every child
+    settings = app.configured(quiet=False)
+    app.redis()  # one clear line here rather than one from every child
     code = run_processes(settings, processes, priorities or None, burst)
     if code:
         raise Fail(f"a worker process exited with code {code}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from worker.backfill import post_files
-from worker.cli.app import App, err
+from worker.cli.app import App, err, pass_app
 from worker.taxonomy import load_taxonomy, taxonomy_for, type_key_problems
 
 
@@ -18,7 +18,7 @@ def taxonomy() -> None:
 
 @taxonomy.command()
 @click.argument("folder", required=False, type=click.Path(path_type=Path), metavar="[DIR]")
-@click.pass_obj
+@pass_app
 def check(app: App, folder: Path | None) -> None:
     """Print every problem in the term files as `file: problem`; exit 1 when any.
 
@@ -37,20 +37,17 @@ def check(app: App, folder: Path | None) -> None:
 
 
 @taxonomy.command()
-@click.pass_obj
+@pass_app
 def publish(app: App) -> None:
     """Publish the taxonomy and prompt templates in Redis for remote workers; prints the version.
 
     Content-addressed: the same terms and templates give the same version (`enqueue --remote` publishes too).
     """
-    from worker.cli.app import redis_for
-    from worker.logs import configure
     from worker.prompts import load_templates
     from worker.queue.payload import publish as publish_taxonomy
 
-    settings = app.settings()
-    configure(settings, quiet=True)
+    settings = app.configured()
     terms = taxonomy_for(settings)
-    version = publish_taxonomy(settings, redis_for(settings), terms, load_templates(settings.prompts_dir))
+    version = publish_taxonomy(settings, app.redis(), terms, load_templates(settings.prompts_dir))
     click.echo(version)
     err(f"{len(terms)} terms published as {version}")
