@@ -18,6 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests scripts benchmarks
 	$(BIN)/ruff format --check worker tests scripts benchmarks
+	$(BIN)/lint-imports  # the layer contract: [tool.importlinter] in pyproject.toml, docs/architecture.md
 
 typecheck: $(STAMP)
 	$(BIN)/mypy worker tests/fakellm.py

@@ -2,7 +2,7 @@
 
 The hierarchy (`kind`; * = transient, worth retrying):
 
-    TaggerError                       error            base: message, path, raw_reply, partial judgements
+    TaggerError                       error            base: message, path, raw_reply
     ├── BadPost                       bad_post         the post cannot be read, or its front matter parsed or edited
     │   ├── PostMissing               post_missing     the post file does not exist
     │   └── PostTooLarge              post_too_large   above what a remote job carries (TAGGER_MAX_JOB_BYTES)
