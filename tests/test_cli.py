@@ -17,8 +17,7 @@ from click.testing import CliRunner
 
 from tests.fakellm import FakeLLM
 from worker.cli import main
-from worker.cli.app import cut
-from worker.cli.queue import progress
+from worker.cli.app import cut, progress
 from worker.posts import read_post
 
 

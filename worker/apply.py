@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from rq.serializers import JSONSerializer
 
 from worker.errors import PostChanged, TaggerError
 from worker.paths import confine, existing_post
+from worker.polling import Progress, Tally, poll_until
 from worker.posts import Post, file_hash, read_post, render_changes
 from worker.queue.enqueue import Enqueued, enqueue_posts, job_id_for
 from worker.queue.payload import Outcome
@@ -116,18 +116,18 @@ def wait_for(
     redis: Redis,
     ids: Sequence[str],
     timeout: float,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Wait until every job has ended (finished, failed, gone) or `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def look() -> Tally:
         jobs = Job.fetch_many(list(ids), connection=redis, serializer=JSONSerializer)
-        ended = sum(1 for j in jobs if j is None or j.get_status(refresh=False) in DONE)
-        if progress:
-            progress(ended, len(ids))
-        if ended == len(ids) or time.monotonic() >= deadline:
-            return
-        time.sleep(0.5)
+        statuses = [j.get_status(refresh=False) if j is not None else None for j in jobs]
+        done = sum(1 for s in statuses if s == JobStatus.FINISHED)
+        ended = sum(1 for s in statuses if s is None or s in DONE)
+        return Tally(done, ended - done, len(ids), finished=ended == len(ids))
+
+    poll_until(look, 0.5, progress, timeout=timeout)
 
 
 def apply(

@@ -16,6 +16,7 @@ from rq.serializers import JSONSerializer
 from worker.classifier import Classifier, make_classifier
 from worker.errors import PostReadOnly, SettingsError, TaggerError, TaxonomyError, kind_of
 from worker.paths import confine_folder, not_a_post, walk_posts
+from worker.polling import Progress, Tally, poll_until
 from worker.posts import check_writable
 from worker.prompts import estimate_tokens
 from worker.queue.enqueue import enqueue_posts
@@ -23,8 +24,6 @@ from worker.queue.fleet import live_workers
 from worker.queue.recovery import recover
 from worker.queue.workers import Backoff
 from worker.settings import Settings
-
-Progress = Callable[[int, int, int, float, int], None]
 
 
 @dataclass
@@ -218,14 +217,15 @@ def follow(
     """
     say = notice or (lambda _: None)
     summary = Summary()
-    started = time.monotonic()
     pending = set(job_ids)
     known = dict(posts or {})
     backoff = Backoff()
     down_since: float | None = None
     next_worker_check = time.monotonic() + min(2.0, poll * 4)
     warned_no_worker = False
-    while pending:
+
+    def look() -> Tally | None:
+        nonlocal down_since, next_worker_check, warned_no_worker
         try:
             recover(settings, redis)
             ids = list(pending)
@@ -282,11 +282,11 @@ def follow(
                 down_since = time.monotonic()
                 say(f"Redis unavailable ({type(exc).__name__}); waiting for it")
             time.sleep(backoff.next())
-            continue
-        if progress:
-            progress(summary.done, len(summary.failed), len(job_ids), started, summary.tokens)
-        if pending:
-            time.sleep(poll)
+            return None
+        return Tally(summary.done, len(summary.failed), len(job_ids), summary.tokens, finished=not pending)
+
+    if pending:
+        poll_until(look, poll, progress)
     return summary
 
 

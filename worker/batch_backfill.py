@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from worker import backfill
 from worker.classifier import Classifier, make_classifier
 from worker.errors import InvalidReply, NotInBatch, TaggerError
 from worker.paths import confine
+from worker.polling import Progress, Tally, poll_until
 from worker.posts import Post, atomic_write
 from worker.prompts import Prompt
 from worker.providers.batch_api import (
@@ -53,7 +54,6 @@ PENDING = "pending-"  # the id of a batch's state between its upload and `batche
 PENDING_GRACE = 600.0  # seconds a submission may take between upload and create before it counts as killed
 KEEP_SECONDS = 30 * 86400  # how long Redis keeps a batch's state
 COLLECTED_FILE = ".tagger-batches.collected.jsonl"
-Progress = Callable[[int, int, int, float, int], None]
 
 
 class PostEntry(BaseModel):
@@ -475,17 +475,18 @@ def wait(
 ) -> list[str]:
     """Follow batches until each is finished (completed, failed, expired or cancelled); their final states."""
     api = _api(settings)
-    started = time.monotonic()
-    while True:
+    statuses: list[str] = []
+
+    def look() -> Tally:
         batches = [api.retrieve(state.id) for state in _selected(store, ids, api)]
+        statuses[:] = [b.status for b in batches]
         done = sum(b.request_counts.completed for b in batches if b.request_counts)
         failed = sum(b.request_counts.failed for b in batches if b.request_counts)
         total = sum(b.request_counts.total for b in batches if b.request_counts) or 1
-        if progress:
-            progress(done, failed, total, started, 0)
-        if all(b.status in TERMINAL for b in batches):
-            return [b.status for b in batches]
-        time.sleep(poll or settings.batch_poll)
+        return Tally(done, failed, total, finished=all(s in TERMINAL for s in statuses))
+
+    poll_until(look, poll or settings.batch_poll, progress)
+    return statuses
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,3 +107,23 @@ def err(line: str) -> None:
 def stdout_is_terminal() -> bool:
     """True when stdout is a terminal (progress redraws in place there)."""
     return sys.stdout.isatty()
+
+
+def progress(done: int, failed: int, total: int, started: float, tokens: int) -> None:
+    """Draw the progress bar: in place on a terminal, a line every tenth of the way in a log."""
+    finished = done + failed
+    terminal = stdout_is_terminal()
+    if not terminal and finished != total and finished * 10 // total == (finished - 1) * 10 // total:
+        return
+    elapsed = max(time.monotonic() - started, 1e-6)
+    rate = finished / elapsed
+    # No ETA until something finished: a rate of 0 would promise "ETA 0s".
+    eta = f", ETA {(total - finished) / rate:.0f}s" if rate and finished < total else ""
+    width = 30
+    filled = int(width * finished / max(total, 1))
+    sys.stdout.write(
+        ("\r" if terminal else "\n")
+        + f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, {failed} failed, "
+        f"{rate:.1f}/s{eta}, {tokens} tokens "
+    )
+    sys.stdout.flush()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from worker import apply as apply_lib
-from worker.cli.app import App, err, pass_app, stdout_is_terminal
+from worker.cli.app import App, err, pass_app, progress, stdout_is_terminal
 
 # Exit codes: everything applied; something failed or is missing; some posts re-enqueued or still running.
 ALL_APPLIED, FAILED, NOT_YET = 0, 1, 2
@@ -38,7 +36,7 @@ def apply_command(app: App, refs: tuple[str, ...], wait: bool, timeout: float, c
         err("apply: no jobs named and no remembered enqueue (run `tagger enqueue --remote` first)")
         raise click.exceptions.Exit(FAILED)
     if wait:
-        apply_lib.wait_for(redis, ids, timeout, progress=_progress)
+        apply_lib.wait_for(redis, ids, timeout, progress=progress)
         if stdout_is_terminal():
             click.echo()
     report = apply_lib.apply(settings, redis, ids, posts, commit=commit)
@@ -56,9 +54,3 @@ def apply_command(app: App, refs: tuple[str, ...], wait: bool, timeout: float, c
         raise click.exceptions.Exit(FAILED)
     if not report.all_applied:
         raise click.exceptions.Exit(NOT_YET)
-
-
-def _progress(ended: int, total: int) -> None:
-    end = "\r" if stdout_is_terminal() else "\n"
-    sys.stdout.write(f"apply: {ended}/{total} jobs ended{end}")
-    sys.stdout.flush()

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import click
 from redis import Redis
 
-from worker.backfill import Progress
 from worker.cli.app import App, err, pass_app
+from worker.polling import Progress
 from worker.settings import Settings
 
 if TYPE_CHECKING:

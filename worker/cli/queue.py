@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from worker import backfill as backfill_lib
 from worker.apply import remember
-from worker.cli.app import App, Fail, err, pass_app, stdout_is_terminal
+from worker.cli.app import App, Fail, err, pass_app, progress
 from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
 from worker.queue.connection import PRIORITIES
@@ -191,26 +190,6 @@ def backfill(
         skipped = skipped or bool(summary.failed)
     if skipped:
         raise click.exceptions.Exit(1)
-
-
-def progress(done: int, failed: int, total: int, started: float, tokens: int) -> None:
-    """Draw the progress bar: in place on a terminal, a line every tenth of the way in a log."""
-    finished = done + failed
-    terminal = stdout_is_terminal()
-    if not terminal and finished != total and finished * 10 // total == (finished - 1) * 10 // total:
-        return
-    elapsed = max(time.monotonic() - started, 1e-6)
-    rate = finished / elapsed
-    # No ETA until something finished: a rate of 0 would promise "ETA 0s".
-    eta = f", ETA {(total - finished) / rate:.0f}s" if rate and finished < total else ""
-    width = 30
-    filled = int(width * finished / max(total, 1))
-    sys.stdout.write(
-        ("\r" if terminal else "\n")
-        + f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, {failed} failed, "
-        f"{rate:.1f}/s{eta}, {tokens} tokens "
-    )
-    sys.stdout.flush()
 
 
 @click.command()
