@@ -1,4 +1,4 @@
-"""What every subcommand shares: the settings, the Redis connection, one-line errors and output helpers."""
+"""The CLI context (`App`: settings, logging and Redis, each made once) and what subcommands share: errors, output."""
 
 from __future__ import annotations
 

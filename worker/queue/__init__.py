@@ -1,1 +1,1 @@
-"""Redis + RQ: key names, the job, the worker, recovery of dead workers' jobs, shared rate limits."""
+"""Redis + RQ: producing jobs, the job runtime and the worker process, recovery, shared rate limits, key names."""
