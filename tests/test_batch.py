@@ -337,7 +337,7 @@ def test_unfinished_batches_wait_cancelled_ones_are_rebatched(
     assert snapshot(site) == original  # nothing written from a cancelled batch
     done = batch.collect(settings, store)
     assert len(done.written) == 2 and len(done.unchanged) == 1 and done.already == 3
-    rows = batch.status(settings, store)
+    rows = batch.batch_rows(settings, store)
     assert [r.status for r in rows] == ["cancelled", "completed"] and [r.settled for r in rows] == [3, 3]
 
 
@@ -412,7 +412,7 @@ def test_a_submission_killed_around_batch_creation_loses_no_batch_and_no_post(
     env = {**queue_env, "REDIS_URL": NO_REDIS}
     crashed = subprocess.run([sys.executable, "-c", CRASHING_SUBMIT, when], env=env, capture_output=True, timeout=120)
     assert crashed.returncode == -9, crashed.stderr
-    rows = batch.status(settings, store)
+    rows = batch.batch_rows(settings, store)
     if when == "after_create":
         # the provider's batch is found by its input file and adopted: collected like any other
         assert [r.id for r in rows] == ["batch_fake00001"] and rows[0].posts == 3

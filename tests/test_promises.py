@@ -910,17 +910,17 @@ def test_a_warm_worker_context_is_rebuilt_when_a_term_file_or_template_changes(
     shutil.copytree(REPO / "prompts", prompts)
     monkeypatch.setenv("TAGGER_PROMPTS_DIR", str(prompts))
     context = WorkerContext.build(Settings(), redis)
-    assert context.fresh(redis) is context  # nothing changed: the same warm classifier
+    assert context.reloaded(redis) is context  # nothing changed: the same warm classifier
     kanban = context.classifier.taxonomy.get("tags", "Kanban")
     term = site / "taxonomy" / "tags" / "kanban.md"
     term.write_text(term.read_text(encoding="utf-8").replace("WIP limits", "work-in-progress limits"), encoding="utf-8")
-    rebuilt = context.fresh(redis)
+    rebuilt = context.reloaded(redis)
     assert rebuilt is not context
     changed = rebuilt.classifier.taxonomy.get("tags", "Kanban")
     assert kanban is not None and changed is not None and changed.definition_hash != kanban.definition_hash
-    assert rebuilt.fresh(redis) is rebuilt
+    assert rebuilt.reloaded(redis) is rebuilt
     (prompts / "system.md").write_text((prompts / "system.md").read_text(encoding="utf-8") + "\nBe brief.\n")
-    again = rebuilt.fresh(redis)
+    again = rebuilt.reloaded(redis)
     assert again is not rebuilt
     assert again.classifier.templates.version != rebuilt.classifier.templates.version
 

@@ -398,7 +398,7 @@ class BatchRow:
     settled: int
 
 
-def status(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> list[BatchRow]:
+def batch_rows(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -> list[BatchRow]:
     """Tagger's batches (or those named) with the provider's state and counts."""
     api = _api(settings)
     rows = []
@@ -576,21 +576,21 @@ def _collect_post(
             return "the post changed after it was submitted"
         if failed is not None:
             line = results.get(failed)
-            _keep_answered(judged, path, state, bodies)
+            _cache_answered(judged, path, state, bodies)
             return line.error if line is not None else why
         result = judged.classify(path, types=state.types)
     except TaggerError as exc:
         if failed is None and isinstance(exc, InvalidReply | NotInBatch):
-            _keep_answered(judged, path, state, bodies)  # a bad reply: keep the other lines' judgements
+            _cache_answered(judged, path, state, bodies)  # a bad reply: keep the other lines' judgements
         return f"{exc.kind}: {exc.message}"
     return "written" if result.written else "unchanged"
 
 
-def _keep_answered(judged: Classifier, path: Path, state: BatchState, bodies: dict[str, str]) -> None:
+def _cache_answered(judged: Classifier, path: Path, state: BatchState, bodies: dict[str, str]) -> None:
     if not bodies:
         return
     try:
-        kept = judged.keep_answered(path, state.types)
+        kept = judged.cache_answered(path, state.types)
     except TaggerError as exc:  # a record that cannot be written: the retry asks every chunk, nothing is lost
         log.warning("batch_judgements_not_kept", batch=state.id, post=str(path), kind=exc.kind)
         return

@@ -82,7 +82,7 @@ class Classifier:
             except TaggerError:
                 # Judgements of the chunks that succeeded are kept, so a retry asks only the missing ones.
                 if chunks and not dry_run:
-                    self.keep(path, record, chunks)
+                    self.cache_judgements(path, record, chunks)
                 raise
             decided = decide(post, record, judged, self.taxonomy, self.settings, types, with_diff=dry_run)
             if dry_run:
@@ -99,12 +99,12 @@ class Classifier:
             return decided.result
         raise AssertionError("unreachable")
 
-    def keep(self, path: Path, record: Record, judgements: Sequence[Judgement]) -> None:
+    def cache_judgements(self, path: Path, record: Record, judgements: Sequence[Judgement]) -> None:
         """Add judgements to the post's record (the cache) without touching its assignments."""
         kept = {(j.type, j.term): j for j in [*record.judgements, *judgements]}
         save(self.records, path, record.model_copy(update={"judgements": list(kept.values())}))
 
-    def keep_answered(self, path: Path, types: Sequence[str] | None = None) -> int:
+    def cache_answered(self, path: Path, types: Sequence[str] | None = None) -> int:
         """Judge every chunk of the post the provider can answer and keep those judgements; how many were kept.
 
         For replies already paid for (a batch's good lines): a chunk that fails is passed over, not fatal, so the
@@ -124,7 +124,7 @@ class Classifier:
                 log.info("chunk_not_kept", post=str(path), type=prompt.terms[0].type, kind=exc.kind)
         if answered:
             now = datetime.now(UTC).isoformat(timespec="seconds")  # one time stamp, as `judge` gives a run
-            self.keep(path, record, [j.model_copy(update={"judged_at": now}) for j in answered])
+            self.cache_judgements(path, record, [j.model_copy(update={"judged_at": now}) for j in answered])
         return len(answered)
 
     def terms_for(self, post: Post, types: Sequence[str] | None = None) -> list[Term]:

@@ -182,7 +182,7 @@ def _worker(seen: SeenWorker) -> dict[str, Any]:
     }
 
 
-def status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]:
+def queue_status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]:
     """Queue depths, running and scheduled jobs, workers, failures by kind, recent throughput and tokens."""
     recover(settings, redis)
     depth = {}

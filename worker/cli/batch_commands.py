@@ -108,7 +108,7 @@ def status(app: App, batches: tuple[str, ...], inline: bool) -> None:
     from worker import batch_backfill
 
     settings, store, _ = _setup(app, inline)
-    rows = batch_backfill.status(settings, store, batches)
+    rows = batch_backfill.batch_rows(settings, store, batches)
     click.echo(
         f"{'batch':<28} {'status':<11} {'done':>7} {'failed':>7} {'total':>7} {'posts':>6} {'settled':>7} "
         f"{'age':>8}  est. cost"

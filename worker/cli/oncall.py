@@ -126,7 +126,7 @@ def status(app: App, as_json: bool) -> None:
     Queue depths, workers, failures by kind, the last minutes' posts, calls and tokens, and the shared pause.
     """
     settings = app.configured()
-    info = oncall.status(settings, app.redis())
+    info = oncall.queue_status(settings, app.redis())
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return

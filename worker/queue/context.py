@@ -45,7 +45,7 @@ class WorkerContext:
         """The context a worker starts with: a remote worker has no taxonomy folder (its jobs bring a version)."""
         return cls.build(settings, redis) if settings.job_mode == "shared" else cls(settings, None)
 
-    def fresh(self, redis: Redis) -> WorkerContext:
+    def reloaded(self, redis: Redis) -> WorkerContext:
         """This context, or one with the shared classifier rebuilt when a term file or template changed on disk."""
         if self.classifier is not None and _signature(self.settings) == self.signature:
             return self

@@ -74,7 +74,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     settings = WorkerState.current().settings
     begun = start_job(relative, reruns=True, model=settings.model)
     job, redis = begun.job, begun.redis
-    context = WorkerState.context = begun.context.fresh(redis)
+    context = WorkerState.context = begun.context.reloaded(redis)
     # Bound as context too, so the classifier's events (`llm_call`) name the job and the post.
     with structlog.contextvars.bound_contextvars(job_id=job.id, post=relative):
         path = settings.content_root() / confine(relative, settings, from_cwd=False)

@@ -33,7 +33,7 @@ log = structlog.get_logger("tagger.remote")
 JUDGED_TTL = 7 * 86400
 
 
-def keep_judged(settings: Settings, redis: Redis, job_id: str, judged: Sequence[Judgement]) -> None:
+def save_chunk_judgements(settings: Settings, redis: Redis, job_id: str, judged: Sequence[Judgement]) -> None:
     """Store one chunk's judgements under the job, so a retry (after a failure or a kill -9) does not ask again."""
     if not judged:
         return
@@ -120,7 +120,7 @@ def classify_remote(data: dict[str, Any]) -> dict[str, Any]:
         bound.info("judgements_reused", judgements=len(judged))
 
     def keep_chunk(chunk: list[Judgement]) -> None:
-        keep_judged(settings, redis, job.id, chunk)
+        save_chunk_judgements(settings, redis, job.id, chunk)
 
     # Each chunk's judgements are kept as soon as they are in: a retry, even after a kill -9, asks only the rest.
     with structlog.contextvars.bound_contextvars(job_id=job.id, post=payload.post):
