@@ -229,6 +229,33 @@ def test_bare_tagger_prints_help_and_version() -> None:
     assert wrong.exit_code == 2 and "No such option '--yes'" in wrong.output and "tagger failed list" in wrong.output
 
 
+def test_help_lists_commands_in_the_order_a_user_meets_them() -> None:
+    out = CliRunner().invoke(main, ["--help"]).output
+    listed = re.findall(r"^  (\w+)  ", out.split("Commands:")[1], flags=re.M)
+    assert listed == [
+        "taxonomy",
+        "classify",
+        "enqueue",
+        "backfill",
+        "work",
+        "status",
+        "failed",
+        "resume",
+        "apply",
+        "eval",
+        "batch",
+    ]
+
+
+def test_a_command_that_needs_no_redis_never_connects(site: Path) -> None:
+    """The CLI context makes the Redis connection only when a command asks for it."""
+    run = tagger(
+        ["taxonomy", "check", str(site / "taxonomy")], {**offline(site), "REDIS_URL": "redis://127.0.0.1:1/0"}, site
+    )
+    assert run.returncode == 0, run.stderr
+    assert "redis" not in run.stderr.lower()
+
+
 def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
     found = []
     for name, command in group.commands.items():

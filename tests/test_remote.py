@@ -323,3 +323,43 @@ def test_a_remote_job_killed_between_chunks_is_retried_without_asking_the_judged
     applied = tagger(producer, "apply", cwd=checkout)
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert "Kanban" in read_post(post).terms("tags")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"post": "posts/x.md"},  # fields missing
+        "posts/x.md",  # not an object
+        {
+            "post": "posts/x.md",
+            "bytes": "not base64!",
+            "content_hash": "c" * 64,
+            "file_hash": "f" * 64,
+            "record": "{}",
+            "taxonomy": "t-1",
+        },
+    ],
+    ids=["missing-fields", "not-an-object", "bad-base64"],
+)
+def test_a_remote_payload_that_is_not_taggers_fails_as_bad_payload_and_is_not_retried(
+    queue_env: dict[str, str], redis: redis_lib.Redis, payload: object
+) -> None:
+    """A remote job's payload comes from Redis: it is validated like an LLM reply, and a bad one is permanent."""
+    from rq import Callback, Queue, Retry
+
+    queue = Queue(f"{queue_env['TAGGER_REDIS_PREFIX']}-default", connection=redis, serializer=JSONSerializer)
+    queue.enqueue(
+        "worker.queue.remote.classify_remote",
+        payload,
+        job_id="odd-payload",
+        meta={"post": "posts/x.md", "attempts": 0},
+        retry=Retry(max=2),
+        on_failure=Callback("worker.queue.jobs.on_failure"),
+    )
+    work = tagger(queue_env, "work", "--burst")
+    assert work.returncode == 0, work.stderr
+    job = Job.fetch("odd-payload", connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FAILED
+    assert job.meta["kind"] == "bad_payload" and job.meta["transient"] is False
+    assert job.meta["attempts"] == 0, "the job started before its payload was checked"
+    assert "remote job payload is not tagger's" in job.meta["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from worker import apply as apply_lib
-from worker.cli.app import App, err, pass_app, progress, stdout_is_terminal
+from worker.cli.app import App, err, pass_app, progress
 
 # Exit codes: everything applied; something failed or is missing; some posts re-enqueued or still running.
 ALL_APPLIED, FAILED, NOT_YET = 0, 1, 2
@@ -37,8 +37,7 @@ def apply_command(app: App, refs: tuple[str, ...], wait: bool, timeout: float, c
         raise click.exceptions.Exit(FAILED)
     if wait:
         apply_lib.wait_for(redis, ids, timeout, progress=progress)
-        if stdout_is_terminal():
-            click.echo()
+        click.echo()  # the progress bar's line ends here, as backfill's does
     report = apply_lib.apply(settings, redis, ids, posts, commit=commit)
     if not refs and any(i.new_job for i in report.items):
         apply_lib.follow_up(settings, report)
