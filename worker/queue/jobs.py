@@ -153,7 +153,7 @@ def _transient(settings: Settings, connection: Redis, job: Job, value: BaseExcep
     """Whether a failure is worth retrying: tagger's transient kinds, interruptions, and Redis trouble."""
     if isinstance(value, TaggerError):
         return value.transient
-    if isinstance(value, INTERRUPTED | RedisError | OSError):
+    if isinstance(value, (*INTERRUPTED, RedisError, OSError)):
         return True
     if isinstance(value, JobTimeoutException):
         # Out of time while the provider was rate limiting (chunks waiting in the shared pause): transient.
