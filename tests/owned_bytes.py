@@ -2,16 +2,20 @@
 
 Written apart from `worker/posts.py` on purpose (a check that reused the editor's own span finder would share
 its bugs). A key's span is its line plus the lines of its value: for YAML the following blank, indented or
-`- item` lines (trailing blank lines excluded); for TOML the lines up to the end of its value (multi-line arrays),
-top level only (before the first table). Usable by tests and benchmarks alike: `foreign_bytes(old) ==
-foreign_bytes(new)` and `body(old) == body(new)`.
-"""
+`- item` lines (trailing blank lines excluded) and, for a flow list, the lines up to its closing bracket; for TOML
+the lines up to where the key and its value parse on their own (multi-line arrays and strings), top level only
+(before the first table). Usable by tests and benchmarks alike: `foreign_bytes(old) == foreign_bytes(new)` and
+`body(old) == body(new)`; `foreign_values(old) == foreign_values(new)` is the same promise at parse level."""
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Iterable
+from typing import Any
+
+import yaml
 
 OWNED = ("tags", "categories", "concepts", "ClassificationContentOrigin")
 _YAML_KEY = re.compile(r"""^(?P<key>"[^"\n]*"|'[^'\n]*'|[^\s#'"\-?:\[{][^:\n]*?)[ \t]*:(?:[ \t]|\r?\n|$)""")
@@ -55,22 +59,43 @@ def _yaml_foreign(header: str, owned: Iterable[str]) -> str:
                 end = j = j + 1
             else:
                 break
+        while _open_brackets("".join(lines[i:end])) > 0 and end < len(lines):
+            end += 1  # a flow list over several lines whose `]` sits in column 0
         i = end  # the trailing blank lines after the span stay foreign
     return "".join(keep)
+
+
+def _open_brackets(text: str) -> int:
+    """How many `[` / `{` are still open at the end of `text` (quoted text and comments aside)."""
+    depth, quote = 0, ""
+    for at, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"" and (at == 0 or text[at - 1] in " \t[{,:\n"):
+            quote = ch
+        elif ch == "#" and (at == 0 or text[at - 1] in " \t\n"):
+            quote = "\n"  # a comment runs to the end of its line
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return depth
 
 
 def _toml_foreign(header: str, owned: Iterable[str]) -> str:
     lines = header.splitlines(keepends=True)
     keep: list[str] = []
-    i, top_level = 0, True
+    i = 0
     while i < len(lines):
-        if _TOML_TABLE.match(lines[i]) and not _TOML_KEY.match(lines[i]):
-            top_level = False
         match = _TOML_KEY.match(lines[i])
-        if not top_level or not match or match.group("key").strip('"') not in owned:
+        if not match:
+            if _TOML_TABLE.match(lines[i]):
+                return "".join(keep + lines[i:])  # a table: nothing after it is top level
             keep.append(lines[i])
             i += 1
             continue
+        # The value ends at the first line where the key and its value parse on their own (a multi-line string
+        # holding `[x]` or `tags = ...` lines is stepped over whole, foreign or owned).
         end = i + 1
         while end < len(lines):
             try:
@@ -78,6 +103,8 @@ def _toml_foreign(header: str, owned: Iterable[str]) -> str:
                 break
             except tomllib.TOMLDecodeError:
                 end += 1
+        if match.group("key").strip('"') not in owned:
+            keep.extend(lines[i:end])
         i = end
     return "".join(keep)
 
@@ -88,6 +115,49 @@ def foreign_bytes(text: str, owned: Iterable[str] = OWNED) -> str:
     owned = tuple(owned)
     kept = _toml_foreign(header, owned) if fmt == "toml" else _yaml_foreign(header, owned)
     return opening + kept + closing + body
+
+
+def _tree(node: yaml.Node | None) -> Any:
+    """A YAML node as (tag, value) all the way down: the resolved type of every scalar, nothing constructed."""
+    if node is None:
+        return None
+    if isinstance(node, yaml.MappingNode):
+        return ("map", [(_tree(k), _tree(v)) for k, v in node.value])
+    if isinstance(node, yaml.SequenceNode):
+        return ("seq", [_tree(v) for v in node.value])
+    return (node.tag, node.value)
+
+
+def _typed(value: Any) -> Any:
+    """A TOML value with every scalar's type kept (`1`, `1.0` and `true` differ; NaN equals NaN)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return ("float", "nan")
+    return (type(value).__name__, value)
+
+
+def foreign_values(text: str, owned: Iterable[str] = OWNED) -> dict[str, Any]:
+    """Every top-level key of the front matter but the owned ones, parsed on its own terms (YAML: each scalar's
+    resolved tag and text, duplicates kept in order; TOML: values with their types)."""
+    fmt, _, header, _, _ = split(text)
+    owned = tuple(owned)
+    if fmt == "toml":
+        return {k: _typed(v) for k, v in tomllib.loads(header).items() if k not in owned}
+    if fmt == "none":
+        return {}
+    root = yaml.compose(header)
+    if root is None:
+        return {}
+    assert isinstance(root, yaml.MappingNode), "front matter is not a mapping"
+    out: dict[str, Any] = {}
+    for key, value in root.value:
+        name = key.value if isinstance(key, yaml.ScalarNode) else repr(_tree(key))
+        if name not in owned:
+            out.setdefault(name, []).append(_tree(value))
+    return out
 
 
 def assert_only_owned_changed(old: str, new: str, owned: Iterable[str] = OWNED) -> None:

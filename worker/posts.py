@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import difflib
 import hashlib
+import math
 import os
 import re
 import stat
@@ -40,9 +42,10 @@ _YAML_OPEN = re.compile(r"\A---[ \t]*\r?\n")
 _YAML_CLOSE = re.compile(r"^(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.M)
 _TOML_OPEN = re.compile(r"\A\+\+\+[ \t]*\r?\n")
 _TOML_CLOSE = re.compile(r"^\+\+\+[ \t]*(?:\r?\n|\Z)", re.M)
-_YAML_KEY = re.compile(r"""^(?P<key>"[^"]*"|'[^']*'|[^\s#:'"\-?&*!|>%@`{\[][^:#]*?)\s*:(?:[ \t]|\r?$)""")
-_TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"]*"|'[^']*')[ \t]*=""")
-_TOML_TABLE = re.compile(r"^[ \t]*\[")
+_TOML_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+# A key/value line, dotted keys included (`params.tags = 1` is not the top-level `tags`).
+_TOML_KEY = re.compile(rf"[ \t]*(?P<key>{_TOML_PART}(?:[ \t]*\.[ \t]*{_TOML_PART})*)[ \t]*=")
+_TOML_TABLE = re.compile(r"[ \t]*\[")
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)-(?:[ \t]+|\r?$)")
 _KEEP_SCALAR = re.compile(r":[ \t]*[|>][1-9]?\+[1-9]?[ \t]*(?:#.*)?\r?$")
 # No-break and other odd spaces people paste into front matter.
@@ -182,10 +185,6 @@ def _split(path: Path, text: str) -> tuple[Format, str, str, str, str]:
     return "none", "", "", "", text
 
 
-def _top_level_keys(header: str, pattern: re.Pattern[str]) -> list[str]:
-    return [m.group("key").strip("\"'") for line in header.splitlines() if (m := pattern.match(line))]
-
-
 def _alias_growth(root: yaml.Node) -> int:
     """How many nodes expanding the aliases would add to the document (-1 for a recursive alias)."""
     cap = 1 << 40  # far above any limit; keeps the arithmetic small on deep bombs
@@ -217,20 +216,37 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def _load_yaml(path: Path, header: str) -> Any:
-    """safe_load, refusing alias bombs and recursive aliases before anything is expanded."""
-    loader = _PostLoader(header)  # SafeLoader, with dates it cannot build kept as text
+def _compose_yaml(path: Path, header: str) -> yaml.Node | None:
+    """The header's node graph (nothing constructed), refusing alias bombs and recursive aliases."""
+    loader = _PostLoader(header)
     try:
         node = loader.get_single_node()
-        if node is None:
-            return None
-        growth = _alias_growth(node)
-        if growth < 0:
-            raise BadPost("front matter has a recursive alias", path=path)
-        if growth > MAX_YAML_NODES:
-            raise BadPost(
-                f"front matter contains excessive aliasing (aliases expand to over {MAX_YAML_NODES} nodes)", path=path
-            )
+    finally:
+        loader.dispose()
+    if node is None:
+        return None
+    growth = _alias_growth(node)
+    if growth < 0:
+        raise BadPost("front matter has a recursive alias", path=path)
+    if growth > MAX_YAML_NODES:
+        raise BadPost(
+            f"front matter contains excessive aliasing (aliases expand to over {MAX_YAML_NODES} nodes)", path=path
+        )
+    return node
+
+
+def _load_yaml(path: Path, header: str) -> Any:
+    """safe_load, refusing alias bombs, recursive aliases and duplicate top-level keys before anything is built."""
+    node = _compose_yaml(path, header)
+    if node is None:
+        return None
+    if isinstance(node, yaml.MappingNode):
+        counts = Counter(k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value != "<<")
+        duplicates = sorted(k for k, n in counts.items() if n > 1)
+        if duplicates:
+            raise BadPost(f"duplicate front-matter keys: {', '.join(duplicates[:10])}", path=path)
+    loader = _PostLoader("")  # dates it cannot build kept as text
+    try:
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -251,11 +267,6 @@ def parse_header(path: Path, fmt: Format, header: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise BadPost(f"front matter is a {type(data).__name__}, not a mapping", path=path)
-    if fmt == "yaml":
-        counts = Counter(_top_level_keys(header, _YAML_KEY))
-        duplicates = sorted(k for k, n in counts.items() if n > 1)
-        if duplicates:
-            raise BadPost(f"duplicate front-matter keys: {', '.join(duplicates[:10])}", path=path)
     return {str(k): v for k, v in data.items()}
 
 
@@ -299,14 +310,52 @@ def _yaml_scalar(value: str) -> str:
     return dumped.strip()[1:-1]
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at LF only, each with its ending (CRLF stays whole): what `^` means to the delimiters."""
+    parts = text.split("\n")
+    return [f"{part}\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def _value_last(header: str, node: yaml.Node) -> int:
+    """Offset of a value's last character: for a block list or map, that of its last item (not the comments after)."""
+    while isinstance(node, yaml.SequenceNode | yaml.MappingNode) and not node.flow_style and node.value:
+        last = node.value[-1]
+        node = last[1] if isinstance(last, tuple) else last
+    at = node.end_mark.index
+    while at > 0 and header[at - 1].isspace():
+        at -= 1
+    return at - 1
+
+
 def _yaml_blocks(lines: list[str]) -> dict[str, tuple[int, int]]:
-    """Map each top-level key to its [start, end) line span (trailing blank lines excluded)."""
-    starts = [(i, m.group("key").strip("\"'")) for i, line in enumerate(lines) if (m := _YAML_KEY.match(line))]
+    """Map each top-level key to its [start, end) line span (trailing blank lines excluded).
+
+    Where keys start and values end is PyYAML's word (a flow list closed by `]` in column 0, a quoted scalar over
+    several lines, an empty value); indented lines, list items and blank lines that follow up to the next key
+    (comments among the items) belong to the key too.
+    """
+    header = "".join(lines)
+    try:
+        node = _compose_yaml(Path("<front matter>"), header)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise BadPost("malformed YAML front matter", path=Path("<front matter>")) from exc
+    if not isinstance(node, yaml.MappingNode) or node.flow_style:
+        return {}
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+
+    def line_at(offset: int) -> int:
+        return max(0, bisect.bisect_right(starts, offset) - 1)
+
+    pairs = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+    key_lines = [line_at(k.start_mark.index) for k, _ in pairs]
     spans: dict[str, tuple[int, int]] = {}
-    for i, key in starts:
-        end = i + 1
-        j = i + 1
-        while j < len(lines):
+    for n, (key, value) in enumerate(pairs):
+        i = key_lines[n]
+        limit = key_lines[n + 1] if n + 1 < len(pairs) else len(lines)
+        end = j = max(i + 1, line_at(_value_last(header, value)) + 1)
+        while j < limit:
             line = lines[j]
             if line.strip() == "":
                 j += 1
@@ -315,7 +364,7 @@ def _yaml_blocks(lines: list[str]) -> dict[str, tuple[int, int]]:
                 end = j = j + 1
                 continue
             break
-        spans[key] = (i, end)
+        spans[key.value] = (i, max(i + 1, min(end, limit)))
     return spans
 
 
@@ -338,7 +387,9 @@ def _render_yaml_list(key_line: str, block: list[str], new: list[str], nl: str, 
     inline = head.split(":", 1)[1].strip()
     if not new:
         return [f"{key_part} []{comment}{nl}"]
-    if inline.startswith("["):
+    # A flow list stays one (also one opened on the line below the key): one line, its comment kept.
+    below = next((line.strip() for line in block[1:] if line.strip() and not line.lstrip().startswith("#")), "")
+    if inline.startswith("[") or (not inline and below.startswith("[")):
         return [f"{key_part} [{', '.join(_yaml_scalar(v) for v in new)}]{comment}{nl}"]
     kept: list[str] = []
     present: set[str] = set()
@@ -362,7 +413,7 @@ def _render_yaml_list(key_line: str, block: list[str], new: list[str], nl: str, 
 
 
 def _edit_yaml(header: str, changes: Mapping[str, Change], nl: str) -> str:
-    lines = header.splitlines(keepends=True)
+    lines = _lines(header)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += nl
     spans = _yaml_blocks(lines)
@@ -421,6 +472,19 @@ def _edit_toml(header: str, changes: Mapping[str, Change], nl: str) -> str:
     return text.replace("\n", nl) if nl != "\n" else text
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equal and of the same type all the way down (`1`, `1.0` and `true` differ; NaN equals NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(v, b[k]) for k, v in a.items())
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return bool(a == b)
+
+
 def render_changes(post: Post, changes: Mapping[str, Change]) -> str:
     """The post's full new text with only `changes` applied (None removes a key); verified before it is used."""
     nl = post.newline
@@ -430,11 +494,26 @@ def render_changes(post: Post, changes: Mapping[str, Change]) -> str:
     else:
         header = _edit_yaml(post.header, changes, nl)
         prefix, suffix = (post.prefix, post.suffix) if post.format == "yaml" else (f"---{nl}", f"---{nl}")
-    new_meta = parse_header(post.path, "toml" if post.format == "toml" else "yaml", header)
-    expected = {k: v for k, v in {**post.meta, **changes}.items() if v is not None}
-    if new_meta != expected:
-        differing = sorted(k for k in set(new_meta) | set(expected) if new_meta.get(k) != expected.get(k))
-        raise BadPost(f"front matter could not be edited safely (keys {', '.join(differing)})", path=post.path)
+    try:
+        new_meta = parse_header(post.path, "toml" if post.format == "toml" else "yaml", header)
+    except BadPost as exc:
+        raise BadPost(
+            f"front matter could not be edited safely: the edit does not parse ({exc.message})", path=post.path
+        ) from exc
+    # Every key of the header, not only the changed ones: a foreign key must parse to the same value and type.
+    expected = dict(post.meta)
+    for key, value in changes.items():
+        if value is None:
+            expected.pop(key, None)
+        else:
+            expected[key] = value
+    differing = sorted(
+        k
+        for k in {*new_meta, *expected}
+        if k not in new_meta or k not in expected or not same_value(new_meta[k], expected[k])
+    )
+    if differing:
+        raise BadPost(f"front matter could not be edited safely (keys {', '.join(differing[:10])})", path=post.path)
     new_text = ("\ufeff" if post.bom else "") + prefix + header + suffix + post.body
     foreign = foreign_changes(post.raw.decode("utf-8"), new_text, changes.keys())
     if foreign:
@@ -476,22 +555,38 @@ def _toml_value_end(header: str, pos: int) -> int:
     return n
 
 
+def _toml_spans(header: str, owned: set[str]) -> list[tuple[int, int]]:
+    """[start, end) offsets of the owned top-level keys: each value is stepped over whole (a line inside a
+    multi-line string or array is never read as a key or a table), and the top level ends at the first table."""
+    spans: list[tuple[int, int]] = []
+    at, n = 0, len(header)
+    while at < n:
+        line_end = header.find("\n", at)
+        line_end = n if line_end < 0 else line_end + 1
+        line = header[at:line_end]
+        if _TOML_TABLE.match(line):
+            break  # `[table]` or `[[array of tables]]`: what follows is not top level
+        m = _TOML_KEY.match(line)
+        if not m:
+            at = line_end  # blank, a comment (or something TOML refused when the post was read)
+            continue
+        end = _toml_value_end(header, at + m.end())
+        key = m.group("key")
+        if (key[1:-1] if key[0] in "\"'" and key[-1] == key[0] else key) in owned:
+            spans.append((at, end))
+        at = end
+    return spans
+
+
 def _owned_spans(fmt: Format, header: str, owned: set[str]) -> list[tuple[int, int]]:
     """[start, end) character offsets in `header` of the owned top-level keys."""
-    lines = header.splitlines(keepends=True)
+    if fmt == "toml":
+        return _toml_spans(header, owned)
+    lines = _lines(header)
     offsets = [0]
     for line in lines:
         offsets.append(offsets[-1] + len(line))
     spans: list[tuple[int, int]] = []
-    if fmt == "toml":
-        for i, line in enumerate(lines):
-            if _TOML_TABLE.match(line):
-                break
-            m = _TOML_KEY.match(line)
-            if m and m.group("key").strip("\"'") in owned:
-                start = offsets[i]
-                spans.append((start, _toml_value_end(header, start + m.end())))
-        return spans
     for key, (start, end) in _yaml_blocks(lines).items():
         if key in owned:
             spans.append((offsets[start], offsets[end]))

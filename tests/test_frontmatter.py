@@ -1,0 +1,198 @@
+"""Valid front matter is never refused: every shape real sites use is written with only the owned keys changed.
+
+Each post in `tests/fixtures/frontmatter/` is one shape (empty values, multi-line flow lists and maps, block
+scalars last, comments after the last key, `---` inside a block scalar, BOM/CRLF, TOML tables and arrays of
+tables with owned key names inside them). Each is written three ways (terms added, emptied, keys removed) and
+checked twice by code written apart from the product (`tests/owned_bytes.py`): byte level (every byte outside the
+owned keys' spans identical) and parse level (every foreign key parses to the same value and type).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.owned_bytes import assert_only_owned_changed, foreign_values, split
+from worker import posts
+from worker.errors import BadPost
+from worker.posts import (
+    ORIGIN_KEY,
+    Change,
+    Post,
+    atomic_write,
+    foreign_changes,
+    read_post,
+    render_changes,
+    same_value,
+    write_atomic,
+)
+
+OWNED = ("tags", "categories", "concepts", ORIGIN_KEY)
+FIXTURES = Path(__file__).parent / "fixtures" / "frontmatter"
+NAMES = sorted(p.name for p in FIXTURES.glob("*.md"))
+
+
+def _added(post: Post) -> dict[str, Change]:
+    return {
+        "tags": [*post.terms("tags")[1:], "New: tag", "Ünïcode"],
+        "categories": [*post.terms("categories"), "Kanban"],
+        "concepts": ["Flow"],
+        ORIGIN_KEY: "AI",
+    }
+
+
+def _emptied(post: Post) -> dict[str, Change]:
+    return {"tags": [], "categories": [], "concepts": [], ORIGIN_KEY: "AI"}
+
+
+def _removed(post: Post) -> dict[str, Change]:
+    return {key: None for key in OWNED}
+
+
+CHANGES: dict[str, Callable[[Post], dict[str, Change]]] = {"added": _added, "emptied": _emptied, "removed": _removed}
+
+
+def test_there_is_a_fixture_for_every_shape() -> None:
+    shapes = ("null-", "flow-list-last", "flow-map", "block-scalar-last", "keep-scalar", "comments-after-last")
+    shapes += ("dashes-in-block-scalar", "bom-crlf", "toml-array-of-tables", "toml-owned-names-in-tables")
+    for shape in shapes:
+        assert any(name.startswith(shape) for name in NAMES), shape
+
+
+@pytest.mark.parametrize("how", sorted(CHANGES))
+@pytest.mark.parametrize("name", NAMES)
+def test_every_valid_shape_is_written_with_only_owned_keys_changed(tmp_path: Path, name: str, how: str) -> None:
+    path = tmp_path / name
+    original = (FIXTURES / name).read_bytes()
+    path.write_bytes(original)
+    post = read_post(path)
+    changes = CHANGES[how](post)
+    write_atomic(post, render_changes(post, changes))
+    old, new = original.decode("utf-8"), path.read_bytes().decode("utf-8")
+    assert_only_owned_changed(old, new)  # byte level, by code written apart from the product
+    assert foreign_changes(old, new, OWNED) == []  # and by the product's own check
+    assert foreign_values(new) == foreign_values(old)  # parse level: every foreign key, value and type
+    assert split(new)[4] == split(old)[4]  # the body
+    again = read_post(path)
+    for key, value in changes.items():
+        assert again.meta.get(key) == value, key
+    if b"\r\n" in original:
+        assert b"\n" not in path.read_bytes().replace(b"\r\n", b"")
+    assert path.read_bytes().startswith(original[:3])  # BOM (or the opening delimiter) kept
+    if how == "removed" and not any(k in post.meta for k in OWNED):
+        assert path.read_bytes() == original
+
+
+def test_a_new_key_after_a_flow_list_closed_in_column_zero_lands_after_it(tmp_path: Path) -> None:
+    """Hugo's docs: `aliases: [` with one item a line and `]` alone, as the last key."""
+    path = tmp_path / "types.md"
+    path.write_bytes((FIXTURES / "flow-list-last.md").read_bytes())
+    new = render_changes(read_post(path), {"tags": ["Templates"]})
+    assert "  '/templates/home/',\n]\ntags:\n  - Templates\n---\n" in new
+
+
+@pytest.mark.parametrize(
+    ("header", "key", "value"),
+    [
+        ("description:\ntitle: t", "description", None),
+        ("title: t\nweight: ~\nx: 1", "weight", None),
+        ("title: t\nsummary:   # only a comment", "summary", None),
+        ("title: t\nratio: .nan", "ratio", float("nan")),
+    ],
+)
+def test_empty_values_and_nan_do_not_make_a_post_unclassifiable(
+    tmp_path: Path, header: str, key: str, value: Any
+) -> None:
+    path = tmp_path / "p.md"
+    path.write_text(f"---\n{header}\n---\nbody\n", encoding="utf-8")
+    post = read_post(path)
+    write_atomic(post, render_changes(post, {"tags": ["Kanban"], ORIGIN_KEY: "AI"}))
+    again = read_post(path)
+    assert again.terms("tags") == ["Kanban"]
+    assert key in again.meta and same_value(again.meta[key], value)
+
+
+def test_the_reparse_check_compares_every_foreign_key_not_only_the_changed_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor that also changed a key it was not asked to (`weight`, 3 to 3.0) is caught by the re-parse of
+    every key, before the byte check (whose message would name lines, not keys)."""
+    path = tmp_path / "p.md"
+    text = "---\ntitle: t\nweight: 3\n---\nbody\n"
+    path.write_text(text, encoding="utf-8")
+    real = posts._edit_yaml
+    monkeypatch.setattr(posts, "_edit_yaml", lambda *a: real(*a).replace("weight: 3", "weight: 3.0"))
+    with pytest.raises(BadPost, match=r"could not be edited safely \(keys weight\)"):
+        render_changes(read_post(path), {"tags": ["Lean"]})
+    assert path.read_text(encoding="utf-8") == text
+
+
+def test_an_anchor_a_foreign_key_aliases_inside_an_owned_key_is_refused_not_lost(tmp_path: Path) -> None:
+    path = tmp_path / "p.md"
+    text = "---\ntitle: t\ntags: &t [Kanban]\nmirror: *t\n---\nbody\n"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(BadPost, match="could not be edited safely"):
+        render_changes(read_post(path), {"tags": ["Lean"]})
+
+
+def test_same_value_tells_types_apart() -> None:
+    assert same_value({"a": [1, "x"]}, {"a": [1, "x"]})
+    assert not same_value(1, True)
+    assert not same_value(1, 1.0)
+    assert not same_value({"a": 1}, {"a": 1, "b": None})
+    assert same_value(float("nan"), float("nan"))
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Observed at the os boundary: what each fsync'd descriptor names, and when the rename happens."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "post.md"
+    target.write_bytes(b"old")
+    atomic_write(target, b"new", expected=b"old")
+    assert target.read_bytes() == b"new"
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    temp = events[1][1].split(" -> ")[0]
+    assert events[0][1] == temp and Path(temp).parent == tmp_path  # the temp file's data, before the rename
+    assert events[1][1].endswith(f" -> {target}")
+    assert events[2][1] == str(tmp_path)  # the folder, after the rename: the new name is durable
+
+
+FOREIGN_EDITS = {
+    "toml-owned-names-in-tables.md": ["in a table", "in another table", "inside a string", "not.a.table", "a dotted"],
+    "toml-array-of-tables.md": ["inside an array of tables", "not top level"],
+    "toml-only-arrays-of-tables.md": ["cascaded"],
+    "flow-map-last.md": ["not tagger's"],
+    "flow-list-last.md": ["/templates/home/"],
+    "flow-list-middle.md": ["/column/zero/", "a comment inside"],
+    "dashes-in-block-scalar.md": ["not: the end"],
+    "nested-map-last.md": ["inner", "trailing comment"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOREIGN_EDITS))
+def test_the_byte_check_sees_an_edit_to_a_foreign_key_that_shares_an_owned_name(name: str) -> None:
+    """Owned key names inside tables, arrays of tables, strings, flow maps and nested maps are foreign."""
+    old = (FIXTURES / name).read_text(encoding="utf-8")
+    for text in FOREIGN_EDITS[name]:
+        assert text in old, text
+        new = old.replace(text, text[:-1] + ("Z" if text[-1] != "Z" else "Y"))
+        assert foreign_changes(old, new, OWNED), f"{name}: an edit of {text!r} went unseen"
