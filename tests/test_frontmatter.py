@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from tests.owned_bytes import assert_only_owned_changed, foreign_values, split
 from worker import posts
+from worker.cli import main
 from worker.errors import BadPost
+from worker.fakellm import FakeLLM
 from worker.posts import (
     ORIGIN_KEY,
     Change,
@@ -196,3 +199,36 @@ def test_the_byte_check_sees_an_edit_to_a_foreign_key_that_shares_an_owned_name(
         assert text in old, text
         new = old.replace(text, text[:-1] + ("Z" if text[-1] != "Z" else "Y"))
         assert foreign_changes(old, new, OWNED), f"{name}: an edit of {text!r} went unseen"
+
+
+def _offline_env(site: Path, **more: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_"))}
+    env.update(TAGGER_TAXONOMY_DIR=str(site / "taxonomy"), TAGGER_CONTENT_DIR=str(site / "site"))
+    return {**env, "TAGGER_PROVIDER": "offline", **more}
+
+
+def test_a_file_without_front_matter_is_skipped_by_default_and_counted(site: Path, fake_llm: FakeLLM) -> None:
+    """Jekyll copies such a file as a static file: giving it front matter would publish it as a page."""
+    readme = site / "site" / "posts" / "readme.md"
+    text = b"Kanban and flow, work in progress limits, pull systems.\n"
+    readme.write_bytes(text)
+    runner = CliRunner()
+    env = _offline_env(site)
+    one = runner.invoke(main, ["classify", str(readme)], env=env)
+    assert one.exit_code == 0, one.output
+    assert one.stderr.splitlines()[-1] == f"SKIPPED {readme}: no front matter"
+    run = runner.invoke(main, ["backfill", "--inline", str(site / "site")], env=env)
+    assert run.exit_code == 0, run.output
+    assert "0 fresh (up to date), 1 skipped (1 without front matter)" in run.stdout
+    assert f"SKIPPED {readme}: no front matter" in run.stderr.splitlines()
+    assert "3 done, 2 written" in run.stdout  # the other posts went on (the Human one is judged, not written)
+    assert readme.read_bytes() == text
+    assert not list(readme.parent.glob("data.readme.tagger.json"))
+    # `add` (Hugo renders every markdown file as a page): judged and given a YAML block, the body unchanged
+    fake_llm.score({"Kanban": 90}, default=0)
+    model = {"TAGGER_PROVIDER": "openai", "OPENAI_BASE_URL": fake_llm.base_url, "OPENAI_API_KEY": "sk-fm-0123456789"}
+    added = runner.invoke(main, ["classify", str(readme)], env={**env, **model, "TAGGER_NO_FRONT_MATTER": "add"})
+    assert added.exit_code == 0, added.output
+    new = readme.read_bytes()
+    assert new.startswith(b"---\n") and new.endswith(b"---\n" + text)
+    assert read_post(readme).meta.get(ORIGIN_KEY) == "AI" and "Kanban" in read_post(readme).terms("tags")

@@ -13,7 +13,7 @@ from redis import Redis, RedisError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from worker.classifier import Classifier, make_classifier
+from worker.classifier import NO_FRONT_MATTER, Classifier, make_classifier
 from worker.errors import PostReadOnly, SettingsError, TaggerError, TaxonomyError, kind_of
 from worker.paths import confine_folder, not_a_post, walk_posts
 from worker.polling import Progress, Tally, poll_until
@@ -28,11 +28,13 @@ from worker.settings import Settings
 
 @dataclass
 class Plan:
-    """Posts to classify, how many were fresh, and which were skipped (`path: reason`, one per post)."""
+    """Posts to classify, how many were fresh, which were skipped (`path: reason`, one per post), and the files
+    left alone because they have no front matter (`TAGGER_NO_FRONT_MATTER=skip`: by setting, not a problem)."""
 
     todo: list[Path] = field(default_factory=list)
     fresh: int = 0
     skipped: list[str] = field(default_factory=list)
+    no_front_matter: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +98,9 @@ def plan(
             break
         try:
             post = classifier.read(path)
+            if classifier.skip_reason(post) == NO_FRONT_MATTER:
+                result.no_front_matter.append(path)
+                continue
             fresh = classifier.is_fresh(post, classifier.load_record(post), types)
             if not (fresh and not include_fresh) and not post.human_only:
                 check_writable(path)

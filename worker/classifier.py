@@ -32,6 +32,7 @@ CHANGED_POST_PASSES = 3
 # Most of the token budget goes to the body: a title or description past these shares of it is cut.
 TITLE_SHARE, DESCRIPTION_SHARE = 1 / 16, 1 / 8
 NOTHING_TO_CLASSIFY = "nothing to classify"
+NO_FRONT_MATTER = "no front matter"
 # Called with each chunk's judgements as soon as that chunk is judged (from the chunk's thread).
 OnChunk = Callable[[list[Judgement]], None]
 
@@ -58,15 +59,22 @@ class Classifier:
         """The post's record, with an announced-but-unconfirmed write settled against the post on disk."""
         return reconcile(self.records.load(post.path), post)
 
+    def skip_reason(self, post: Post) -> str | None:
+        """Why a post is left alone unjudged: no front matter (`TAGGER_NO_FRONT_MATTER=skip`), or nothing in it."""
+        if post.format == "none" and self.settings.no_front_matter == "skip":
+            return NO_FRONT_MATTER
+        return None if post.has_content else NOTHING_TO_CLASSIFY
+
     def classify(self, path: Path, *, dry_run: bool = False, types: Sequence[str] | None = None) -> Classification:
         """Classify one post and write it back; a post edited meanwhile is read and judged again."""
         for attempt in range(1, CHANGED_POST_PASSES + 1):
             post = self.read(path)
-            if not post.has_content:
-                log.info("skipped", post=str(path), reason=NOTHING_TO_CLASSIFY)
+            reason = self.skip_reason(post)
+            if reason is not None:
+                log.info("skipped", post=str(path), reason=reason)
                 return Classification(
                     post=str(path), content_hash=post.content_hash, judgements=[], decisions=[], assigned={},
-                    removed_by_people={}, usage=Usage(), cached_terms=0, skipped=NOTHING_TO_CLASSIFY,
+                    removed_by_people={}, usage=Usage(), cached_terms=0, skipped=reason,
                 )  # fmt: skip
             if not dry_run and not post.human_only:
                 check_writable(path)  # a locked post is not judged either: no call spent on what cannot be written
@@ -134,7 +142,7 @@ class Classifier:
 
     def is_fresh(self, post: Post, record: Record, types: Sequence[str] | None = None) -> bool:
         """True when the record answers for this post, taxonomy, prompt and model: nothing to ask or remove."""
-        if not post.has_content:
+        if self.skip_reason(post) is not None:
             return True
         _, todo = self.split_cached(post, self.terms_for(post, types), record)
         gone = retired(self.taxonomy, record)

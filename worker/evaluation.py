@@ -327,8 +327,8 @@ def evaluate(
     for path in paths:
         try:
             post = classifier.read(path)
-            if not post.has_content:
-                continue  # nothing to judge (classify skips it too)
+            if classifier.skip_reason(post) is not None:
+                continue  # nothing to judge, or no front matter (classify skips it too)
             site_record = classifier.load_record(post)
             record = site_record if cache_dir is None else _load_cache(cache_dir, root, path)
             labels = _gold_of(post, site_record, gold, wanted, titles, outside)

@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     prompts_dir: Path | None = Field(default=None, alias="TAGGER_PROMPTS_DIR")
     records_dir: Path | None = Field(default=None, alias="TAGGER_RECORDS_DIR")
     max_front_matter_bytes: int = Field(default=256 * 1024, ge=1024, alias="TAGGER_MAX_FRONT_MATTER_BYTES")
+    # Jekyll copies a file without front matter as a static file: giving it one would publish it as a page.
+    no_front_matter: Literal["skip", "add"] = Field(default="skip", alias="TAGGER_NO_FRONT_MATTER")
     post_globs: Annotated[tuple[str, ...], NoDecode] = Field(default=DEFAULT_POST_GLOBS, alias="TAGGER_POST_GLOBS")
     exclude: Annotated[tuple[str, ...], NoDecode] = Field(default=(), alias="TAGGER_EXCLUDE")
 

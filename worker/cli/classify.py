@@ -9,7 +9,7 @@ import click
 import structlog
 
 from worker.backfill import check_types
-from worker.classifier import make_classifier
+from worker.classifier import NO_FRONT_MATTER, make_classifier
 from worker.cli.app import App, cut, err, pass_app
 from worker.errors import NotAPost, OutsideContentRoot, PostReadOnly, TaggerError, kind_of
 from worker.logs import redact, secrets_of
@@ -117,6 +117,9 @@ def classify(
             problems.append(f"FAILED {name}: {kind_of(exc)}: {redact(message, secrets_of(settings))}")
             continue
         results.append(result)
+        if result.skipped == NO_FRONT_MATTER:  # by TAGGER_NO_FRONT_MATTER=skip: reported, not a failure
+            err(f"SKIPPED {name}: {NO_FRONT_MATTER}")
+            continue
         if as_json:
             continue
         usage = result.usage

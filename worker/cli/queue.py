@@ -9,6 +9,7 @@ import click
 
 from worker import backfill as backfill_lib
 from worker.apply import remember
+from worker.classifier import NO_FRONT_MATTER
 from worker.cli.app import App, Fail, err, pass_app, progress
 from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
@@ -109,9 +110,13 @@ def backfill(
     redis = None if inline or estimate else app.redis()  # before planning: a big site plans for a while
     plan = backfill_lib.plan(settings, include_fresh=include_fresh, limit=limit, types=types or None, folder=folder)
     click.echo(f"backfill: content root {settings.content_root_label()}")
+    unmarked = len(plan.no_front_matter)
     click.echo(
-        f"backfill {folder}: {len(plan.todo)} to classify, {plan.fresh} fresh (up to date), {len(plan.skipped)} skipped"
+        f"backfill {folder}: {len(plan.todo)} to classify, {plan.fresh} fresh (up to date), "
+        f"{len(plan.skipped) + unmarked} skipped" + (f" ({unmarked} without front matter)" if unmarked else "")
     )
+    for path in plan.no_front_matter:  # by TAGGER_NO_FRONT_MATTER=skip: reported, not a failure
+        err(f"SKIPPED {path}: {NO_FRONT_MATTER}")
     for line in plan.skipped:
         err(f"SKIPPED {line}")
     skipped = bool(plan.skipped)
@@ -145,7 +150,7 @@ def backfill(
         if settings.provider == "offline":
             err(OFFLINE_NOTE)
         summary = backfill_lib.run_inline(settings, plan.todo, progress=progress, types=types or None)
-        skipped_count = len(plan.skipped) + len(summary.skipped)
+        skipped_count = len(plan.skipped) + unmarked + len(summary.skipped)
         click.echo(
             f"\nbackfill: {summary.done} done, {summary.written} written, {len(summary.failed)} failed, "
             f"{skipped_count} skipped, {summary.calls} provider calls, {summary.tokens} tokens"

@@ -90,7 +90,7 @@ def decide_remote(
         merged = {(j.type, j.term): j for j in [*record.judgements, *judged]}
         record = record.model_copy(update={"judgements": list(merged.values())})
     base: dict[str, Any] = {"post": relative, "content_hash": post.content_hash, "file_hash": post.file_hash}
-    if not post.has_content:
+    if classifier.skip_reason(post) is not None:
         unchanged = Outcome(**base, new_file_hash="", changes={}, added={}, removed={}, record=dumps(record).decode())
         return unchanged, Usage(), 0.0
     decided = classifier.decide(post, record, payload.types, on_chunk=on_chunk)
