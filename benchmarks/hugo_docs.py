@@ -103,12 +103,14 @@ def main() -> None:
     print(
         f"plan: {len(planned.todo)} to classify, {len(planned.skipped)} skipped, "
         f"{len(planned.no_front_matter)} without front matter; {plan_seconds:.2f}s = {n / plan_seconds:.0f} posts/s "
-        f"(reading and parsing alone: {n / read_seconds:.0f} posts/s; planning takes {plan_seconds / read_seconds:.1f}x)"
+        f"(reading and parsing alone: {n / read_seconds:.0f} posts/s; "
+        f"planning takes {plan_seconds / read_seconds:.1f}x)"
     )
     print(
         f"inline run: {summary.done} done, {summary.written} written, {len(summary.failed)} failed, "
         f"{len(summary.skipped)} skipped; {run_seconds:.2f}s = {summary.done / run_seconds:.0f} posts/s "
-        f"(edit and atomic write alone: {n / write_seconds:.0f} posts/s; the run takes {run_seconds / write_seconds:.1f}x)"
+        f"(edit and atomic write alone: {n / write_seconds:.0f} posts/s; "
+        f"the run takes {run_seconds / write_seconds:.1f}x)"
     )
     print(f"after: {written} written, {unchanged} unchanged, {len(problems)} outside the owned keys changed")
     print(f"second plan: {len(again.todo)} to classify, {again.fresh} fresh")
