@@ -101,7 +101,9 @@ def plan(
             if classifier.skip_reason(post) == NO_FRONT_MATTER:
                 result.no_front_matter.append(path)
                 continue
-            fresh = classifier.is_fresh(post, classifier.load_record(post), types)
+            fresh = classifier.is_fresh(
+                post, classifier.records.load(path), types
+            )  # as stored: checked against the file
             if not (fresh and not include_fresh) and not post.human_only:
                 check_writable(path)
         except Exception as exc:  # one post that breaks the parser (deep nesting, odd bytes) must not stop the plan

@@ -6,6 +6,7 @@ import contextvars
 import functools
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from worker.decide import Decided, decide, retired
+from worker.decide import Decided, Due, decide, drift, retired
 from worker.errors import InvalidReply, PostChanged, TaggerError
 from worker.posts import Post, check_writable, clean_stale_temps, read_post
 from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt, prompt_version
@@ -61,9 +62,11 @@ class Classifier:
 
     def skip_reason(self, post: Post) -> str | None:
         """Why a post is left alone unjudged: no front matter (`TAGGER_NO_FRONT_MATTER=skip`), or nothing in it."""
+        if not post.has_content:
+            return NOTHING_TO_CLASSIFY
         if post.format == "none" and self.settings.no_front_matter == "skip":
             return NO_FRONT_MATTER
-        return None if post.has_content else NOTHING_TO_CLASSIFY
+        return None
 
     def classify(self, path: Path, *, dry_run: bool = False, types: Sequence[str] | None = None) -> Classification:
         """Classify one post and write it back; a post edited meanwhile is read and judged again."""
@@ -141,12 +144,45 @@ class Classifier:
         return [t for t in self.terms_of(types) if _term_file(t.path) != own]
 
     def is_fresh(self, post: Post, record: Record, types: Sequence[str] | None = None) -> bool:
-        """True when the record answers for this post, taxonomy, prompt and model: nothing to ask or remove."""
+        """True when the post as it is on disk is what the record says tagger left, and the record answers for this
+        taxonomy, prompt and model: nothing to ask, write, settle or remove. `record` as stored (not reconciled)."""
+        return self.due(post, record, types) is None
+
+    def due(self, post: Post, stored: Record, types: Sequence[str] | None = None) -> Due | None:
+        """Why the post needs classifying again, or None. The post's bytes are the truth: the record is checked
+        against the file (the hash tagger wrote or saw, the terms it assigned, a write it announced), then against
+        the taxonomy, prompt and model its judgements were made with. Reading only: no call, nothing written."""
         if self.skip_reason(post) is not None:
-            return True
-        _, todo = self.split_cached(post, self.terms_for(post, types), record)
-        gone = retired(self.taxonomy, record)
-        return not todo and not any(t for k, t in gone.items() if not types or k in types)
+            return None
+        found = drift(post, stored, types)
+        if found is not None:
+            return found
+        _, todo = self.split_cached(post, self.terms_for(post, types), stored)
+        if todo:
+            return Due("stale", self._why_stale(post, todo, stored))
+        left = {k: t for k, t in retired(self.taxonomy, stored).items() if t and (not types or k in types)}
+        if left:
+            gone = "; ".join(f"{k}: {', '.join(t)}" for k, t in sorted(left.items()))
+            return Due("stale", f"assigned terms left the taxonomy ({gone})")
+        return None
+
+    def _why_stale(self, post: Post, todo: Sequence[Term], record: Record) -> str:
+        """What changed since the judgements were made: the post, a term, the prompt or the model."""
+        cached = record.cached()
+        reasons: Counter[str] = Counter()
+        for term in todo:
+            old = cached.get((term.type, term.title))
+            if old is None:
+                reasons["never judged"] += 1
+            elif old.content_hash != post.content_hash:
+                reasons["the post changed"] += 1
+            elif old.definition_hash != term.definition_hash:
+                reasons["the term's definition changed"] += 1
+            elif old.prompt_version != self.prompt_version:
+                reasons["an older prompt"] += 1
+            else:
+                reasons[f"another model ({old.model})"] += 1
+        return "; ".join(f"{n} terms: {why}" for why, n in reasons.most_common())
 
     @property
     def prompt_version(self) -> str:

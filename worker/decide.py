@@ -33,6 +33,44 @@ class Decided:
     record: Record
 
 
+@dataclass(frozen=True)
+class Due:
+    """Why a post needs classifying again: a kind (`record_missing`, `not_written`, `unsettled`, `terms_missing`,
+    `file_changed`, `stale`) and the facts."""
+
+    kind: str
+    detail: str
+
+
+def drift(post: Post, stored: Record, types: Sequence[str] | None = None) -> Due | None:
+    """Where the record (as stored, not reconciled) and the post as it is disagree, or None.
+
+    The post's bytes are the truth: a write tagger announced must have landed and been settled, every term tagger
+    assigned must be in the post (or removed by people), and the file must be the one tagger last wrote or read.
+    """
+    if not stored.updated_at and not stored.judgements and not stored.file_hash:
+        return Due("record_missing", "no result record")
+    if stored.pending is not None:
+        if post.file_hash == stored.pending.before_file_hash:
+            return Due("not_written", "a write tagger announced did not land (the post is as it was before it)")
+        if post.file_hash == stored.file_hash:
+            return Due("unsettled", "a write that landed is not confirmed in the record")
+        return Due("unsettled", "a write tagger announced is not settled and the post changed since")
+    if stored.before_file_hash == post.file_hash != stored.file_hash:
+        return Due("not_written", "the post is back at its bytes from before tagger's last write (restored?)")
+    for term_type, titles in sorted(stored.assigned.items()):
+        if types and term_type not in types:
+            continue
+        present = {normal_form(t) for t in post.terms(term_type)}
+        removed = {normal_form(t) for t in stored.removed_by_people.get(term_type, [])}
+        missing = [t for t in titles if normal_form(t) not in present and normal_form(t) not in removed]
+        if missing:
+            return Due("terms_missing", f"{term_type}: {', '.join(missing)} assigned but not in the post")
+    if stored.file_hash != post.file_hash:
+        return Due("file_changed", "the post is not the file tagger last wrote or read (edited, restored, copied)")
+    return None
+
+
 def retired(taxonomy: Taxonomy, record: Record) -> dict[str, list[str]]:
     """Terms tagger assigned that have left the taxonomy (removed or renamed), by type."""
     known = {(t.type, normal_form(t.title)) for t in taxonomy}
@@ -123,6 +161,7 @@ def decide(
         post=str(post.path),
         mode=f"{post_mode(post.path):04o}",
         content_hash=post.content_hash,
+        before_file_hash=record.before_file_hash,
         assigned=assigned,
         removed_by_people=removed_by_people,
         added_keys=sorted(added_keys),

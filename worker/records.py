@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from worker.posts import Post, atomic_write
+from worker.posts import Post, atomic_write, normal_form
 from worker.results import SUB_SCORES, Judgement, Usage, level
 
 RECORD_VERSION = 2
@@ -26,6 +26,7 @@ HEADER = (
     "mode",
     "content_hash",
     "file_hash",
+    "before_file_hash",
     "assigned",
     "removed_by_people",
     "added_keys",
@@ -53,6 +54,8 @@ class Record(BaseModel):
     mode: str = ""
     content_hash: str = ""
     file_hash: str = ""
+    # The post's hash before tagger's last write: a post back at exactly these bytes does not hold that write.
+    before_file_hash: str = ""
     assigned: dict[str, list[str]] = Field(default_factory=dict)
     removed_by_people: dict[str, list[str]] = Field(default_factory=dict)  # terms people took out: never re-added
     added_keys: list[str] = Field(default_factory=list)
@@ -73,10 +76,14 @@ def reconcile(record: Record, post: Post) -> Record:
     The post holds what tagger wrote: the write landed. The post holds what was there before: it did not, and
     the earlier assignments stand. Anything else (a person edited it meanwhile): both sets stay tagger's, so a
     crash or a failed record write never turns an AI term into a human one.
+
+    The same after a confirmed write: a post back at exactly its bytes from before tagger's last write (restored by
+    git, a record copied from another checkout) does not hold the terms that write added: they are neither tagger's
+    any more nor removed by people, and the post is due again.
     """
     pending = record.pending
     if pending is None:
-        return record
+        return _written_over(record, post)
     if post.file_hash == record.file_hash:
         return record.model_copy(update={"pending": None})
     if post.file_hash == pending.before_file_hash:
@@ -103,6 +110,23 @@ def reconcile(record: Record, post: Post) -> Record:
     )
 
 
+def _written_over(record: Record, post: Post) -> Record:
+    """A confirmed record against a post back at its bytes from before tagger's last write: that write is absent."""
+    if not record.before_file_hash or post.file_hash != record.before_file_hash or post.file_hash == record.file_hash:
+        return record
+    assigned: dict[str, list[str]] = {}
+    for term_type, titles in record.assigned.items():
+        present = {normal_form(t) for t in post.terms(term_type)}
+        assigned[term_type] = [t for t in titles if normal_form(t) in present]
+    return record.model_copy(
+        update={
+            "assigned": assigned,
+            "added_keys": [k for k in record.added_keys if k in post.meta],
+            "file_hash": post.file_hash,
+        }
+    )
+
+
 def dumps(record: Record) -> bytes:
     """The record as JSON with one header field, and one judgement, per line (stable order)."""
     data = record.model_dump(mode="json")
@@ -110,7 +134,8 @@ def dumps(record: Record) -> bytes:
     shared = {f: _most_common([getattr(j, f) for j in judgements]) for f in SHARED}
     for key in ("assigned", "removed_by_people"):
         data[key] = {k: data[key][k] for k in sorted(data[key])}
-    lines = [f"{json.dumps(k)}: {_compact(data[k])}" for k in HEADER]
+    # Written only once there is one, so records from before it change by no line when written again.
+    lines = [f"{json.dumps(k)}: {_compact(data[k])}" for k in HEADER if k != "before_file_hash" or data[k]]
     lines.append(f'"shared": {_compact(shared)}')
     columns = ["type", "term", "confidence", list(SUB_SCORES), "definition_hash", "reason"]
     lines.append(f'"columns": {_compact(columns)}')

@@ -32,6 +32,7 @@ def write_back(
     announced = new_record.model_copy(
         update={
             "file_hash": file_hash(new_text.encode("utf-8")),
+            "before_file_hash": post.file_hash,
             "pending": Pending(
                 before_file_hash=post.file_hash,
                 assigned=record.assigned,
@@ -70,6 +71,7 @@ def unwritten(new_record: Record, record: Record, post: Post) -> Record:
             "removed_by_people": record.removed_by_people,
             "added_keys": record.added_keys,
             "file_hash": post.file_hash,
+            "before_file_hash": record.before_file_hash,
             "pending": None,
         }
     )
