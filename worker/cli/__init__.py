@@ -18,6 +18,7 @@ from worker.cli.eval import eval_command
 from worker.cli.oncall import failed, resume, status
 from worker.cli.queue import backfill, enqueue, work
 from worker.cli.taxonomy import taxonomy
+from worker.cli.verify import verify
 from worker.errors import TaggerError
 from worker.logs import redact, redact_url, secrets_of
 
@@ -81,7 +82,8 @@ def main(ctx: click.Context, env_file: str | None) -> None:
 
 
 # Setup, classifying one post, the queue, on-call, quality, then the Batch API: `tagger --help` lists them so.
-COMMANDS = (taxonomy, classify, enqueue, backfill, work, status, failed, resume, apply_command, eval_command, batch)
+COMMANDS: tuple[click.Command, ...] = (taxonomy, classify, enqueue, backfill, work, status, failed, resume, verify)
+COMMANDS += (apply_command, eval_command, batch)
 for command in COMMANDS:
     main.add_command(command)
 
