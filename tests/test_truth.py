@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import fill_disk
 from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.cli import main
@@ -230,3 +232,46 @@ def test_eval_leaves_every_post_byte_identical_in_all_its_forms(site: Path, fake
         assert digest(site / "site") == before, form
     assert (tmp_path / "report.html").stat().st_size > 0
     assert fake_llm.counts["requests"] > 0  # the forms did judge
+
+
+@pytest.mark.redis
+def test_a_full_disk_backfill_is_listed_by_verify_and_healed_by_verify_fix_and_a_worker(
+    queue_env: dict[str, str], small_tmpfs: Path, site: Path, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    """The posts on a full tmpfs (their records on another disk): the backfill's writes fail (post_write), space
+    is freed, `verify` lists exactly those posts, `verify --fix` plus a burst worker heals them, `verify` exits 0."""
+    fake_llm.score(SCORES, default=0)
+    shutil.copytree(site / "site", small_tmpfs / "site")
+    content = small_tmpfs / "site"
+    env = {**queue_env, "TAGGER_CONTENT_DIR": str(content), "TAGGER_RECORDS_DIR": str(tmp_path / "records")}
+    fill_disk(small_tmpfs)
+
+    def tagger(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    before = digest(content)
+    backfill = tagger("backfill", str(content), "--inline")
+    assert backfill.returncode == 1
+    failed = sorted(line.split()[1].rstrip(":") for line in backfill.stderr.splitlines() if line.startswith("FAILED"))
+    assert failed == [str(content / "posts" / "limiting-wip.md"), str(content / "posts" / "shipping-daily.md")]
+    assert all("post_write" in line for line in backfill.stderr.splitlines() if line.startswith("FAILED"))
+    assert digest(content) == before  # nothing half-written
+    (small_tmpfs / "filler").unlink()
+    listed = tagger("verify")
+    assert listed.returncode == 1, listed.stderr
+    drifted = {line.split()[1].rstrip(":"): line.split()[0] for line in listed.stdout.splitlines()[:-1]}
+    assert drifted == {"posts/limiting-wip.md": "not_written", "posts/shipping-daily.md": "not_written"}
+    assert listed.stdout.splitlines()[-1] == "verify: 3 posts checked, 2 drifted: not_written 2"
+    fix = tagger("verify", "--fix")
+    assert fix.returncode == 1 and "fix: 2 enqueued" in fix.stdout, fix.stdout + fix.stderr
+    calls = fake_llm.counts["requests"]
+    work = tagger("work", "--burst")
+    assert work.returncode == 0, work.stderr[-2000:]
+    assert fake_llm.counts["requests"] == calls  # judged during the failed backfill: healing asks nothing
+    healed = tagger("verify")
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert healed.stdout.splitlines()[-1] == "verify: 3 posts checked, 0 drifted"
+    assert read_post(content / "posts" / "limiting-wip.md").terms("tags") == ["Lean", "Kanban"]
+    assert "Kanban" in read_post(content / "posts" / "shipping-daily.md").terms("tags")
