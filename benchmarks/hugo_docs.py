@@ -3,9 +3,9 @@
 Every page is given terms (the fake scores three terms high for every post), so every front-matter shape of the
 site goes through the write-back. Afterwards each file is checked with `tests/owned_bytes.py` (code written
 apart from the product): every byte outside the owned keys identical, every foreign key parsing to the same value.
-Prints posts/s for planning and for the inline run, each against a baseline measured in the same run: reading
-and parsing every post (the least planning can do), and reading, editing and atomically writing every post with
-fixed terms, no judging and no record (the least a backfill that writes can do).
+Prints posts/s for planning, for the inline run and for `verify` afterwards, each against a baseline measured in
+the same run: reading and parsing every post (the least planning or verifying can do), and reading, editing and
+atomically writing every post with fixed terms, no judging and no record (the least a backfill that writes can do).
 
 Usage: .venv/bin/python benchmarks/hugo_docs.py [--latency 0]
 """
@@ -27,6 +27,7 @@ from worker.backfill import plan, post_files, run_inline
 from worker.fakellm import FakeLLM
 from worker.logs import configure
 from worker.posts import ORIGIN_KEY, read_post, render_changes, write_atomic
+from worker.verify import verify
 
 HUGO_DOCS = REPO.parent / "shared" / "corpus" / "hugo-docs"
 SCORES = {"Kanban": 90.0, "Flow and Kanban": 85.0, "Practice": 90.0}
@@ -94,6 +95,10 @@ def main() -> None:
         run_seconds = time.monotonic() - started
         calls = fake.counts["requests"]
         again = plan(settings)
+        started = time.monotonic()
+        verified = verify(settings)
+        verify_seconds = time.monotonic() - started
+        verify_calls = fake.counts["requests"] - calls
     finally:
         fake.stop()
     written, unchanged, problems = check(originals)
@@ -114,9 +119,23 @@ def main() -> None:
     )
     print(f"after: {written} written, {unchanged} unchanged, {len(problems)} outside the owned keys changed")
     print(f"second plan: {len(again.todo)} to classify, {again.fresh} fresh")
+    print(
+        f"verify: {verified.checked} posts checked, {len(verified.drifted)} drifted, {verify_calls} calls; "
+        f"{verify_seconds:.2f}s = {verified.checked / verify_seconds:.0f} posts/s "
+        f"(reading and parsing alone: {n / read_seconds:.0f} posts/s; "
+        f"verify takes {verify_seconds / read_seconds:.1f}x)"
+    )
     for line in (summary.failed + summary.skipped + planned.skipped + problems)[:20]:
         print(f"  {line}")
-    if summary.failed or summary.skipped or planned.skipped or problems or again.todo:
+    if (
+        summary.failed
+        or summary.skipped
+        or planned.skipped
+        or problems
+        or again.todo
+        or verified.drifted
+        or verify_calls
+    ):
         raise SystemExit(1)
 
 

@@ -1,5 +1,5 @@
 """Hugo's own documentation (992 pages nobody on this project wrote): every page is written with only the owned
-keys changed, or has nothing to change; none is refused.
+keys changed, or has nothing to change; none is refused; `verify` then finds no drift, with no call.
 
 Runs the inline backfill over a scratch copy with the project's fake (three terms scored high for every post, so
 every page's front matter is edited), then checks each file with `tests/owned_bytes.py` (written apart from the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.owned_bytes import assert_only_owned_changed, foreign_values
 from worker.backfill import plan, post_files, run_inline
 from worker.fakellm import FakeLLM
 from worker.settings import Settings
+from worker.verify import verify
 
 HUGO_DOCS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "hugo-docs"
 REPO = Path(__file__).resolve().parent.parent
@@ -65,3 +67,10 @@ def test_every_hugo_docs_page_is_written_with_only_owned_keys_changed(
     assert written == summary.written == 992  # every page got terms: every shape went through the editor
     again = plan(settings)
     assert (len(again.todo), again.fresh) == (0, 992)
+    calls = fake_llm.counts["requests"]
+    started = time.monotonic()
+    verified = verify(settings)
+    elapsed = time.monotonic() - started
+    assert (verified.checked, verified.drifted, fake_llm.counts["requests"]) == (992, [], calls)
+    # About 3 s on the project's 2-core machine (docs/benchmarks.md); the bound leaves room for a loaded machine.
+    assert elapsed < 20, f"verify of 992 posts took {elapsed:.1f}s"
