@@ -48,8 +48,9 @@ def drift(post: Post, stored: Record, types: Sequence[str] | None = None) -> Due
     The post's bytes are the truth: a write tagger announced must have landed and been settled, every term tagger
     assigned must be in the post (or removed by people), and the file must be the one tagger last wrote or read.
     """
-    if not stored.updated_at and not stored.judgements and not stored.file_hash:
-        return Due("record_missing", "no result record")
+    if not stored.file_hash:  # every decision names the file; judgements kept alone (a failed chunk, eval) do not
+        detail = "the record holds judgements only, no decision" if stored.judgements else "no result record"
+        return Due("record_missing", detail)
     if stored.pending is not None:
         if post.file_hash == stored.pending.before_file_hash:
             return Due("not_written", "a write tagger announced did not land (the post is as it was before it)")
