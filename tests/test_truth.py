@@ -275,3 +275,29 @@ def test_a_full_disk_backfill_is_listed_by_verify_and_healed_by_verify_fix_and_a
     assert healed.stdout.splitlines()[-1] == "verify: 3 posts checked, 0 drifted"
     assert read_post(content / "posts" / "limiting-wip.md").terms("tags") == ["Lean", "Kanban"]
     assert "Kanban" in read_post(content / "posts" / "shipping-daily.md").terms("tags")
+
+
+@pytest.mark.redis
+def test_a_failed_job_pending_for_a_post_is_listed_until_it_is_run_again(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
+) -> None:
+    fake_llm.score(SCORES, default=0)
+
+    def tagger(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "worker", *args], env=queue_env, capture_output=True, text=True, timeout=120
+        )
+
+    path = posts_of(site) / "limiting-wip.md"
+    path.chmod(0o444)  # its job fails at once (post_read_only), not retried
+    assert tagger("enqueue", str(path)).returncode == 0
+    assert tagger("work", "--burst").returncode == 0
+    path.chmod(0o644)
+    assert tagger("backfill", "--inline", str(site / "site")).returncode == 0  # classified since, the job still failed
+    listed = tagger("verify")
+    assert listed.returncode == 1, listed.stdout + listed.stderr
+    assert listed.stdout.splitlines()[0].startswith("failed_job     posts/limiting-wip.md: post_read_only: ")
+    assert listed.stdout.splitlines()[-1] == "verify: 3 posts checked, 1 drifted: failed_job 1"
+    assert "fix: 1 enqueued" in tagger("verify", "--fix").stdout
+    assert tagger("work", "--burst").returncode == 0
+    assert tagger("verify").returncode == 0
