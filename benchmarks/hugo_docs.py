@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._support import REPO, fake_settings
+from tests.fakellm import FakeLLM
 from tests.owned_bytes import assert_only_owned_changed, foreign_values
 from worker.backfill import plan, post_files, run_inline
-from worker.fakellm import FakeLLM
 from worker.logs import configure
 from worker.posts import ORIGIN_KEY, read_post, render_changes, write_atomic
 from worker.verify import verify

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests.fakellm import FakeLLM
 from tests.owned_bytes import assert_only_owned_changed, foreign_values, split
 from worker import posts
 from worker.cli import main
 from worker.errors import BadPost
-from worker.fakellm import FakeLLM
 from worker.posts import (
     ORIGIN_KEY,
     Change,

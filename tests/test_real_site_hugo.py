@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakellm import FakeLLM
 from tests.owned_bytes import assert_only_owned_changed, foreign_values
 from worker.backfill import plan, post_files, run_inline
-from worker.fakellm import FakeLLM
 from worker.settings import Settings
 from worker.verify import verify
 

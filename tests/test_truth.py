@@ -22,11 +22,11 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import fill_disk
+from tests.fakellm import FakeLLM
 from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.cli import main
 from worker.errors import PostWriteFailed
-from worker.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.records import Pending
 from worker.settings import Settings

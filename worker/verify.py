@@ -20,7 +20,7 @@ from worker.backfill import Summary, check_types, post_files, run_inline
 from worker.classifier import make_classifier
 from worker.errors import TaggerError, kind_of
 from worker.oncall import failures
-from worker.queue.jobs import Enqueued, enqueue_posts
+from worker.queue.enqueue import Enqueued, enqueue_posts
 from worker.settings import Settings
 
 FAILED_JOB = "failed_job"

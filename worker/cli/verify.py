@@ -9,8 +9,8 @@ import click
 from redis import RedisError
 
 from worker import verify as verify_lib
-from worker.cli.app import App, err, redis_for
-from worker.logs import configure, redact_url
+from worker.cli.app import App, err, pass_app
+from worker.logs import redact_url
 from worker.providers import OFFLINE_NOTE
 
 
@@ -20,7 +20,7 @@ from worker.providers import OFFLINE_NOTE
 @click.option("--fix", is_flag=True, help="Enqueue the drifted posts (high priority) for the workers to heal.")
 @click.option("--inline", is_flag=True, help="Heal the drifted posts in this process (no Redis), then verify again.")
 @click.option("--type", "types", multiple=True, metavar="TYPE", help="Only this classification type (repeatable).")
-@click.pass_obj
+@pass_app
 def verify(app: App, folder: Path | None, as_json: bool, fix: bool, inline: bool, types: tuple[str, ...]) -> None:
     """Check every post under DIR (default: the content root) against its result record, with no LLM call.
 
@@ -32,13 +32,11 @@ def verify(app: App, folder: Path | None, as_json: bool, fix: bool, inline: bool
     `kind post: detail` per drifted post and a count per kind; exit 1 when any drifted. --fix enqueues them;
     --inline classifies them here and exits by a second verification.
     """
-    settings = app.settings()
-    configure(settings, quiet=True)
+    settings = app.configured()
     redis = None
     if not inline:
         try:
-            redis = redis_for(settings)
-            redis.ping()
+            redis = app.redis()
         except RedisError as exc:
             if fix:
                 raise
