@@ -241,6 +241,7 @@ def test_help_lists_commands_in_the_order_a_user_meets_them() -> None:
         "status",
         "failed",
         "resume",
+        "verify",
         "apply",
         "eval",
         "batch",
