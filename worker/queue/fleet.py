@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -16,10 +18,14 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from redis import Redis
+from redis import Redis, RedisError
 from rq import Worker
+from rq.exceptions import SchedulerNotFound
+from rq.scheduler import RQScheduler
+from rq.scripts import release_lock
 from rq.worker import BaseWorker
 
+from worker.logs import redact, secrets_of
 from worker.queue.connection import PRIORITIES, connect
 from worker.queue.keys import queue_names
 from worker.queue.workers import beat_interval, run_worker
@@ -29,6 +35,11 @@ log = structlog.get_logger("tagger.fleet")
 # A worker silent for its beat interval plus this is presumed dead: room for a slow Redis, a loaded machine
 # and clocks a few seconds apart (the beat's time is the worker's clock).
 SILENT_MARGIN = 10.0
+# Exit code of a worker process whose start-up check failed: the supervisor stops instead of restarting it.
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+STRAY_GRACE = 5.0  # seconds an orphaned process of the fleet gets after SIGTERM before SIGKILL
+PR_SET_PDEATHSIG = 1  # prctl(2) options (Linux)
+PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass(frozen=True)
@@ -65,16 +76,53 @@ def live_workers(settings: Settings, redis: Redis) -> list[BaseWorker]:
     return [seen.worker for seen in seen_workers(settings, redis) if seen.alive]
 
 
+def _prctl(option: int, value: int) -> bool:
+    """Linux prctl(2); False where there is none (the fleet then falls back on polling)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _die_with_parent(parent: int) -> bool:
+    """Have the kernel send SIGTERM to this process when `parent` dies; False where it cannot."""
+    if not _prctl(PR_SET_PDEATHSIG, signal.SIGTERM):
+        return False
+    if os.getppid() != parent:  # it died before the request: act as the kernel would have
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+_forking: list[int] = []  # the pid of the process about to fork (set by the at-fork hook below)
+
+
+def _before_fork() -> None:
+    _forking[:] = [os.getpid()]
+
+
+def _after_fork_in_child() -> None:
+    """A process a worker forks (RQ's scheduler) dies with it: kill -9 of the worker leaves nothing running."""
+    # The worker's own signal handlers are not the scheduler's: until RQ installs the scheduler's, a SIGTERM ends it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    if _forking:
+        _die_with_parent(_forking[0])
+
+
 def _child(settings: Settings, priorities: Sequence[str], burst: bool, supervisor: int) -> None:
     """One supervised worker process (with RQ's scheduler as its own child)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
-    threading.Thread(target=_orphan_watch, args=(supervisor,), daemon=True).start()
+    # The supervisor was killed (kill -9, OOM): stop like on SIGTERM (finish the job) rather than run on unseen.
+    if not _die_with_parent(supervisor):
+        threading.Thread(target=_orphan_watch, args=(supervisor,), daemon=True).start()
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     run_worker(settings, connect(settings), priorities, burst)
 
 
 def _orphan_watch(supervisor: int) -> None:
-    """The supervisor was killed (kill -9, OOM): stop like on SIGTERM (finish the job) rather than run on unseen."""
+    """Where the kernel cannot signal a supervisor's death: poll for it, then stop like on SIGTERM."""
     while os.getppid() == supervisor:
         time.sleep(1.0)
     log.warning("supervisor_gone", supervisor=supervisor)
@@ -91,15 +139,98 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended (a zombie has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()  # no /proc: signal 0 is all there is to go by
+    return state not in ("Z", "X")
+
+
+class Strays:
+    """Processes of the fleet whose parent died (a killed worker's scheduler), adopted by the supervisor.
+
+    The supervisor is a child subreaper: an orphan of the fleet becomes its child instead of init's. It is sent
+    SIGTERM (RQ's scheduler then releases its locks), SIGKILL after STRAY_GRACE, and reaped.
+    """
+
+    def __init__(self) -> None:
+        self.signalled: dict[int, float] = {}
+
+    def handle(self, known: set[int], now: float) -> None:
+        """Signal and reap this process's children that are not the supervised workers in `known`."""
+        for pid in _children_of(os.getpid()):
+            if pid in known:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    self.signalled.pop(pid, None)
+                    continue
+            first = self.signalled.setdefault(pid, now)
+            with contextlib.suppress(ProcessLookupError):
+                if first == now:
+                    log.warning("stray_process", pid=pid, action="SIGTERM")
+                    os.kill(pid, signal.SIGTERM)
+                elif now - first > STRAY_GRACE:
+                    log.warning("stray_process", pid=pid, action="SIGKILL")
+                    os.kill(pid, signal.SIGKILL)
+
+    def drain(self, known: set[int], timeout: float = STRAY_GRACE + 2) -> None:
+        """At exit: until no stray is left (SIGKILL after STRAY_GRACE), or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.handle(known, time.monotonic())
+            if not [p for p in _children_of(os.getpid()) if p not in known]:
+                return
+            time.sleep(0.1)
+
+
+def release_dead_schedulers(settings: Settings, redis: Redis, fleet: set[int]) -> list[str]:
+    """Release RQ scheduler locks on tagger's queues held by a scheduler of this fleet that no longer runs.
+
+    A scheduler killed with -9 cannot release its locks; they would block scheduling for a minute. Only a
+    holder whose pid this supervisor saw in its fleet, on this host, is released (never another machine's).
+    """
+    released = []
+    host = socket.gethostname()
+    for name in queue_names(settings):
+        key = RQScheduler.get_locking_key(name)
+        holder = redis.get(key)
+        if holder is None:
+            continue
+        owner = holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
+        try:
+            scheduler = RQScheduler.fetch(owner, redis)
+        except (SchedulerNotFound, KeyError, ValueError):
+            continue  # not registered yet, or its record expired: its lock expires with it
+        if scheduler.hostname != host or scheduler.pid not in fleet or _running(scheduler.pid):
+            continue
+        if release_lock(redis, key, owner):
+            released.append(name)
+            redis.delete(scheduler.key)
+            log.info("scheduler_lock_released", queue=name, scheduler_pid=scheduler.pid)
+    return released
+
+
 def run_processes(
     settings: Settings, processes: int, priorities: Sequence[str] | None = PRIORITIES, burst: bool = False
 ) -> int:
     """Run and supervise `processes` worker processes; returns the exit code (0 on a clean stop).
 
-    A child that dies is restarted. SIGTERM/SIGINT reach every child, which finishes its job (within
+    A child that dies is restarted, except one that failed its start-up check (EXIT_CONFIG): then the fleet
+    stops and the code is EXIT_CONFIG. SIGTERM/SIGINT reach every child, which finishes its job (within
     TAGGER_SHUTDOWN_GRACE, else it is stopped); a second signal stops them at once (their jobs are recovered).
     The children share the command's process group: Ctrl-C on a terminal reaches them all, and RQ ignores the
-    repeat that forwarding makes.
+    repeat that forwarding makes. Every process the fleet causes ends with it: a worker dies with the
+    supervisor, RQ's scheduler with its worker, and an orphan of the fleet is adopted (the supervisor is a
+    child subreaper), stopped and reaped; a killed scheduler's locks are released.
     """
     priorities = list(priorities or PRIORITIES)
     context = multiprocessing.get_context("fork")
@@ -109,10 +240,15 @@ def run_processes(
         received.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    fleet: set[int] = set()  # every pid of the fleet seen: workers and their children
+    strays = Strays()
 
     def start() -> Any:
         child = context.Process(target=_child, args=(settings, list(priorities), burst, os.getpid()), daemon=False)
         child.start()
+        assert child.pid is not None
+        fleet.add(child.pid)
         log.info("worker_started", pid=child.pid)
         return child
 
@@ -120,6 +256,8 @@ def run_processes(
     handled = 0
     stop_at: float | None = None
     forced_at: float | None = None
+    looked_at = 0.0
+    config_failed = False
     restarts: dict[int, float] = {}
     try:
         while True:
@@ -148,6 +286,20 @@ def run_processes(
                         for pid in [*_children_of(child.pid), child.pid]:  # RQ's scheduler, then the worker
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(pid, signal.SIGKILL)
+            if now - looked_at >= 1.0:  # learn the workers' children (RQ's scheduler); adopt orphans
+                looked_at = now
+                for child in children:
+                    if child.is_alive():
+                        fleet.update(_children_of(child.pid))
+                strays.handle({c.pid for c in children}, now)
+            failed_start = [c for c in children if c.exitcode == EXIT_CONFIG]
+            if failed_start and not config_failed:
+                config_failed = True
+                stop_at = stop_at or now  # a worker that cannot start will not start next time either
+                log.error("worker_start_failed", pid=failed_start[0].pid, exitcode=EXIT_CONFIG)
+                for child in children:
+                    if child.is_alive():
+                        os.kill(child.pid, signal.SIGTERM)
             dead = [
                 slot
                 for slot, child in enumerate(children)
@@ -158,6 +310,8 @@ def run_processes(
                     continue  # a child that keeps dying is restarted at most every 2 s
                 children[slot].join()
                 log.warning("worker_died", pid=children[slot].pid, exitcode=children[slot].exitcode)
+                strays.handle({c.pid for c in children if c.is_alive()}, now)
+                _release(settings, fleet)
                 restarts[slot] = now
                 children[slot] = start()
             if not dead and not any(c.is_alive() for c in children) and (stop_at is not None or burst):
@@ -166,6 +320,21 @@ def run_processes(
     finally:
         for child in children:
             child.join(timeout=1)
+        strays.drain({c.pid for c in children if c.is_alive()})
+        _release(settings, fleet)
+        if subreaper:
+            _prctl(PR_SET_CHILD_SUBREAPER, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if config_failed:
+        return EXIT_CONFIG
     return 0 if stop_at is not None else max((c.exitcode or 0) for c in children)
+
+
+def _release(settings: Settings, fleet: set[int]) -> None:
+    """Release the locks of the fleet's dead schedulers; Redis trouble only costs a line (the locks expire)."""
+    try:
+        release_dead_schedulers(settings, connect(settings), fleet)
+    except RedisError as exc:
+        error = redact(str(exc), secrets_of(settings))[:300]
+        log.warning("redis_unavailable", where="supervisor", error=error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -106,6 +107,34 @@ class TaggerWorker(SimpleWorker):
         self.stop_requested = True
         STOPPING.set()
         super().request_stop(signum, frame)
+
+    def unsubscribe(self) -> None:
+        """RQ's, without its unbounded wait: redis-py's `stop()` joins the command thread, which may be in a 60 s wait.
+
+        The flag is cleared first, so the UNSUBSCRIBE reply that wakes the thread also ends it; it is a daemon
+        thread, so one still waiting after a second does not hold the process.
+        """
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        if thread is None:
+            return
+        try:
+            thread.stop(timeout=0)  # redis >= 8: clears the flag, waits 0 s
+        except TypeError:
+            thread.stop()  # older redis: only clears the flag
+        with contextlib.suppress(RedisError, OSError):
+            pubsub.unsubscribe()
+        thread.join(timeout=1)
+        with contextlib.suppress(RedisError, OSError):
+            pubsub.close()
+
+    def stop_scheduler(self) -> None:
+        """RQ's, then the locks of a scheduler that died holding them (kill -9) are released, not left a minute."""
+        super().stop_scheduler()
+        scheduler = self.scheduler
+        if scheduler is not None:
+            with contextlib.suppress(RedisError):
+                scheduler.release_locks()  # only the locks still held under this scheduler's name
+                scheduler.register_death()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run the job with heartbeats, unless it is not tagger's own: then fail it without running its code."""

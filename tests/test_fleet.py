@@ -1,0 +1,146 @@
+"""The operator's fleet: every process `tagger work` causes ends with it, whatever was killed on the way.
+
+Real `tagger work --processes N` supervisors, real RQ workers and RQ's own scheduler, real Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from rq import Queue
+from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
+
+from tests.test_liveness import _parent_of, alive, kill_session, session_pids, spawn
+from tests.waiting import wait_for
+from worker.settings import Settings
+
+pytestmark = pytest.mark.redis
+
+
+def workers_of(supervisor: int) -> list[int]:
+    """The supervisor's live worker processes."""
+    return [p for p in session_pids(supervisor) if _parent_of(p) == supervisor and alive(p)]
+
+
+def schedulers_of(supervisor: int) -> list[int]:
+    """RQ scheduler processes: the live children of the supervisor's workers."""
+    workers = set(workers_of(supervisor))
+    return [p for p in session_pids(supervisor) if _parent_of(p) in workers and alive(p)]
+
+
+def locks_held_by_the_dead(env: dict[str, str], client: redis_lib.Redis) -> list[str]:
+    """RQ scheduler locks on the test's queues whose holder is not a running process."""
+    held = []
+    for priority in ("high", "default", "low"):
+        key = RQScheduler.get_locking_key(f"{env['TAGGER_REDIS_PREFIX']}-{priority}")
+        owner = client.get(key)
+        if owner is None:
+            continue
+        try:
+            pid = RQScheduler.fetch(owner.decode(), client).pid
+        except Exception:
+            pid = 0  # a lock whose scheduler left no record: nobody runs it
+        if not pid or not alive(pid):
+            held.append(f"{key} (pid {pid})")
+    return held
+
+
+def test_nothing_is_left_behind_whatever_process_of_the_fleet_is_killed(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
+) -> None:
+    """kill -9 a worker (its scheduler dies with it), the other worker, then a scheduler; SIGTERM: none is left."""
+    supervisor = spawn(queue_env, "work", "--processes", "2")
+    try:
+        assert wait_for(lambda: len(workers_of(supervisor.pid)) == 2 and schedulers_of(supervisor.pid), 60)
+        scheduler = schedulers_of(supervisor.pid)[0]
+        owner = _parent_of(scheduler)
+        other = next(p for p in workers_of(supervisor.pid) if p != owner)
+
+        os.kill(owner, signal.SIGKILL)  # the worker that owns RQ's scheduler
+        assert wait_for(lambda: not alive(scheduler), 10), "RQ's scheduler outlived its killed worker"
+        os.kill(other, signal.SIGKILL)  # the worker without one
+        # Both restarted; one of the new workers runs a scheduler again (the old one's locks were released).
+        assert wait_for(
+            lambda: {owner, other}.isdisjoint(workers_of(supervisor.pid)) and len(workers_of(supervisor.pid)) == 2, 60
+        )
+        assert wait_for(lambda: schedulers_of(supervisor.pid), 30), "no scheduler after the restart"
+        os.kill(schedulers_of(supervisor.pid)[0], signal.SIGKILL)  # the scheduler itself: its locks stay held
+
+        os.kill(supervisor.pid, signal.SIGTERM)
+        stopped = time.monotonic()
+        assert supervisor.wait(timeout=60) == 0
+        assert time.monotonic() - stopped < 15, "an idle fleet took long to stop"
+        assert wait_for(lambda: not session_pids(supervisor.pid), 10), f"left behind: {session_pids(supervisor.pid)}"
+        assert locks_held_by_the_dead(queue_env, redis) == []
+    finally:
+        kill_session(supervisor)
+
+
+def _in_frame(thread: threading.Thread, *names: str) -> bool:
+    """Whether `thread` is now running inside functions of all these names (its stack, innermost first)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    seen = set()
+    while frame is not None:
+        seen.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return set(names) <= seen
+
+
+def test_a_worker_ends_its_pubsub_thread_at_once_even_when_it_waits_on_its_60_s_timer(
+    make_settings: Callable[..., Settings], redis: redis_lib.Redis, redis_prefix: str
+) -> None:
+    """RQ's teardown joined redis-py's pubsub thread without a limit while it sat in a 60 s wait: slow exits."""
+    from worker.queue.workers import TaggerWorker
+
+    queue = Queue(f"{redis_prefix}-default", connection=redis, serializer=JSONSerializer)
+    worker = TaggerWorker([queue], connection=redis, serializer=JSONSerializer, settings=make_settings())
+    worker.subscribe()
+    thread = worker.pubsub_thread
+    assert thread is not None and wait_for(lambda: worker.pubsub.subscribed, 10)
+    # The instant that made exits slow: the thread has read UNSUBSCRIBE's reply and waits up to 60 s to be
+    # subscribed again (redis-py's get_message), and the teardown then waits for it.
+    worker.pubsub.unsubscribe()
+    assert wait_for(lambda: _in_frame(thread, "get_message", "wait"), 10)
+    ended = threading.Event()
+    stopping = threading.Thread(target=lambda: (worker.unsubscribe(), ended.set()), daemon=True)
+    started = time.monotonic()
+    stopping.start()
+    assert ended.wait(5), "the teardown waited for the pubsub thread's 60 s timer"
+    assert time.monotonic() - started < 3
+
+
+def test_a_worker_exits_within_seconds_of_sigterm_after_a_run_and_a_burst_run_ends_promptly(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
+) -> None:
+    """After jobs and reaper passes (1 s leases), SIGTERM ends an idle worker in seconds; a burst never idles."""
+    from tests.test_liveness import many_posts, tagger, written
+
+    made = many_posts(site, 4)
+    worker = spawn(queue_env, "work")
+    try:
+        tagger(queue_env, "enqueue", *map(str, made))
+        assert wait_for(lambda: written(made), 60)
+        time.sleep(3)  # idle through several reaper passes (every half lease)
+        os.kill(worker.pid, signal.SIGTERM)
+        stopped = time.monotonic()
+        assert worker.wait(timeout=60) == 0
+        assert time.monotonic() - stopped < 10, f"exit took {time.monotonic() - stopped:.0f} s"
+        assert wait_for(lambda: not session_pids(worker.pid), 10)
+    finally:
+        kill_session(worker)
+    more = many_posts(site, 6)[4:]
+    tagger(queue_env, "enqueue", *map(str, more))
+    started = time.monotonic()
+    burst = tagger(queue_env, "work", "--burst", timeout=120)
+    assert burst.returncode == 0, burst.stderr[-2000:]
+    assert written(more)
+    assert time.monotonic() - started < 30, f"a burst of 2 posts took {time.monotonic() - started:.0f} s"
