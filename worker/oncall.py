@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -18,7 +20,7 @@ from worker.queue.enqueue import enqueue_posts
 from worker.queue.fleet import SeenWorker, seen_workers
 from worker.queue.keys import queues
 from worker.queue.recovery import recover, track
-from worker.queue.throttle import RedisThrottle
+from worker.queue.throttle import RedisThrottle, last_provider_error
 from worker.settings import Settings
 
 
@@ -99,6 +101,46 @@ def show(settings: Settings, redis: Redis, job_id: str) -> dict[str, Any] | None
         "raw_reply": job.meta.get("raw_reply"),
         "traceback": job.meta.get("traceback") or job.exc_info,
     }
+
+
+# What to do about a failed job, by kind: the fix, then the command that runs it again.
+RETRY = "then `tagger failed retry {job}`"
+NEXT_STEPS = {
+    "auth": "fix the provider credentials (OPENAI_API_KEY) the workers use, " + RETRY,
+    "quota": "top up the provider account, lift the pause with `tagger resume`, " + RETRY,
+    "rate_limit": "the provider kept rate limiting: lower TAGGER_RPM/TAGGER_TPM or wait; " + RETRY,
+    "unavailable": "the provider kept failing (see `tagger status`: last provider error); once it answers, " + RETRY,
+    "timeout": "the provider kept timing out: raise TAGGER_REQUEST_TIMEOUT or wait until it is faster; " + RETRY,
+    "job_timeout": "the job ran out of time (a slow provider, a huge taxonomy): see the error; " + RETRY,
+    "invalid_reply": "the model's reply failed validation twice (raw_reply above): try another model or a "
+    "smaller TAGGER_CHUNK_SIZE; " + RETRY,
+    "refused": "the model refused the post (raw_reply above): check the post, or try another model; " + RETRY,
+    "truncated": "the reply was cut off: lower TAGGER_CHUNK_SIZE (fewer terms per call); " + RETRY,
+    "bad_post": "fix the post's front matter ({post}; `tagger classify --dry-run` shows the problem), " + RETRY,
+    "post_too_large": "the post is over TAGGER_MAX_JOB_BYTES: raise it, or classify it with `tagger classify`",
+    "post_missing": "the post is gone: nothing to do (`tagger failed purge` clears the list)",
+    "post_read_only": "the post is locked (no write bit): make it writable if tagger should edit it, " + RETRY,
+    "outside_root": "the post is outside the content root: check TAGGER_CONTENT_DIR on the workers",
+    "not_a_post": "the file is not a post (TAGGER_POST_GLOBS, TAGGER_EXCLUDE): nothing to do, or fix the settings",
+    "taxonomy_unpublished": "publish the taxonomy where it lives (`tagger taxonomy publish`), " + RETRY,
+    "taxonomy": "fix the taxonomy the workers read (`tagger taxonomy check`), " + RETRY,
+    "templates": "fix the prompt templates the workers read (TAGGER_PROMPTS_DIR), " + RETRY,
+    "abandoned": "its worker died each time (killed, out of memory?): check the workers' memory and logs, " + RETRY,
+    "foreign_job": "not tagger's job, never run: `tagger failed retry {job}` enqueues its post as a job of this "
+    "version when it names one; `tagger failed purge` deletes it",
+    "bad_job_id": "not a job at all, dropped from the queue: `tagger failed purge` clears it",
+    "unreadable": "its data cannot be read: `tagger failed purge` deletes it",
+}
+
+
+def next_step(info: dict[str, Any]) -> str:
+    """What to do next about a job `show` described: the fix for its failure kind and the command to run."""
+    job, status = str(info.get("job")), str(info.get("status"))
+    if status != "failed":
+        return f"not failed but {status}: `tagger status` shows the queues, workers and retries waiting"
+    kind, post = str(info.get("kind") or "crash"), str(info.get("post") or "?")
+    default = "an unexpected error (traceback above): report it with the traceback, " + RETRY
+    return NEXT_STEPS.get(kind, default).format(job=job, post=post)
 
 
 def retry(settings: Settings, redis: Redis, job_ids: list[str] | None = None, kind: str | None = None) -> list[str]:
@@ -182,6 +224,44 @@ def _worker(seen: SeenWorker) -> dict[str, Any]:
     }
 
 
+def _count(value: Any) -> int:
+    """A counter read back from Redis: a whole number, else 0 (Redis is untrusted input)."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+RETRYING_READ = 2000  # delayed retries read per queue for `status` (the soonest due)
+
+
+def retrying(settings: Settings, redis: Redis, reason_chars: int = 300) -> dict[str, dict[str, Any]]:
+    """Per failure kind, the delayed retries waiting: how many, the reason of the one due first, and when.
+
+    Job data read back from Redis is untrusted: kinds and reasons are cut to one bounded line.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for queue in queues(settings, redis):
+        registry = ScheduledJobRegistry(queue=queue)
+        ids = registry.get_job_ids(0, RETRYING_READ - 1, cleanup=False)  # soonest due first
+        timed: set[str] = set()  # kinds whose soonest job in this queue was looked at
+        for job_id, job in zip(ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True):
+            meta = job.meta if job is not None and isinstance(job.meta, dict) else {}
+            kind = "".join(c for c in str(meta.get("kind") or "scheduled") if c.isalnum() or c == "_")[:40]
+            seen = found.setdefault(kind, {"jobs": 0, "reason": "", "next_try": math.inf})
+            seen["jobs"] += 1
+            if kind in timed:
+                continue
+            timed.add(kind)
+            try:
+                due = registry.get_scheduled_time(job_id).timestamp()
+            except NoSuchJobError:  # the scheduler took it meanwhile
+                continue
+            if due < seen["next_try"]:
+                seen.update(next_try=due, reason=" ".join(str(meta.get("error") or "").split())[:reason_chars])
+    return {kind: found[kind] for kind in sorted(found) if math.isfinite(found[kind]["next_try"])}
+
+
 def queue_status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str, Any]:
     """Queue depths, running and scheduled jobs, workers, failures by kind, recent throughput and tokens."""
     recover(settings, redis)
@@ -205,9 +285,10 @@ def queue_status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str
         kinds[failure.kind] = kinds.get(failure.kind, 0) + 1
     now = int(time.time() // 60)
     stats = {}
-    for name in ("done", "tokens", "calls"):
+    for name in ("done", "tokens", "calls", "provider_errors"):
         names = [keys.stats(settings, name, m) for m in range(now - minutes + 1, now + 1)]
-        stats[name] = sum(int(v or 0) for v in redis.mget(names))
+        stats[name] = sum(_count(v) for v in redis.mget(names))
+    provider_error = last_provider_error(settings, redis)
     seen = seen_workers(settings, redis)
     workers = [w for w in seen if w.alive]
     # A delayed retry waits too: only a worker's scheduler ever runs it.
@@ -219,6 +300,8 @@ def queue_status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str
         "paused": {"reason": reason, "seconds": round(pause_ms / 1000, 1)} if reason else None,
         "queues": depth,
         "failed_by_kind": kinds,
+        "retrying": retrying(settings, redis),
+        "last_provider_error": provider_error.model_dump() if provider_error else None,
         "last_minutes": minutes,
         **stats,
         "workers": [_worker(w) for w in workers],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import UTC, datetime
 
 import click
@@ -74,6 +75,7 @@ def show(app: App, jobs: tuple[str, ...]) -> None:
         for key, value in info.items():
             text = value if isinstance(value, str) else json.dumps(value)
             click.echo(f"{key}:\n{text}" if isinstance(value, str) and "\n" in value else f"{key}: {text}")
+        click.echo(f"next: {oncall.next_step(info)}")
     if missing:
         raise Fail(f"usage: no such job: {', '.join(missing)} (ids are in `tagger failed list`)")
 
@@ -146,6 +148,21 @@ def status(app: App, as_json: bool) -> None:
         was = f"; was {w['last_state']}" + (f" on {w['job']}" if w["job"] else "")
         click.echo(f"  {w['name']} silent (no heartbeat for {w['heartbeat_age']:.0f} s; presumed dead{was})")
     click.echo("failed by kind: " + (", ".join(f"{k} {v}" for k, v in info["failed_by_kind"].items()) or "none"))
+    now = time.time()
+    click.echo("waiting for a retry: " + ("" if info["retrying"] else "none"))
+    for kind, waiting in info["retrying"].items():
+        due = waiting["next_try"] - now
+        when = f"next try in {due:.0f} s" if due > 0 else f"overdue by {-due:.0f} s"
+        reason = f": {cut(waiting['reason'], MESSAGE_WIDTH)}" if waiting["reason"] else ""
+        click.echo(f"  {kind} {waiting['jobs']} ({when}){reason}")
+    seen = info["last_provider_error"]
+    recent = f"{info['provider_errors']} in the last {info['last_minutes']} min"
+    if seen is None:
+        click.echo(f"provider errors: none seen ({recent})")
+    else:
+        ago = f"{max(0.0, now - seen['at']):.0f} s ago" if seen["at"] else "at an unknown time"
+        message = cut(seen["message"], MESSAGE_WIDTH)
+        click.echo(f"last provider error: {seen['kind']} {ago} ({recent}): {message}")
     minutes = info["last_minutes"]
     click.echo(
         f"last {minutes} min: {info['done']} posts ({info['done'] / minutes:.1f}/min), {info['calls']} LLM calls, "

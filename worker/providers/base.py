@@ -42,6 +42,10 @@ class Throttle(Protocol):
         """Learn from a response: remaining limits, Retry-After, exhausted quota."""
         ...
 
+    def failed(self, kind: str, message: str) -> None:
+        """A request failed (each one, retried or not): `kind` as a failure kind, `message` already redacted."""
+        ...
+
 
 class NoThrottle:
     """No shared limits (inline runs, tests of the provider alone)."""
@@ -51,3 +55,6 @@ class NoThrottle:
 
     def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
         """Ignores responses."""
+
+    def failed(self, kind: str, message: str) -> None:
+        """Ignores failures (the caller sees them raised)."""

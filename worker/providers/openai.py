@@ -227,8 +227,10 @@ class OpenAIProvider:
                     self.throttle.wait(tokens, deadline)
                     try:
                         return self._call(messages, model_cls)
-                    except openai.APIStatusError as exc:
-                        self.throttle.observe(exc.status_code, exc.response.headers, quota=_is_quota(exc))
+                    except openai.APIError as exc:
+                        if isinstance(exc, openai.APIStatusError):
+                            self.throttle.observe(exc.status_code, exc.response.headers, quota=_is_quota(exc))
+                        self.throttle.failed(self._translate(exc).kind, self._detail(exc))
                         raise
         except openai.APIError as exc:
             raise self._translate(exc) from exc
@@ -272,11 +274,15 @@ class OpenAIProvider:
         except ValidationError as exc:
             return Answer(raw, None, usage, _short_validation(exc))
 
-    def _translate(self, exc: openai.APIError) -> ProviderError:
+    def _detail(self, exc: openai.APIError) -> str:
+        """The error as one line: its type, HTTP status and message, without secrets."""
         status = getattr(exc, "status_code", None)
         # Some servers echo the key they were sent in their error message.
         message = redact(exc.message, secrets_of(self.settings))
-        detail = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {message[:300]}"
+        return f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {message[:300]}"
+
+    def _translate(self, exc: openai.APIError) -> ProviderError:
+        detail = self._detail(exc)
         if _is_quota(exc):
             return QuotaExhausted(f"provider quota exhausted: {detail}")
         if isinstance(exc, openai.RateLimitError):

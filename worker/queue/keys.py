@@ -85,6 +85,11 @@ def last_rate_limit(settings: Settings) -> str:
     return redis_key(settings, "rate-limited-at")
 
 
+def provider_error(settings: Settings) -> str:
+    """The last failed provider request any worker saw (JSON: kind, message without secrets, when)."""
+    return redis_key(settings, "provider-error")
+
+
 def limits_prefix(settings: Settings) -> str:
     """Prefix of the `limits` library's moving windows."""
     return redis_key(settings, "limits")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import time
 from collections.abc import Mapping
 
@@ -9,13 +12,53 @@ import structlog
 from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
-from redis import Redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from redis import Redis, RedisError
 
 from worker.errors import RateLimited
+from worker.logs import redact, secrets_of
 from worker.queue import keys
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.throttle")
+PROVIDER_ERROR_KEEP = 7 * 86400  # seconds the last provider error stays for `status`
+MESSAGE_CHARS = 500
+
+
+class ProviderErrorSeen(BaseModel):
+    """The last failed provider request any worker saw, as `status` shows it (validated when read back)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: str = Field(pattern=r"^[a-z_]{1,40}$")
+    message: str
+    at: float = Field(ge=0)  # when, seconds since the epoch
+
+    @field_validator("message")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        """One printable line, bounded: the stored text is untrusted (anyone with Redis access wrote it)."""
+        return " ".join("".join(c if c.isprintable() else " " for c in value).split())[:MESSAGE_CHARS]
+
+    @field_validator("at")
+    @classmethod
+    def _a_time(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("not a time")
+        return value
+
+
+def last_provider_error(settings: Settings, redis: Redis) -> ProviderErrorSeen | None:
+    """The last provider error the fleet saw, or None; a stored value that is not one is reported as such."""
+    raw = redis.get(keys.provider_error(settings))
+    if raw is None:
+        return None
+    try:
+        seen = ProviderErrorSeen.model_validate(json.loads(raw))
+    except (ValueError, TypeError, ValidationError) as exc:
+        detail = str(exc).splitlines()[0]
+        return ProviderErrorSeen(kind="unreadable", message=f"the stored provider error is not valid: {detail}", at=0)
+    return seen.model_copy(update={"message": redact(seen.message, secrets_of(settings))})
 
 
 def _seconds(value: str | None) -> float | None:
@@ -107,6 +150,17 @@ class RedisThrottle:
                     f"local rate limit (rpm {self.settings.rpm}, tpm {self.settings.tpm}) outlasts the deadline"
                 )
             time.sleep(min(sleep, 1.0))
+
+    def failed(self, kind: str, message: str) -> None:
+        """Keep the last failed request for `status` and count it this minute; Redis trouble is not the caller's."""
+        now = time.time()
+        note = {"kind": kind, "message": redact(message, secrets_of(self.settings))[:MESSAGE_CHARS], "at": now}
+        counter = keys.stats(self.settings, "provider_errors", int(now // 60))
+        with contextlib.suppress(RedisError), self.redis.pipeline() as pipe:
+            pipe.set(keys.provider_error(self.settings), json.dumps(note), ex=PROVIDER_ERROR_KEEP)
+            pipe.incr(counter)
+            pipe.expire(counter, 3 * 3600)
+            pipe.execute()
 
     def observe(self, status: int, headers: Mapping[str, str], quota: bool = False) -> None:
         """Pause everyone on exhausted quota, on 429, or when the provider says nothing is left."""
