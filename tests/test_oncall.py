@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from tests.test_liveness import posts, tagger
+from tests.test_liveness import kill_session, posts, spawn, tagger
+from tests.waiting import wait_for
 from worker.fakellm import FakeLLM
 from worker.settings import Settings
 
@@ -94,3 +95,95 @@ def test_the_stored_provider_error_is_validated_when_read_back(
     seen = last_provider_error(settings, redis)
     assert seen is not None and seen.kind == kind and message in seen.message
     assert "\n" not in seen.message and "\x1b" not in seen.message and len(seen.message) <= MESSAGE_CHARS
+
+
+WARNING = "no live worker listens to"
+
+
+def test_producers_warn_when_no_live_worker_listens_to_their_queue(queue_env: dict[str, str], site: Path) -> None:
+    wip, daily = posts(site) / "limiting-wip.md", posts(site) / "shipping-daily.md"
+    alone = tagger(queue_env, "enqueue", str(wip))
+    assert alone.returncode == 0 and f"{WARNING} {queue_env['TAGGER_REDIS_PREFIX']}-default" in alone.stderr
+    backfill = tagger(queue_env, "backfill", str(site / "site" / "posts"))
+    assert backfill.returncode == 0 and f"{WARNING} {queue_env['TAGGER_REDIS_PREFIX']}-low" in backfill.stderr
+    worker = spawn(queue_env, "work", "--queue", "high")  # a worker, but not on the queue the producer uses
+    try:
+        assert wait_for(lambda: WARNING not in tagger(queue_env, "enqueue", "--priority", "high", str(daily)).stderr)
+        elsewhere = tagger(queue_env, "enqueue", "--priority", "default", str(daily))
+        assert WARNING in elsewhere.stderr
+    finally:
+        kill_session(worker)
+
+
+def test_cancel_takes_queued_and_delayed_jobs_off_the_queues_and_a_running_job_finishes(
+    queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
+) -> None:
+    from tests.test_liveness import many_posts, queue_of, written
+
+    env = {**queue_env, "TAGGER_JOB_RETRIES": "2", "TAGGER_JOB_RETRY_DELAYS": "[2]", "TAGGER_REQUEST_TIMEOUT": "60"}
+    wip, daily, backlog = (posts(site) / n for n in ("limiting-wip.md", "shipping-daily.md", "backlog-by-value.md"))
+    fake_llm.inject("rate_limit")  # the first job fails once: a delayed retry waits in RQ's scheduler
+    tagger(env, "enqueue", str(backlog))
+    assert tagger(env, "work", "--burst").returncode == 0
+    assert json.loads(tagger(env, "status", "--json").stdout)["retrying"]["rate_limit"]["jobs"] == 1
+    ids = {p: tagger(env, "enqueue", str(p)).stdout.split()[0] for p in (wip, daily)}
+    low = many_posts(site, 2)
+    tagger(env, "enqueue", "--priority", "low", *map(str, low))
+
+    by_post = tagger(env, "cancel", str(wip), str(backlog))  # a queued job and a delayed retry
+    assert by_post.returncode == 0, by_post.stderr
+    assert f"{ids[wip]}  cancelled" in by_post.stdout and "posts/backlog-by-value.md" in by_post.stdout
+    assert by_post.stdout.strip().endswith("cancelled 2")
+    by_id = tagger(env, "cancel", ids[daily], "posts/nope.md")
+    assert (
+        by_id.returncode == 1
+        and f"{ids[daily]}  cancelled" in by_id.stdout
+        and "NOT FOUND posts/nope.md" in by_id.stderr
+    )
+    only_high = tagger(env, "cancel", "--all", "--queue", "high")
+    assert only_high.stdout.strip() == "nothing cancelled"
+    assert len(queue_of(env, redis, "low").get_job_ids()) == 2
+    everything = tagger(env, "cancel", "--all")
+    assert everything.stdout.strip().endswith("cancelled 2") and not queue_of(env, redis, "low").get_job_ids()
+
+    time.sleep(3)  # past the cancelled retry's due time: the scheduler must not bring it back
+    assert tagger(env, "work", "--burst").returncode == 0
+    assert not written([wip, daily, backlog, *low])
+    info = json.loads(tagger(env, "status", "--json").stdout)
+    assert info["retrying"] == {} and all(q["queued"] == 0 for q in info["queues"].values())
+
+    fake_llm.hold()  # a running job is not cancelled: it finishes
+    tagger(env, "enqueue", str(wip))
+    worker = spawn(env, "work")
+    try:
+        assert fake_llm.wait_held(1, timeout=60)
+        running = tagger(env, "cancel", str(wip))
+        assert "running (finishes)" in running.stdout and running.stdout.strip().endswith("nothing cancelled")
+        fake_llm.release()
+        assert wait_for(lambda: written([wip]), 60)
+    finally:
+        fake_llm.release()
+        kill_session(worker)
+    again = tagger(env, "enqueue", str(daily))  # a cancelled post enqueued again runs
+    assert "enqueued" in again.stdout
+    assert tagger(env, "work", "--burst").returncode == 0 and written([daily])
+
+
+def test_backfill_wait_ends_when_its_jobs_are_cancelled(
+    make_settings: Callable[..., Settings], redis: redis_lib.Redis, redis_prefix: str, site: Path, redis_url: str
+) -> None:
+    from tests.conftest import SESSION, delete_keys
+    from worker.backfill import follow
+    from worker.queue.cancel import cancel
+    from worker.queue.jobs import enqueue_posts
+
+    settings = make_settings(TAGGER_REDIS_PREFIX=redis_prefix, REDIS_URL=redis_url)
+    try:
+        [item] = enqueue_posts([posts(site) / "limiting-wip.md"], settings, redis)
+        assert [c.action for c in cancel(settings, redis, everything=True)] == ["cancelled"]
+        summary = follow(settings, redis, [item.job_id], poll=0.05)
+        assert summary.done == 0 and summary.failed == [
+            "posts/limiting-wip.md: cancelled: taken off the queue (tagger cancel)"
+        ]
+    finally:
+        delete_keys(redis, f"rq{SESSION}*")

@@ -258,6 +258,9 @@ def follow(
                 elif status == JobStatus.FAILED:
                     pending.discard(job.id)
                     summary.failed.append(f"{job.meta.get('post')}: {job.meta.get('kind')}: {job.meta.get('error')}")
+                elif status in (JobStatus.CANCELED, JobStatus.STOPPED):  # `tagger cancel`: nothing to wait for
+                    pending.discard(job.id)
+                    summary.failed.append(f"{job.meta.get('post')}: cancelled: taken off the queue (tagger cancel)")
             again = [known[j] for j in vanished if j in known]
             if again:
                 root = settings.content_root()

@@ -16,7 +16,7 @@ from worker.cli.batch_commands import batch
 from worker.cli.classify import classify
 from worker.cli.eval import eval_command
 from worker.cli.oncall import failed, resume, status
-from worker.cli.queue import backfill, enqueue, work
+from worker.cli.queue import backfill, cancel, enqueue, work
 from worker.cli.taxonomy import taxonomy
 from worker.cli.verify import verify
 from worker.errors import TaggerError
@@ -82,7 +82,7 @@ def main(ctx: click.Context, env_file: str | None) -> None:
 
 
 # Setup, classifying one post, the queue, on-call, quality, then the Batch API: `tagger --help` lists them so.
-COMMANDS: tuple[click.Command, ...] = (taxonomy, classify, enqueue, backfill, work, status, failed, resume, verify)
+COMMANDS: tuple[click.Command, ...] = (taxonomy, classify, enqueue, backfill, work, cancel, status, failed, resume, verify)
 COMMANDS += (apply_command, eval_command, batch)
 for command in COMMANDS:
     main.add_command(command)

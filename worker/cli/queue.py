@@ -1,4 +1,4 @@
-"""Queue subcommands: enqueue, backfill, work (parse and print only; the work is in library functions)."""
+"""Queue subcommands: enqueue, backfill, work, cancel (parse and print only; the work is in library functions)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from redis import Redis
 
 from worker import backfill as backfill_lib
 from worker.apply import remember
@@ -13,9 +14,12 @@ from worker.classifier import NO_FRONT_MATTER
 from worker.cli.app import App, Fail, err, pass_app, progress
 from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
+from worker.queue.cancel import cancel as cancel_jobs
 from worker.queue.connection import PRIORITIES
-from worker.queue.enqueue import enqueue_posts
-from worker.queue.fleet import run_processes
+from worker.queue.enqueue import Enqueued, enqueue_posts
+from worker.queue.fleet import listened_to, run_processes
+from worker.queue.keys import queue_name
+from worker.settings import Settings
 
 ID_WIDTH = 29  # "post-" and 24 hex digits (remote jobs add the content hash)
 
@@ -60,7 +64,8 @@ def enqueue(
         names += changes.changed
         deleted = changes.deleted
     remote = remote or settings.job_mode == "remote"
-    results = enqueue_posts(names, settings, app.redis(), priority, remote=remote) if names else []
+    redis = app.redis()
+    results = enqueue_posts(names, settings, redis, priority, remote=remote) if names else []
     if remote:
         remember(settings, [r for r in results if r.action != "refused"])  # for `tagger apply --wait`
     refused = False
@@ -72,6 +77,7 @@ def enqueue(
             click.echo(f"{item.job_id:<{ID_WIDTH}}  {item.action:<20} {item.path}")
     for path in deleted:
         click.echo(f"{'-':<{ID_WIDTH}}  {'skipped (deleted)':<20} {Path(path).relative_to(root).as_posix()}")
+    warn_if_unheard(settings, redis, priority, results)
     if refused:
         raise click.exceptions.Exit(1)
 
@@ -175,6 +181,7 @@ def backfill(
         remember(settings, queued)  # for `tagger apply --wait`
     enqueued = [r for r in queued if r.action == "enqueued"]
     click.echo(f"backfill: enqueued {len(enqueued)}, already waiting {len(queued) - len(enqueued)}")
+    warn_if_unheard(settings, redis, priority, queued)
     if wait and queued:
         try:
             summary = backfill_lib.follow(
@@ -194,6 +201,50 @@ def backfill(
             err(f"FAILED {line}")
         skipped = skipped or bool(summary.failed)
     if skipped:
+        raise click.exceptions.Exit(1)
+
+
+def warn_if_unheard(settings: Settings, redis: Redis, priority: str, results: list[Enqueued]) -> None:
+    """One line on stderr when jobs wait on a queue no live worker listens to (they would wait silently)."""
+    if any(r.action != "refused" for r in results) and not listened_to(settings, redis, priority):
+        name = queue_name(settings, priority)
+        err(f"tagger: warning: no live worker listens to {name}: the jobs wait until one does ('tagger work')")
+
+
+@click.command()
+@click.argument("targets", nargs=-1, metavar="[JOB|POST]...")
+@click.option("--all", "everything", is_flag=True, help="Cancel every queued job (of the --queue given).")
+@click.option(
+    "--queue",
+    "priorities",
+    multiple=True,
+    type=click.Choice(PRIORITIES),
+    help="Only jobs on this queue (repeatable; default all).",
+)
+@pass_app
+def cancel(app: App, targets: tuple[str, ...], everything: bool, priorities: tuple[str, ...]) -> None:
+    """Take queued jobs off the queues: each JOB|POST named (a job id or a post's path), or all with --all.
+
+    A job waiting on a queue or for a delayed retry is cancelled (enqueue its post again to run it); a running
+    job finishes, and a rerun asked for while it runs is dropped. Prints `job-id action post` for each job;
+    exit 1 when a JOB or POST named has no queued or running job.
+    """
+    if bool(targets) == everything:
+        raise click.UsageError("name the jobs or posts to cancel, or use --all [--queue Q]")
+    settings = app.configured()
+    results = cancel_jobs(settings, app.redis(), list(targets), everything, priorities or None)
+    missing = False
+    for item in results:
+        if not item.job_id:
+            err(f"NOT FOUND {item.target}: {item.detail}")
+            missing = True
+            continue
+        action = {"running": "running (finishes)"}.get(item.action, item.action)
+        detail = f"  ({item.detail})" if item.detail else ""
+        click.echo(f"{item.job_id:<{ID_WIDTH}}  {action:<20} {item.post}{detail}")
+    count = sum(1 for r in results if r.action == "cancelled")
+    click.echo(f"cancelled {count}" if count else "nothing cancelled")
+    if missing:
         raise click.exceptions.Exit(1)
 
 

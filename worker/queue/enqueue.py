@@ -13,7 +13,7 @@ from redis import Redis
 from redis.exceptions import WatchError
 from rq import Callback, Queue, Retry
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from worker.errors import TaggerError
@@ -137,7 +137,8 @@ def _enqueue_batch(
         ids = [f"{job_id_for(r, settings)}-{payloads[r].content_hash[:12]}" for r in relatives]
     # A post's job and its rerun (`-again`) are one post: either waiting or running counts.
     both = [i for job_id in ids for i in (job_id, job_id + AGAIN)]
-    failed = [FailedJobRegistry(queue=q) for q in queues(settings, redis)]
+    # A post enqueued again after failing or being cancelled leaves those lists: its new job has the same id.
+    ended = [r for q in queues(settings, redis) for r in (FailedJobRegistry(queue=q), CanceledJobRegistry(queue=q))]
     while True:
         with redis.pipeline() as pipe:
             try:
@@ -169,8 +170,7 @@ def _enqueue_batch(
                         results.append(Enqueued(relative, job_id, "enqueued"))
                 if to_enqueue:
                     new_ids = [d.job_id for d in to_enqueue]
-                    # A post enqueued again after failing leaves the failed list: its new job has the same id.
-                    for registry in failed:
+                    for registry in ended:
                         for job_id in new_ids:
                             registry.remove(job_id, pipeline=pipe)
                             registry.remove(job_id + AGAIN, pipeline=pipe)

@@ -27,7 +27,7 @@ from rq.worker import BaseWorker
 
 from worker.logs import redact, secrets_of
 from worker.queue.connection import PRIORITIES, connect
-from worker.queue.keys import queue_names
+from worker.queue.keys import queue_name, queue_names
 from worker.queue.workers import beat_interval, run_worker
 from worker.settings import Settings
 
@@ -108,6 +108,12 @@ def _after_fork_in_child() -> None:
         signal.signal(signum, signal.SIG_DFL)
     if _forking:
         _die_with_parent(_forking[0])
+
+
+def listened_to(settings: Settings, redis: Redis, priority: str) -> bool:
+    """Whether a live worker takes jobs from the queue of `priority` (producers warn when none does)."""
+    name = queue_name(settings, priority)
+    return any(name in worker.queue_names() for worker in live_workers(settings, redis))
 
 
 def _child(settings: Settings, priorities: Sequence[str], burst: bool, supervisor: int) -> None:

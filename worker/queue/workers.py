@@ -88,16 +88,6 @@ class TaggerWorker(SimpleWorker):
         self.secrets = secrets_of(settings)
         self.stop_requested = False
 
-    def unsubscribe(self) -> None:
-        """RQ's, except that the listening thread is told to stop before the UNSUBSCRIBE goes out.
-
-        Otherwise the thread may read the UNSUBSCRIBE's reply first and wait up to 60 s for a new subscription,
-        and a stopping worker waits with it (seen as `tagger work` taking a minute to stop after SIGTERM).
-        """
-        if self.pubsub_thread is not None:
-            self.pubsub_thread.stop(timeout=0)  # clears its run flag; the reply then ends its loop
-        super().unsubscribe()
-
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long a running job's entry lives without a heartbeat (short: a dead worker is found fast)."""
         return self.liveness_ttl
