@@ -144,3 +144,89 @@ def test_a_worker_exits_within_seconds_of_sigterm_after_a_run_and_a_burst_run_en
     assert burst.returncode == 0, burst.stderr[-2000:]
     assert written(more)
     assert time.monotonic() - started < 30, f"a burst of 2 posts took {time.monotonic() - started:.0f} s"
+
+
+# --- the README's recovery figures -----------------------------------------------------------------
+
+
+def lose(settings: Settings, redis: redis_lib.Redis, post: Path) -> str:
+    """Enqueue `post`, then take its job off the queue as a worker's BLPOP would before dying: lost."""
+    from worker.queue.jobs import enqueue_posts
+
+    [item] = enqueue_posts([post], settings, redis)
+    Queue(f"{settings.redis_prefix}-default", connection=redis, serializer=JSONSerializer).remove(item.job_id)
+    return item.job_id
+
+
+def requeued_at(redis: redis_lib.Redis, job_id: str) -> float | None:
+    from rq.job import Job
+
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    return job.enqueued_at.timestamp() if job.meta.get("lost") and job.enqueued_at else None
+
+
+def test_a_lost_job_is_requeued_when_its_grace_ends_not_up_to_half_a_lease_later(
+    make_settings: Callable[..., Settings], redis: redis_lib.Redis, redis_prefix: str, redis_url: str, site: Path
+) -> None:
+    """README: requeued once it stayed lost for its grace after a sweep first saw it. With 20 s leases the
+    reaper passes every 10 s; a job whose grace ends in 1 s is requeued then, even if a sweep just ran."""
+    from tests.conftest import SESSION, delete_keys
+    from worker.queue import keys
+    from worker.queue.recovery import lost_grace
+    from worker.queue.workers import _reaper
+
+    settings = make_settings(TAGGER_REDIS_PREFIX=redis_prefix, REDIS_URL=redis_url, TAGGER_LEASE_SECONDS="20")
+    stop = threading.Event()
+    try:
+        job_id = lose(settings, redis, site / "site" / "posts" / "limiting-wip.md")
+        first_seen = time.time() - lost_grace(settings) + 1.0  # seen by a sweep grace - 1 s ago
+        redis.hset(keys.orphans(settings), job_id, str(first_seen))
+        redis.set(keys.sweep_due(settings), "1", px=60_000)  # and a sweep just ran somewhere in the fleet
+        reaper = threading.Thread(target=_reaper, args=(settings, redis, stop), daemon=True)
+        reaper.start()
+        assert wait_for(lambda: requeued_at(redis, job_id) is not None, 8), "not requeued when its grace ended"
+        when = requeued_at(redis, job_id)
+        assert when is not None and lost_grace(settings) <= when - first_seen <= lost_grace(settings) + 2.0
+    finally:
+        stop.set()
+        delete_keys(redis, f"rq{SESSION}*")
+
+
+def test_a_lost_job_is_seen_within_half_a_lease_and_requeued_its_grace_later_by_a_live_worker(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis, make_settings: Callable[..., Settings]
+) -> None:
+    """README figures, with 2 s leases (grace 5 s, reaper every 1 s, a sweep at most every 1.25 s): a live
+    worker's reaper sees a lost job within a sweep interval and requeues it 5 s after it first saw it."""
+    from worker.queue import keys
+    from worker.queue.recovery import lost_grace
+
+    env = {**queue_env, "TAGGER_LEASE_SECONDS": "2"}
+    settings = make_settings(TAGGER_REDIS_PREFIX=env["TAGGER_REDIS_PREFIX"], REDIS_URL=env["REDIS_URL"])
+    settings = settings.model_copy(update={"lease_seconds": 2.0})
+    grace = lost_grace(settings)
+    worker = spawn(env, "work", "--queue", "high")  # recovers every queue; takes nothing from default
+    try:
+        assert wait_for(lambda: workers_alive(redis, env), 60)
+        lost = time.time()
+        job_id = lose(settings, redis, site / "site" / "posts" / "limiting-wip.md")
+        seen: list[float] = []
+
+        def first_seen() -> bool:
+            value = redis.hget(keys.orphans(settings), job_id)
+            if value is not None and not seen:
+                seen.append(float(value))
+            return bool(seen)
+
+        assert wait_for(first_seen, 10, step=0.05)
+        assert seen[0] - lost <= max(1.0, grace / 4) + 1.5, f"first seen {seen[0] - lost:.1f} s after it was lost"
+        assert wait_for(lambda: requeued_at(redis, job_id) is not None, 20)
+        when = requeued_at(redis, job_id)
+        assert when is not None and grace <= when - seen[0] <= grace + 1.5, f"requeued {when - seen[0]:.1f} s after"
+    finally:
+        kill_session(worker)
+
+
+def workers_alive(redis: redis_lib.Redis, env: dict[str, str]) -> bool:
+    from rq import Worker
+
+    return any(f"{env['TAGGER_REDIS_PREFIX']}-high" in w.queue_names() for w in Worker.all(connection=redis))

@@ -10,6 +10,7 @@ keeps an index of the job ids it enqueued and sweeps it for such jobs.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -57,12 +58,24 @@ def recover(settings: Settings, redis: Redis, sweep: bool = True) -> Recovered:
         return Recovered(skipped=True)
     try:
         done = Recovered(abandoned=reap_abandoned(settings, redis), promoted=promote_overdue(settings, redis))
-        if sweep and redis.set(keys.sweep_due(settings), "1", nx=True, px=int(lost_grace(settings) * 250)):
+        # One sweep per quarter grace across the fleet, except when a job seen lost has served its grace: then
+        # it is requeued now, not at the next sweep (the figure the README gives).
+        due = orphan_due(settings, redis)
+        overdue = due is not None and due <= time.time()
+        if sweep and (overdue or redis.set(keys.sweep_due(settings), "1", nx=True, px=int(lost_grace(settings) * 250))):
             done.lost = sweep_lost(settings, redis)
         return done
     finally:
         with contextlib.suppress(LockError):  # it expired meanwhile: nothing to release
             lock.release()
+
+
+def orphan_due(settings: Settings, redis: Redis) -> float | None:
+    """When the first job seen lost will have stayed lost for its grace (epoch seconds), or None."""
+    now = time.time()
+    # Not a time tagger wrote (Redis is untrusted input): the sweep marks it seen now.
+    seen = [t for t in map(_time, redis.hvals(keys.orphans(settings))) if math.isfinite(t) and t <= now]
+    return min(seen) + lost_grace(settings) if seen else None
 
 
 def reap_abandoned(settings: Settings, redis: Redis) -> list[str]:
@@ -128,13 +141,15 @@ def sweep_lost(settings: Settings, redis: Redis) -> list[str]:
             lost.append(job)
     if ended:
         redis.zrem(index, *ended)
-    seen = {_text(k): float(v) for k, v in redis.hgetall(keys.orphans(settings)).items()}
+    seen = {_text(k): _time(v) for k, v in redis.hgetall(keys.orphans(settings)).items()}
     now = time.time()
     requeued = []
     for job in lost:
         first = seen.pop(job.id, None)
         if first is None:
             redis.hsetnx(keys.orphans(settings), job.id, str(now))
+        elif not math.isfinite(first) or first > now:  # not a time we wrote (Redis is untrusted): seen now
+            redis.hset(keys.orphans(settings), job.id, str(now))
         elif now - first >= lost_grace(settings) and redis.hdel(keys.orphans(settings), job.id):
             queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
             queue.intermediate_queue.remove(job.id)  # a single-queue worker's LMOVE leaves it there
@@ -146,6 +161,14 @@ def sweep_lost(settings: Settings, redis: Redis) -> list[str]:
     if seen:  # no longer orphaned (started, or ended)
         redis.hdel(keys.orphans(settings), *seen)
     return requeued
+
+
+def _time(value: bytes | str) -> float:
+    """A first-seen time read back from Redis, or NaN when it is not a number (planted, damaged)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _text(value: bytes | str) -> str:

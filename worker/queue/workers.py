@@ -25,7 +25,7 @@ from worker.queue import keys
 from worker.queue.connection import PRIORITIES
 from worker.queue.context import WorkerContext, WorkerState
 from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, JOB_FUNCTIONS, queues
-from worker.queue.recovery import pending, recover
+from worker.queue.recovery import orphan_due, pending, recover
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.workers")
@@ -202,10 +202,11 @@ class TaggerWorker(SimpleWorker):
 
 
 def _reaper(settings: Settings, redis: Redis, stop: threading.Event) -> None:
-    """Recover dead workers' and lost jobs every half lease, whatever Redis does meanwhile."""
+    """Recover dead workers' and lost jobs every half lease (and when a lost job's grace ends), whatever Redis
+    does meanwhile."""
     backoff = Backoff()
     interval = max(0.5, settings.lease_seconds / 2)
-    while not stop.wait(interval):
+    while not stop.wait(_until_next_pass(settings, redis, interval)):
         try:
             recover(settings, redis)
             backoff.reset()
@@ -217,6 +218,15 @@ def _reaper(settings: Settings, redis: Redis, stop: threading.Event) -> None:
                 return
         except Exception:
             log.exception("reaper_error")  # never let recovery die with the first surprise
+
+
+def _until_next_pass(settings: Settings, redis: Redis, interval: float) -> float:
+    """Half a lease, or less when a job seen lost ends its grace sooner (it is requeued then, not later)."""
+    try:
+        due = orphan_due(settings, redis)
+    except RedisError:
+        return interval  # the pass itself will say what Redis does
+    return interval if due is None else min(interval, max(0.2, due - time.time() + 0.05))
 
 
 def beat_interval(settings: Settings, state: str) -> float:
