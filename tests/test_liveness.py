@@ -147,6 +147,13 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def worker_processes(supervisors: list[subprocess.Popen[bytes]]) -> set[int]:
+    """The live worker processes of `tagger work` supervisors (one each), once they all run."""
+    pids = lambda: {p for s in supervisors for p in session_pids(s.pid) if _parent_of(p) == s.pid and alive(p)}  # noqa: E731
+    assert wait_for(lambda: len(pids()) == len(supervisors), 60), "the worker processes never started"
+    return pids()
+
+
 def posts(site: Path) -> Path:
     return site / "site" / "posts"
 
@@ -207,26 +214,43 @@ def test_job_taken_by_a_worker_killed_before_starting_it_is_recovered(
 def test_burst_workers_alone_recover_a_killed_workers_job(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:
-    """(b) SIGKILL mid-job; then only `work --burst` runs, again and again (cron): the post is written."""
-    fake_llm.hold()  # the job's calls wait at the model: the kill lands mid-job, however slow the machine
-    wip = posts(site) / "limiting-wip.md"
-    tagger(queue_env, "enqueue", str(wip))
-    worker = spawn({**queue_env, "TAGGER_REQUEST_TIMEOUT": "60"}, "work")
+    """(b) SIGKILL mid-job; then only `work --burst` runs (cron): the dead worker's job expires while that burst
+    worker is busy with another post, and it recovers and runs the job before deciding it is done."""
+    fake_llm.hold()  # every call waits at the model until released: the kill lands mid-job, however slow the machine
+    wip, daily = posts(site) / "limiting-wip.md", posts(site) / "shipping-daily.md"
+    killed_id = tagger(queue_env, "enqueue", str(wip)).stdout.split()[0]
+    # A 10 s lease: the killed job's entry expires 7-11 s after the kill, after the burst worker has started
+    # (its start-up recovery must not be what saves the job).
+    worker = spawn({**queue_env, "TAGGER_REQUEST_TIMEOUT": "60", "TAGGER_LEASE_SECONDS": "10"}, "work")
     assert fake_llm.wait_held(1, timeout=60)
+    tagger(queue_env, "enqueue", str(daily))
     kill_session(worker)
-    fake_llm.release()
-    assert not written([wip])
-    # The dead worker is not listed (as busy or at all), and status says no worker is there for the job.
-    assert wait_for(lambda: json.loads(tagger(queue_env, "status", "--json").stdout)["no_worker"], 30)
-    assert "no worker is running" in tagger(queue_env, "status").stdout
-    deadline = time.monotonic() + WAIT
-    runs = 0
-    while not written([wip]) and time.monotonic() < deadline:
-        burst = tagger(queue_env, "work", "--burst")
-        assert burst.returncode == 0, burst.stderr[-2000:]
-        runs += 1
-        time.sleep(1)
-    assert written([wip]), f"still not written after {runs} burst workers"
+    # The burst worker's own reaper passes every 30 s: only its look before quitting can find the job in time.
+    burst = subprocess.Popen(
+        [sys.executable, "-m", "worker", "work", "--burst"],
+        env={**queue_env, "TAGGER_LEASE_SECONDS": "60", "TAGGER_REQUEST_TIMEOUT": "60"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert fake_llm.wait_held(2, timeout=60), "the burst worker never took the other post"
+        killed = Job.fetch(killed_id, connection=redis, serializer=JSONSerializer)
+        assert killed.get_status() == JobStatus.STARTED, (
+            "recovered at the burst worker's start: the machine was too slow"
+        )
+        registry = StartedJobRegistry(queue=queue_of(queue_env, redis, "default"))
+        assert wait_for(lambda: killed_id in registry.get_expired_job_ids(), 30)  # the dead worker's lease is over
+        fake_llm.release()
+        _, err = burst.communicate(timeout=120)
+        assert burst.returncode == 0, err[-2000:]
+    finally:
+        fake_llm.release()
+        if burst.poll() is None:
+            os.killpg(burst.pid, signal.SIGKILL)
+            burst.wait(timeout=30)
+    assert written([wip, daily]), "the burst worker quit without running the dead worker's job"
     status = json.loads(tagger(queue_env, "status", "--json").stdout)
     assert all(q["running"] == 0 and q["awaiting_recovery"] == 0 for q in status["queues"].values())
 
@@ -244,6 +268,7 @@ def test_workers_outlive_a_redis_restart_and_every_post_is_written(
     made = many_posts(site, 16)
     workers = [spawn(env, "work"), spawn(env, "work")]
     try:
+        processes = worker_processes(workers)  # the worker processes the supervisors started
         backfill = follow_backfill(env, site)
         assert wait_for(lambda: sum(1 for p in made if written([p])) >= 2, 60)
         server.stop()
@@ -254,7 +279,8 @@ def test_workers_outlive_a_redis_restart_and_every_post_is_written(
             again = tagger(env, "backfill", "--wait", str(site / "site"), timeout=240)
             out, err = out + again.stdout, err + again.stderr
         assert written([*made, posts(site) / "limiting-wip.md"]), out[-2000:] + err[-2000:]
-        assert all(w.poll() is None for w in workers), "a worker exited during the Redis restart"
+        assert all(w.poll() is None for w in workers), "a supervisor exited during the Redis restart"
+        assert worker_processes(workers) == processes, "a worker process died (and was restarted) during the restart"
         if not persistent:
             assert "vanished" in err or "again" in err
     finally:
@@ -273,6 +299,7 @@ def test_workers_outlive_redis_out_of_memory(
     made = many_posts(site, 12)
     workers = [spawn(env, "work"), spawn(env, "work")]
     try:
+        processes = worker_processes(workers)  # the worker processes the supervisors started
         backfill = follow_backfill(env, site)
         assert wait_for(lambda: sum(1 for p in made if written([p])) >= 1, 60)
         used = int(client.info("memory")["used_memory"])
@@ -282,14 +309,16 @@ def test_workers_outlive_redis_out_of_memory(
             for n in range(1000):
                 client.set(f"filler{n}", "x" * 1000)  # fill it up to the limit
         time.sleep(5)
-        assert all(w.poll() is None for w in workers), "a worker exited on OutOfMemoryError"
+        assert all(w.poll() is None for w in workers), "a supervisor exited on OutOfMemoryError"
+        # A worker that died would be restarted by its supervisor: the very processes it started must live.
+        assert worker_processes(workers) == processes, "a worker process died on OutOfMemoryError"
         client.config_set("maxmemory", "0")
         out, err = backfill.communicate(timeout=240)
         if not written(made):
             again = tagger(env, "backfill", "--wait", str(site / "site"), timeout=240)
             out, err = out + again.stdout, err + again.stderr
         assert written(made), out[-2000:] + err[-2000:]
-        assert all(w.poll() is None for w in workers)
+        assert all(w.poll() is None for w in workers) and worker_processes(workers) == processes
     finally:
         for w in workers:
             kill_session(w)
