@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -230,3 +232,122 @@ def workers_alive(redis: redis_lib.Redis, env: dict[str, str]) -> bool:
     from rq import Worker
 
     return any(f"{env['TAGGER_REDIS_PREFIX']}-high" in w.queue_names() for w in Worker.all(connection=redis))
+
+
+# --- start-up: checked once, one line on what is wrong or on what it serves ------------------------
+
+
+@pytest.mark.parametrize(
+    "args", [("work",), ("work", "--burst"), ("work", "--processes", "2")], ids=["work", "burst", "processes"]
+)
+def test_a_worker_that_cannot_start_says_why_in_one_line_and_exits_1_at_once(
+    queue_env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """In a folder without its taxonomy (or a remote worker started without TAGGER_JOB_MODE=remote)."""
+    from tests.test_liveness import tagger
+
+    empty = tmp_path / "worker-machine"
+    empty.mkdir()
+    env = {k: v for k, v in queue_env.items() if k not in ("TAGGER_TAXONOMY_DIR", "TAGGER_CONTENT_DIR")}
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "worker", *args], env=env, cwd=empty, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1 and time.monotonic() - started < 30
+    [line] = run.stderr.strip().splitlines()  # one line, no traceback, no restart
+    assert line.startswith("tagger: taxonomy: no taxonomy folder at ") and "TAGGER_JOB_MODE=remote" in line
+    assert run.stdout == ""
+    assert tagger(queue_env, "status").returncode == 0  # and no worker was registered meanwhile
+    assert "workers: 0" in tagger(queue_env, "status").stdout
+
+
+def test_a_worker_process_failing_its_start_stops_the_fleet_instead_of_restarting(
+    make_settings: Callable[..., Settings], redis_url: str, redis_prefix: str, tmp_path: Path, capfd: Any
+) -> None:
+    """The taxonomy went missing after `tagger work` checked it: each worker says so once, none is restarted."""
+    from worker.queue.fleet import run_processes
+    from worker.queue.startup import EXIT_CONFIG
+
+    settings = make_settings(
+        REDIS_URL=redis_url, TAGGER_REDIS_PREFIX=redis_prefix, TAGGER_TAXONOMY_DIR=str(tmp_path / "gone")
+    )
+
+    def too_long(signum: int, frame: object) -> None:
+        raise TimeoutError("the supervisor kept restarting workers that cannot start")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(45)
+    try:
+        started = time.monotonic()
+        assert run_processes(settings, 2) == EXIT_CONFIG
+        assert time.monotonic() - started < 30
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("tagger: ")]
+    assert len(lines) == 2 and all(line.startswith("tagger: taxonomy: no taxonomy folder") for line in lines)
+
+
+def test_work_says_in_one_line_what_it_serves(queue_env: dict[str, str], site: Path) -> None:
+    from tests.test_liveness import tagger
+
+    run = tagger(queue_env, "work", "--burst")
+    assert run.returncode == 0, run.stderr[-2000:]
+    prefix = queue_env["TAGGER_REDIS_PREFIX"]
+    assert run.stdout.splitlines()[0] == (
+        f"tagger work: serving {queue_env['REDIS_URL']} prefix {prefix}, shared mode, queues {prefix}-high "
+        f"{prefix}-default {prefix}-low, content {(site / 'site').resolve()}, model fake-model (openai), 1 process, burst"
+    )
+    remote = {k: v for k, v in queue_env.items() if k not in ("TAGGER_TAXONOMY_DIR", "TAGGER_CONTENT_DIR")}
+    run = tagger({**remote, "TAGGER_JOB_MODE": "remote"}, "work", "--burst", "--queue", "high")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"remote mode, queues {prefix}-high, content remote (posts carried in jobs, no files)" in run.stdout
+
+
+def test_the_start_line_hides_the_redis_password_and_a_provider_with_no_key_or_url_is_refused(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from worker.errors import SettingsError
+    from worker.queue.startup import check_start
+
+    class Answers:
+        def ping(self) -> bool:
+            return True
+
+    settings = make_settings(REDIS_URL="rediss://:hunter2-secret@redis.example.com:6380/0")
+    serving = check_start(settings, Answers())  # type: ignore[arg-type]
+    assert serving.redis_url == "rediss://:***@redis.example.com:6380/0"
+    assert "hunter2-secret" not in serving.line()
+    keyless = make_settings(OPENAI_API_KEY="", OPENAI_BASE_URL="")
+    with pytest.raises(SettingsError, match="neither OPENAI_API_KEY nor OPENAI_BASE_URL"):
+        check_start(keyless, Answers())  # type: ignore[arg-type]
+
+
+def test_a_job_of_the_other_mode_runs_or_fails_at_once_with_one_reason(
+    queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
+) -> None:
+    """A shared-folder job on a remote worker fails at once (`job_mode`); a remote job on a shared worker runs."""
+    from rq.job import Job, JobStatus
+
+    from tests.test_liveness import posts, tagger, written
+
+    wip = posts(site) / "limiting-wip.md"
+    before = wip.read_bytes()
+    remote_env = {k: v for k, v in queue_env.items() if k not in ("TAGGER_TAXONOMY_DIR", "TAGGER_CONTENT_DIR")}
+    remote_env["TAGGER_JOB_MODE"] = "remote"
+    shared_id = tagger(queue_env, "enqueue", str(wip)).stdout.split()[0]
+    run = tagger(remote_env, "work", "--burst")
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared_job = Job.fetch(shared_id, connection=redis, serializer=JSONSerializer)
+    assert shared_job.get_status() == JobStatus.FAILED and shared_job.meta["kind"] == "job_mode"
+    assert shared_job.meta["attempts"] == 0 or shared_job.meta["attempts"] == 1
+    assert "\n" not in shared_job.meta["error"] and "TAGGER_JOB_MODE=remote" in shared_job.meta["error"]
+    assert wip.read_bytes() == before
+    shown = tagger(queue_env, "failed", "show", shared_id).stdout.strip().splitlines()[-1]
+    assert shown.startswith("next: start a shared-folder worker where the site is")
+
+    remote_id = tagger(queue_env, "enqueue", "--remote", str(wip)).stdout.split()[0]
+    assert tagger(queue_env, "work", "--burst").returncode == 0  # a shared-folder worker
+    remote_job = Job.fetch(remote_id, connection=redis, serializer=JSONSerializer)
+    assert remote_job.get_status() == JobStatus.FINISHED, remote_job.meta
+    assert wip.read_bytes() == before and not written([wip])  # its result waits for `tagger apply`

@@ -150,6 +150,12 @@ class TaxonomyUnpublished(TaxonomyError):
     kind = "taxonomy_unpublished"
 
 
+class WrongJobMode(TaggerError):
+    """A shared-folder job reached a worker for remote jobs (TAGGER_JOB_MODE=remote), which has no site files."""
+
+    kind = "job_mode"
+
+
 class PostTooLarge(BadPost):
     """A post is too big to travel inside a job (TAGGER_MAX_JOB_BYTES)."""
 

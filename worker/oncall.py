@@ -129,6 +129,7 @@ NEXT_STEPS = {
     "foreign_job": "not tagger's job, never run: `tagger failed retry {job}` enqueues its post as a job of this "
     "version when it names one; `tagger failed purge` deletes it",
     "bad_job_id": "not a job at all, dropped from the queue: `tagger failed purge` clears it",
+    "job_mode": "start a shared-folder worker where the site is (or enqueue the post with --remote), " + RETRY,
     "unreadable": "its data cannot be read: `tagger failed purge` deletes it",
 }
 

@@ -19,6 +19,7 @@ from worker.queue.connection import PRIORITIES
 from worker.queue.enqueue import Enqueued, enqueue_posts
 from worker.queue.fleet import listened_to, run_processes
 from worker.queue.keys import queue_name
+from worker.queue.startup import EXIT_CONFIG, check_start
 from worker.settings import Settings
 
 ID_WIDTH = 29  # "post-" and 24 hex digits (remote jobs add the content hash)
@@ -270,7 +271,11 @@ def work(app: App, burst: bool, processes: int, priorities: tuple[str, ...]) -> 
     SIGTERM/SIGINT lets each current job finish within TAGGER_SHUTDOWN_GRACE, a second one stops at once.
     """
     settings = app.configured(quiet=False)
-    app.redis()  # one clear line here rather than one from every child
+    # Checked once here: what is wrong is one line and exit 1, not a traceback from every child, restarted.
+    serving = check_start(settings, app.redis(), priorities or None)
+    click.echo(serving.line(processes, burst))
     code = run_processes(settings, processes, priorities or None, burst)
+    if code == EXIT_CONFIG:
+        raise click.exceptions.Exit(1)  # the worker said why in one line; it is not restarted
     if code:
         raise Fail(f"a worker process exited with code {code}")

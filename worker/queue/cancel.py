@@ -17,8 +17,9 @@ from rq.serializers import JSONSerializer
 from worker.errors import TaggerError, UsageError
 from worker.paths import confine
 from worker.queue import keys
-from worker.queue.jobs import job_id_for
-from worker.queue.keys import PRIORITIES, queue_name
+from worker.queue.connection import PRIORITIES
+from worker.queue.enqueue import job_id_for
+from worker.queue.keys import queue_name
 from worker.settings import Settings
 
 

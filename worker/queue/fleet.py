@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -25,9 +26,11 @@ from rq.scheduler import RQScheduler
 from rq.scripts import release_lock
 from rq.worker import BaseWorker
 
+from worker.errors import TaggerError
 from worker.logs import redact, secrets_of
 from worker.queue.connection import PRIORITIES, connect
 from worker.queue.keys import queue_name, queue_names
+from worker.queue.startup import EXIT_CONFIG, start_failure
 from worker.queue.workers import beat_interval, run_worker
 from worker.settings import Settings
 
@@ -35,8 +38,6 @@ log = structlog.get_logger("tagger.fleet")
 # A worker silent for its beat interval plus this is presumed dead: room for a slow Redis, a loaded machine
 # and clocks a few seconds apart (the beat's time is the worker's clock).
 SILENT_MARGIN = 10.0
-# Exit code of a worker process whose start-up check failed: the supervisor stops instead of restarting it.
-EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
 STRAY_GRACE = 5.0  # seconds an orphaned process of the fleet gets after SIGTERM before SIGKILL
 PR_SET_PDEATHSIG = 1  # prctl(2) options (Linux)
 PR_SET_CHILD_SUBREAPER = 36
@@ -124,7 +125,12 @@ def _child(settings: Settings, priorities: Sequence[str], burst: bool, superviso
     if not _die_with_parent(supervisor):
         threading.Thread(target=_orphan_watch, args=(supervisor,), daemon=True).start()
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
-    run_worker(settings, connect(settings), priorities, burst)
+    try:
+        run_worker(settings, connect(settings), priorities, burst)
+    except TaggerError as exc:  # only its start (the warm context) raises: a job's failure is the job's
+        # One line, and a code that tells the supervisor a restart would fail the same way.
+        print(f"tagger: {redact(start_failure(exc), secrets_of(settings))}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def _orphan_watch(supervisor: int) -> None:

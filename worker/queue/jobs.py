@@ -21,7 +21,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from worker.errors import TaggerError, kind_of
+from worker.errors import TaggerError, WrongJobMode, kind_of
 from worker.logs import redact, secrets_of
 from worker.paths import confine
 from worker.queue import keys
@@ -72,6 +72,11 @@ def start_job(post: str, reruns: bool, **fields: Any) -> JobStart:
 def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any]:
     """The RQ job: classify one post below the content root and write it back."""
     settings = WorkerState.current().settings
+    if settings.job_mode == "remote":
+        raise WrongJobMode(
+            "a shared-folder job reached a worker for remote jobs (TAGGER_JOB_MODE=remote), which has no site "
+            "files: run a shared-folder worker where the site is, or enqueue with --remote"
+        )
     begun = start_job(relative, reruns=True, model=settings.model)
     job, redis = begun.job, begun.redis
     context = WorkerState.context = begun.context.reloaded(redis)
