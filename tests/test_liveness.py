@@ -337,8 +337,10 @@ def test_sigterm_to_supervisor_finishes_both_jobs_and_leaves_no_process(
         started = StartedJobRegistry(queue=queue_of(queue_env, redis, "default"))
         assert wait_for(lambda: started.get_job_count(cleanup=False) == 2, 60), "both jobs never ran at once"
         os.kill(parent.pid, signal.SIGTERM)
+        assert wait_for(lambda: written([wip, daily]), 90)
+        ended = time.monotonic()  # both jobs' ends (within the 0.2 s poll): the workers may go now
         assert parent.wait(timeout=90) == 0
-        assert written([wip, daily])
+        assert time.monotonic() - ended < 10, f"exit {time.monotonic() - ended:.0f} s after the jobs ended"
         assert wait_for(lambda: not session_pids(parent.pid), 10), f"left behind: {session_pids(parent.pid)}"
     finally:
         kill_session(parent)

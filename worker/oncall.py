@@ -233,7 +233,7 @@ def _count(value: Any) -> int:
         return 0
 
 
-RETRYING_READ = 2000  # delayed retries read per queue for `status` (the soonest due)
+RETRYING_READ = 500  # delayed retries read per queue for `status` (the soonest due; a remote job carries its post)
 
 
 def retrying(settings: Settings, redis: Redis, reason_chars: int = 300) -> dict[str, dict[str, Any]]:

@@ -175,6 +175,7 @@ class Strays:
 
     def __init__(self) -> None:
         self.signalled: dict[int, float] = {}
+        self.seen = False  # any stray at all: some process of the fleet died untidily
 
     def handle(self, known: set[int], now: float) -> None:
         """Signal and reap this process's children that are not the supervised workers in `known`."""
@@ -186,6 +187,7 @@ class Strays:
                     self.signalled.pop(pid, None)
                     continue
             first = self.signalled.setdefault(pid, now)
+            self.seen = True
             with contextlib.suppress(ProcessLookupError):
                 if first == now:
                     log.warning("stray_process", pid=pid, action="SIGTERM")
@@ -270,6 +272,7 @@ def run_processes(
     forced_at: float | None = None
     looked_at = 0.0
     config_failed = False
+    died = False  # a worker died (and was restarted): its scheduler may have died holding its locks
     restarts: dict[int, float] = {}
     try:
         while True:
@@ -324,6 +327,7 @@ def run_processes(
                 log.warning("worker_died", pid=children[slot].pid, exitcode=children[slot].exitcode)
                 strays.handle({c.pid for c in children if c.is_alive()}, now)
                 _release(settings, fleet)
+                died = True
                 restarts[slot] = now
                 children[slot] = start()
             if not dead and not any(c.is_alive() for c in children) and (stop_at is not None or burst):
@@ -333,7 +337,8 @@ def run_processes(
         for child in children:
             child.join(timeout=1)
         strays.drain({c.pid for c in children if c.is_alive()})
-        _release(settings, fleet)
+        if died or strays.seen or forced_at is not None:  # a tidy stop leaves no lock: no Redis call on the way out
+            _release(settings, fleet)
         if subreaper:
             _prctl(PR_SET_CHILD_SUBREAPER, 0)
         for signum, handler in previous.items():
