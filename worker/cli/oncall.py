@@ -149,7 +149,7 @@ def status(app: App, as_json: bool) -> None:
         click.echo(f"  {w['name']} silent (no heartbeat for {w['heartbeat_age']:.0f} s; presumed dead{was})")
     click.echo("failed by kind: " + (", ".join(f"{k} {v}" for k, v in info["failed_by_kind"].items()) or "none"))
     now = time.time()
-    click.echo("waiting for a retry: " + ("" if info["retrying"] else "none"))
+    click.echo("waiting for a retry:" + ("" if info["retrying"] else " none"))
     for kind, waiting in info["retrying"].items():
         due = waiting["next_try"] - now
         when = f"next try in {due:.0f} s" if due > 0 else f"overdue by {-due:.0f} s"
