@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
-from rq import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from tests.test_liveness import _parent_of, alive, kill_session, session_pids, spawn
+from tests.test_promises import lose, requeued_at
 from tests.waiting import wait_for
 from worker.settings import Settings
 
@@ -87,39 +86,6 @@ def test_nothing_is_left_behind_whatever_process_of_the_fleet_is_killed(
         kill_session(supervisor)
 
 
-def _in_frame(thread: threading.Thread, *names: str) -> bool:
-    """Whether `thread` is now running inside functions of all these names (its stack, innermost first)."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    seen = set()
-    while frame is not None:
-        seen.add(frame.f_code.co_name)
-        frame = frame.f_back
-    return set(names) <= seen
-
-
-def test_a_worker_ends_its_pubsub_thread_at_once_even_when_it_waits_on_its_60_s_timer(
-    make_settings: Callable[..., Settings], redis: redis_lib.Redis, redis_prefix: str
-) -> None:
-    """RQ's teardown joined redis-py's pubsub thread without a limit while it sat in a 60 s wait: slow exits."""
-    from worker.queue.workers import TaggerWorker
-
-    queue = Queue(f"{redis_prefix}-default", connection=redis, serializer=JSONSerializer)
-    worker = TaggerWorker([queue], connection=redis, serializer=JSONSerializer, settings=make_settings())
-    worker.subscribe()
-    thread = worker.pubsub_thread
-    assert thread is not None and wait_for(lambda: worker.pubsub.subscribed, 10)
-    # The instant that made exits slow: the thread has read UNSUBSCRIBE's reply and waits up to 60 s to be
-    # subscribed again (redis-py's get_message), and the teardown then waits for it.
-    worker.pubsub.unsubscribe()
-    assert wait_for(lambda: _in_frame(thread, "get_message", "wait"), 10)
-    ended = threading.Event()
-    stopping = threading.Thread(target=lambda: (worker.unsubscribe(), ended.set()), daemon=True)
-    started = time.monotonic()
-    stopping.start()
-    assert ended.wait(5), "the teardown waited for the pubsub thread's 60 s timer"
-    assert time.monotonic() - started < 3
-
-
 def test_a_worker_exits_within_seconds_of_sigterm_after_a_run_and_a_burst_run_ends_promptly(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
 ) -> None:
@@ -149,49 +115,6 @@ def test_a_worker_exits_within_seconds_of_sigterm_after_a_run_and_a_burst_run_en
 
 
 # --- the README's recovery figures -----------------------------------------------------------------
-
-
-def lose(settings: Settings, redis: redis_lib.Redis, post: Path) -> str:
-    """Enqueue `post`, then take its job off the queue as a worker's BLPOP would before dying: lost."""
-    from worker.queue.jobs import enqueue_posts
-
-    [item] = enqueue_posts([post], settings, redis)
-    Queue(f"{settings.redis_prefix}-default", connection=redis, serializer=JSONSerializer).remove(item.job_id)
-    return item.job_id
-
-
-def requeued_at(redis: redis_lib.Redis, job_id: str) -> float | None:
-    from rq.job import Job
-
-    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-    return job.enqueued_at.timestamp() if job.meta.get("lost") and job.enqueued_at else None
-
-
-def test_a_lost_job_is_requeued_when_its_grace_ends_not_up_to_half_a_lease_later(
-    make_settings: Callable[..., Settings], redis: redis_lib.Redis, redis_prefix: str, redis_url: str, site: Path
-) -> None:
-    """README: requeued once it stayed lost for its grace after a sweep first saw it. With 20 s leases the
-    reaper passes every 10 s; a job whose grace ends in 1 s is requeued then, even if a sweep just ran."""
-    from tests.conftest import SESSION, delete_keys
-    from worker.queue import keys
-    from worker.queue.recovery import lost_grace
-    from worker.queue.workers import _reaper
-
-    settings = make_settings(TAGGER_REDIS_PREFIX=redis_prefix, REDIS_URL=redis_url, TAGGER_LEASE_SECONDS="20")
-    stop = threading.Event()
-    try:
-        job_id = lose(settings, redis, site / "site" / "posts" / "limiting-wip.md")
-        first_seen = time.time() - lost_grace(settings) + 1.0  # seen by a sweep grace - 1 s ago
-        redis.hset(keys.orphans(settings), job_id, str(first_seen))
-        redis.set(keys.sweep_due(settings), "1", px=60_000)  # and a sweep just ran somewhere in the fleet
-        reaper = threading.Thread(target=_reaper, args=(settings, redis, stop), daemon=True)
-        reaper.start()
-        assert wait_for(lambda: requeued_at(redis, job_id) is not None, 8), "not requeued when its grace ended"
-        when = requeued_at(redis, job_id)
-        assert when is not None and lost_grace(settings) <= when - first_seen <= lost_grace(settings) + 2.0
-    finally:
-        stop.set()
-        delete_keys(redis, f"rq{SESSION}*")
 
 
 def test_a_lost_job_is_seen_within_half_a_lease_and_requeued_its_grace_later_by_a_live_worker(

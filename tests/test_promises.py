@@ -1032,3 +1032,118 @@ def test_an_overdue_retry_is_put_back_on_its_queue(worker_env: Settings, rq_queu
     assert promote_overdue(worker_env, redis, grace=5) == []  # once
     assert promote_overdue(worker_env, redis, grace=0) == [recent.id]
     assert later.get_status() == JobStatus.SCHEDULED
+
+
+# --- a worker's shutdown, a dead scheduler's locks, and the lost-job figures ---------------------------
+
+
+def _in_frame(thread: threading.Thread, *names: str) -> bool:
+    """Whether `thread` is now running inside functions of all these names (its stack, innermost first)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    seen = set()
+    while frame is not None:
+        seen.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return set(names) <= seen
+
+
+def test_a_worker_ends_its_pubsub_thread_at_once_even_when_it_waits_on_its_60_s_timer(
+    worker_env: Settings, rq_queue: Queue
+) -> None:
+    """RQ's teardown joined redis-py's pubsub thread without a limit while it sat in a 60 s wait: slow exits."""
+    from worker.queue.workers import TaggerWorker
+
+    worker = TaggerWorker([rq_queue], connection=rq_queue.connection, serializer=JSONSerializer, settings=worker_env)
+    worker.subscribe()
+    thread = worker.pubsub_thread
+    assert thread is not None and wait_for(lambda: worker.pubsub.subscribed, 10)
+    # The instant that made exits slow: the thread has read UNSUBSCRIBE's reply and waits up to 60 s to be
+    # subscribed again (redis-py's get_message), and the teardown then waits for it.
+    worker.pubsub.unsubscribe()
+    assert wait_for(lambda: _in_frame(thread, "get_message", "wait"), 10)
+    ended = threading.Event()
+    stopping = threading.Thread(target=lambda: (worker.unsubscribe(), ended.set()), daemon=True)
+    started = time.monotonic()
+    stopping.start()
+    assert ended.wait(5), "the teardown waited for the pubsub thread's 60 s timer"
+    assert time.monotonic() - started < 3
+
+
+def test_a_scheduler_that_died_holding_its_locks_has_them_released_by_its_worker(
+    worker_env: Settings, rq_queue: Queue
+) -> None:
+    """kill -9 of RQ's scheduler leaves its locks for a minute; the worker's teardown releases them."""
+    from rq.scheduler import RQScheduler
+
+    from worker.queue.workers import TaggerWorker
+
+    redis = rq_queue.connection
+    worker = TaggerWorker([rq_queue], connection=redis, serializer=JSONSerializer, settings=worker_env)
+    scheduler = worker.scheduler = RQScheduler([rq_queue], connection=redis, serializer=JSONSerializer)
+    assert scheduler.acquire_locks() == {rq_queue.name}  # held under its name, as by a scheduler killed since
+    scheduler.register_birth()
+    other = RQScheduler.get_locking_key(f"{worker_env.redis_prefix}-low")
+    redis.set(other, "another-scheduler")  # another fleet's lock: not this worker's to release
+    worker.stop_scheduler()
+    assert redis.get(RQScheduler.get_locking_key(rq_queue.name)) is None
+    assert not redis.exists(scheduler.key) and redis.get(other) == b"another-scheduler"
+
+
+def lose(settings: Settings, redis: redis_lib.Redis, post: Path) -> str:
+    """Enqueue `post`, then take its job off the queue as a worker's BLPOP would before dying: lost."""
+    from worker.queue.jobs import enqueue_posts
+
+    [item] = enqueue_posts([post], settings, redis)
+    Queue(f"{settings.redis_prefix}-default", connection=redis, serializer=JSONSerializer).remove(item.job_id)
+    return item.job_id
+
+
+def requeued_at(redis: redis_lib.Redis, job_id: str) -> float | None:
+    """When recovery put a lost job back on its queue, or None."""
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    return job.enqueued_at.timestamp() if job.meta.get("lost") and job.enqueued_at else None
+
+
+def test_a_lost_job_is_requeued_when_its_grace_ends_not_up_to_half_a_lease_later(
+    worker_env: Settings, rq_queue: Queue, site: Path
+) -> None:
+    """README: requeued once it stayed lost for its grace after a sweep first saw it. With 20 s leases the
+    reaper passes every 10 s; a job whose grace ends in 1 s is requeued then, even if a sweep just ran."""
+    from worker.queue import keys
+    from worker.queue.recovery import lost_grace
+    from worker.queue.workers import _reaper
+
+    redis = rq_queue.connection
+    settings = worker_env.model_copy(update={"lease_seconds": 20.0})
+    stop = threading.Event()
+    try:
+        job_id = lose(settings, redis, site / "site" / "posts" / "limiting-wip.md")
+        first_seen = time.time() - lost_grace(settings) + 1.0  # seen by a sweep grace - 1 s ago
+        redis.hset(keys.orphans(settings), job_id, str(first_seen))
+        redis.set(keys.sweep_due(settings), "1", px=60_000)  # and a sweep just ran somewhere in the fleet
+        threading.Thread(target=_reaper, args=(settings, redis, stop), daemon=True).start()
+        assert wait_for(lambda: requeued_at(redis, job_id) is not None, 8), "not requeued when its grace ended"
+        when = requeued_at(redis, job_id)
+        assert when is not None and lost_grace(settings) <= when - first_seen <= lost_grace(settings) + 2.0
+    finally:
+        stop.set()
+
+
+@pytest.mark.parametrize("stored", [b"not a time", b"nan", b"inf", str(time.time() + 3600).encode()])
+def test_a_first_seen_time_in_redis_that_is_not_one_counts_as_seen_now(
+    worker_env: Settings, rq_queue: Queue, site: Path, stored: bytes
+) -> None:
+    """Redis is untrusted input: a planted first-seen value neither requeues the job at once nor stalls it."""
+    from worker.queue import keys
+    from worker.queue.recovery import orphan_due, recover
+
+    redis = rq_queue.connection
+    job_id = lose(worker_env, redis, site / "site" / "posts" / "limiting-wip.md")
+    redis.hset(keys.orphans(worker_env), job_id, stored)
+    assert orphan_due(worker_env, redis) is None
+    before = time.time()
+    assert recover(worker_env, redis).lost == []  # not requeued on a planted time
+    reset = float(redis.hget(keys.orphans(worker_env), job_id) or 0)
+    assert before <= reset <= time.time()  # seen now: requeued once its grace from now has passed
+    due = orphan_due(worker_env, redis)
+    assert due is not None and abs(due - reset - 5.0) < 0.01
