@@ -325,7 +325,7 @@ def run_processes(
                     continue  # a child that keeps dying is restarted at most every 2 s
                 children[slot].join()
                 log.warning("worker_died", pid=children[slot].pid, exitcode=children[slot].exitcode)
-                strays.handle({c.pid for c in children if c.is_alive()}, now)
+                strays.handle({c.pid for c in children}, now)  # never reap a worker: multiprocessing must
                 _release(settings, fleet)
                 died = True
                 restarts[slot] = now
@@ -336,7 +336,7 @@ def run_processes(
     finally:
         for child in children:
             child.join(timeout=1)
-        strays.drain({c.pid for c in children if c.is_alive()})
+        strays.drain({c.pid for c in children})
         if died or strays.seen or forced_at is not None:  # a tidy stop leaves no lock: no Redis call on the way out
             _release(settings, fleet)
         if subreaper:
