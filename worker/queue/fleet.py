@@ -152,18 +152,16 @@ def _children_of(pid: int) -> list[int]:
 
 
 def _running(pid: int) -> bool:
-    """Whether `pid` is a process that has not ended (a zombie has ended)."""
+    """Whether `pid` is a process that has not ended (a zombie has ended; without /proc, signal 0 decides)."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not Path("/proc").is_dir()  # no /proc: signal 0 is all there is to go by
-    return state not in ("Z", "X")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Strays:
