@@ -143,10 +143,10 @@ def test_a_lost_job_is_seen_within_half_a_lease_and_requeued_its_grace_later_by_
             return bool(seen)
 
         assert wait_for(first_seen, 10, step=0.05)
-        assert seen[0] - lost <= max(1.0, grace / 4) + 1.5, f"first seen {seen[0] - lost:.1f} s after it was lost"
+        assert seen[0] - lost <= max(1.0, grace / 4) + 3, f"first seen {seen[0] - lost:.1f} s after it was lost"
         assert wait_for(lambda: requeued_at(redis, job_id) is not None, 20)
         when = requeued_at(redis, job_id)
-        assert when is not None and grace <= when - seen[0] <= grace + 1.5, f"requeued {when - seen[0]:.1f} s after"
+        assert when is not None and grace <= when - seen[0] <= grace + 3, f"requeued {when - seen[0]:.1f} s after"
     finally:
         kill_session(worker)
 

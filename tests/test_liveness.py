@@ -219,9 +219,9 @@ def test_burst_workers_alone_recover_a_killed_workers_job(
     fake_llm.hold()  # every call waits at the model until released: the kill lands mid-job, however slow the machine
     wip, daily = posts(site) / "limiting-wip.md", posts(site) / "shipping-daily.md"
     killed_id = tagger(queue_env, "enqueue", str(wip)).stdout.split()[0]
-    # A 10 s lease: the killed job's entry expires 7-11 s after the kill, after the burst worker has started
+    # A 15 s lease: the killed job's entry expires 11-16 s after the kill, after the burst worker has started
     # (its start-up recovery must not be what saves the job).
-    worker = spawn({**queue_env, "TAGGER_REQUEST_TIMEOUT": "60", "TAGGER_LEASE_SECONDS": "10"}, "work")
+    worker = spawn({**queue_env, "TAGGER_REQUEST_TIMEOUT": "60", "TAGGER_LEASE_SECONDS": "15"}, "work")
     assert fake_llm.wait_held(1, timeout=60)
     tagger(queue_env, "enqueue", str(daily))
     kill_session(worker)
