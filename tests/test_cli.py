@@ -238,6 +238,7 @@ def test_help_lists_commands_in_the_order_a_user_meets_them() -> None:
         "enqueue",
         "backfill",
         "work",
+        "cancel",
         "status",
         "failed",
         "resume",

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.fakellm import FakeLLM
 from tests.test_liveness import kill_session, posts, spawn, tagger
 from tests.waiting import wait_for
-from worker.fakellm import FakeLLM
 from worker.settings import Settings
 
 pytestmark = pytest.mark.redis
@@ -175,7 +175,7 @@ def test_backfill_wait_ends_when_its_jobs_are_cancelled(
     from tests.conftest import SESSION, delete_keys
     from worker.backfill import follow
     from worker.queue.cancel import cancel
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
 
     settings = make_settings(TAGGER_REDIS_PREFIX=redis_prefix, REDIS_URL=redis_url)
     try:

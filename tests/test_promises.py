@@ -1091,7 +1091,7 @@ def test_a_scheduler_that_died_holding_its_locks_has_them_released_by_its_worker
 
 def lose(settings: Settings, redis: redis_lib.Redis, post: Path) -> str:
     """Enqueue `post`, then take its job off the queue as a worker's BLPOP would before dying: lost."""
-    from worker.queue.jobs import enqueue_posts
+    from worker.queue.enqueue import enqueue_posts
 
     [item] = enqueue_posts([post], settings, redis)
     Queue(f"{settings.redis_prefix}-default", connection=redis, serializer=JSONSerializer).remove(item.job_id)
