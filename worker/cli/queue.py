@@ -17,8 +17,7 @@ from worker.providers import OFFLINE_NOTE
 from worker.queue.cancel import cancel as cancel_jobs
 from worker.queue.connection import PRIORITIES
 from worker.queue.enqueue import Enqueued, enqueue_posts
-from worker.queue.fleet import listened_to, run_processes
-from worker.queue.keys import queue_name
+from worker.queue.fleet import run_processes, unheard
 from worker.queue.startup import EXIT_CONFIG, check_start
 from worker.settings import Settings
 
@@ -207,8 +206,8 @@ def backfill(
 
 def warn_if_unheard(settings: Settings, redis: Redis, priority: str, results: list[Enqueued]) -> None:
     """One line on stderr when jobs wait on a queue no live worker listens to (they would wait silently)."""
-    if any(r.action != "refused" for r in results) and not listened_to(settings, redis, priority):
-        name = queue_name(settings, priority)
+    name = unheard(settings, redis, priority) if any(r.action != "refused" for r in results) else None
+    if name is not None:
         err(f"tagger: warning: no live worker listens to {name}: the jobs wait until one does ('tagger work')")
 
 

@@ -111,10 +111,10 @@ def _after_fork_in_child() -> None:
         _die_with_parent(_forking[0])
 
 
-def listened_to(settings: Settings, redis: Redis, priority: str) -> bool:
-    """Whether a live worker takes jobs from the queue of `priority` (producers warn when none does)."""
+def unheard(settings: Settings, redis: Redis, priority: str) -> str | None:
+    """The queue of `priority` when no live worker takes jobs from it (producers warn), else None."""
     name = queue_name(settings, priority)
-    return any(name in worker.queue_names() for worker in live_workers(settings, redis))
+    return None if any(name in worker.queue_names() for worker in live_workers(settings, redis)) else name
 
 
 def _child(settings: Settings, priorities: Sequence[str], burst: bool, supervisor: int) -> None:
