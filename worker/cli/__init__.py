@@ -82,8 +82,8 @@ def main(ctx: click.Context, env_file: str | None) -> None:
 
 
 # Setup, classifying one post, the queue, on-call, quality, then the Batch API: `tagger --help` lists them so.
-COMMANDS: tuple[click.Command, ...] = (taxonomy, classify, enqueue, backfill, work, cancel, status, failed, resume, verify)
-COMMANDS += (apply_command, eval_command, batch)
+COMMANDS: tuple[click.Command, ...] = (taxonomy, classify, enqueue, backfill, work, cancel, status, failed, resume)
+COMMANDS += (verify, apply_command, eval_command, batch)
 for command in COMMANDS:
     main.add_command(command)
 
