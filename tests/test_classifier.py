@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import fill_disk
-from tests.fakellm import FakeLLM, asked_names
+from tests.fakellm import FakeLLM, asked_groups, asked_names
 from worker.backfill import plan, run_inline
 from worker.classifier import Classifier, make_classifier
 from worker.decide import select
@@ -32,9 +32,19 @@ def wip(site: Path) -> Path:
     return site / "site" / "posts" / "limiting-wip.md"
 
 
-def test_one_call_per_type_and_terms_written(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:
+def calls_per_post(classifier: Classifier, site: Path) -> int:
+    """How many calls judging the demo post takes (its chunks)."""
+    post = classifier.read(wip(site))
+    return len(classifier.prompts_for(post, classifier.terms_for(post))[0])
+
+
+def test_the_post_is_paid_once_and_terms_written(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:
     result = classifier.classify(wip(site))
-    assert fake_llm.counts["requests"] == len(classifier.taxonomy.types())
+    # The three types' nine terms fit one chunk: one call, every type's definitions first, the post once, last.
+    assert fake_llm.counts["requests"] == 1
+    messages = fake_llm.requests[0]["messages"]
+    assert all(f'Terms of type "{t}":' in messages[0]["content"] for t in classifier.taxonomy.types())
+    assert "<<<POST" not in messages[0]["content"] and messages[-1]["content"].count("<<<POST") == 1
     post = read_post(wip(site))
     assert post.terms("tags") == ["Lean", "Kanban"]
     assert post.meta["ClassificationContentOrigin"] == "AI"
@@ -64,7 +74,7 @@ def test_unchanged_post_costs_no_call_and_changed_term_costs_one(
 def test_prompt_puts_rubric_and_terms_before_the_post(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:
     classifier.classify(wip(site))
     systems = {r["messages"][0]["content"] for r in fake_llm.requests}
-    assert len(systems) == 3 and all("## " in s and "<<<POST" not in s for s in systems)
+    assert len(systems) == 1 and all("## " in s and "<<<POST" not in s for s in systems)
     assert all(r["messages"][-1]["content"].startswith("Classify this post") for r in fake_llm.requests)
     schema = fake_llm.requests[0]["response_format"]["json_schema"]
     assert schema["strict"] is True
@@ -74,7 +84,7 @@ def test_prompt_puts_rubric_and_terms_before_the_post(classifier: Classifier, fa
 def test_transient_faults_are_retried(classifier: Classifier, fake_llm: FakeLLM, site: Path, fault: str) -> None:
     fake_llm.inject(fault)
     classifier.classify(wip(site))
-    assert fake_llm.counts["requests"] == len(classifier.taxonomy.types()) + 1
+    assert fake_llm.counts["requests"] == calls_per_post(classifier, site) + 1
     assert "Kanban" in read_post(wip(site)).terms("tags")
 
 
@@ -121,7 +131,7 @@ def test_one_invalid_reply_is_re_asked_with_the_error(
 ) -> None:
     fake_llm.inject(fault)
     result = classifier.classify(wip(site))
-    assert result.usage.calls == len(classifier.taxonomy.types()) + 1
+    assert result.usage.calls == calls_per_post(classifier, site) + 1
     assert result.usage.input_tokens == fake_llm.counts["prompt_tokens"]  # the rejected reply's tokens count too
     reask = fake_llm.requests[1]["messages"]
     assert reask[-2]["role"] == "assistant" and "not valid" in reask[-1]["content"]
@@ -131,7 +141,7 @@ def test_one_invalid_reply_is_re_asked_with_the_error(
 def test_json_mode_fallback_validates_the_same_way(make_settings: MakeSettings, fake_llm: FakeLLM, site: Path) -> None:
     classifier = make_classifier(make_settings(TAGGER_JSON_MODE=True))
     classifier.classify(wip(site))
-    assert fake_llm.requests[0]["response_format"] == {"type": "json_object"}
+    assert fake_llm.requests[0]["response_format"]["type"] == "json_object"
     assert "Kanban" in read_post(wip(site)).terms("tags")
     fake_llm.inject("unknown_term", "unknown_term")
     with pytest.raises(InvalidReply):
@@ -448,9 +458,10 @@ def test_a_term_page_is_never_assigned_its_own_term_and_writing_it_keeps_the_cac
     classifier = make_classifier(settings)
     before = classifier.taxonomy.get("tags", "Kanban")
     classifier.classify(wip(site))
+    first = len(fake_llm.requests)
     result = classifier.classify(page)
     assert result.written and "Kanban" not in read_post(page).terms("tags")
-    asked = [name for r in fake_llm.requests[-3:] for name in asked_names(r)]
+    asked = [name for r in fake_llm.requests[first:] for name in asked_names(r)]
     assert "Technical Debt" in asked and "Kanban" not in asked
     after = make_classifier(settings)
     assert after.taxonomy.get("tags", "Kanban").definition_hash == before.definition_hash  # type: ignore[union-attr]
@@ -523,3 +534,33 @@ def test_a_rerun_that_changes_nothing_leaves_the_record_file_as_it_was(classifie
     time.sleep(1.1)  # the record's time stamp has whole seconds: a rewrite would change it
     result = classifier.classify(wip(site))
     assert not result.written and record_path(wip(site)).read_bytes() == before
+
+
+def test_types_that_do_not_fit_one_chunk_get_calls_of_their_own(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    # 9 terms: categories 3, concepts 2, tags 4. Chunks of 5: categories + concepts share a call, tags alone.
+    classifier = make_classifier(make_settings(TAGGER_CHUNK_SIZE=5))
+    classifier.classify(wip(site))
+    groups = [[t for t, _ in asked_groups(r)] for r in fake_llm.requests]
+    assert groups == [["categories", "concepts"], ["tags"]]
+    fake_llm.requests.clear()
+    unpacked = make_classifier(make_settings(TAGGER_PACK_TYPES=False, TAGGER_MODEL="other"))
+    unpacked.classify(wip(site), dry_run=True)
+    assert [[t for t, _ in asked_groups(r)] for r in fake_llm.requests] == [["categories"], ["concepts"], ["tags"]]
+
+
+def test_a_term_title_shared_by_two_types_is_judged_once_for_each(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    shutil.copyfile(site / "taxonomy" / "tags" / "kanban.md", site / "taxonomy" / "categories" / "kanban.md")
+    text = (site / "taxonomy" / "categories" / "kanban.md").read_text()
+    (site / "taxonomy" / "categories" / "kanban.md").write_text(
+        text.replace("ClassificationType: tags", "ClassificationType: categories"), encoding="utf-8"
+    )
+    classifier = make_classifier(make_settings())
+    kanbans = [t for t in classifier.taxonomy if t.title == "Kanban"]
+    assert sorted(t.type for t in kanbans) == ["categories", "tags"]
+    result = classifier.classify(wip(site))
+    assert fake_llm.counts["requests"] == 1
+    assert sorted(j.type for j in result.judgements if j.term == "Kanban") == ["categories", "tags"]

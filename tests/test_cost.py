@@ -20,7 +20,7 @@ def test_estimate_matches_what_a_run_then_spends(
     todo = plan(settings).todo
     guess = estimate(settings, todo)
     assert fake_llm.counts["requests"] == 0
-    assert guess.posts == 3 and guess.calls == 3 * 3
+    assert guess.posts == 3 and guess.calls == 3  # the demo taxonomy's three types fit one call a post
     assert guess.cost is not None and guess.cost > 0
     for path in todo:
         make_classifier(settings).classify(path)
@@ -84,7 +84,9 @@ def test_a_posts_calls_run_in_parallel_within_the_bound(
     make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
 ) -> None:
     fake_llm.hold()  # calls wait at the model until released: concurrency is shown, not hoped for
-    classifier = make_classifier(make_settings(TAGGER_CONCURRENCY=2, TAGGER_REQUEST_TIMEOUT=60))
+    # One call per type, so that a post has several calls to run side by side.
+    settings = make_settings(TAGGER_CONCURRENCY=2, TAGGER_REQUEST_TIMEOUT=60, TAGGER_PACK_TYPES=False)
+    classifier = make_classifier(settings)
     done = threading.Thread(target=classifier.classify, args=(site / "site" / "posts" / "limiting-wip.md",))
     done.start()
     assert fake_llm.wait_held(2)  # two calls of the post at the model at once

@@ -351,7 +351,10 @@ def _repeating(completion: Callable[..., dict[str, Any]]) -> Callable[..., dict[
 
     def wrapped(body: dict[str, Any], content: str | None, refusal: str | None, finish: str) -> dict[str, Any]:
         data = json.loads(content or "{}")
-        data["judgements"] = data["judgements"][:1] * 2 + data["judgements"][1:]
+        # Relevant replies list entries per type: the first type's first entry twice.
+        first = next(iter(data["judgements"]))
+        entries = data["judgements"][first]
+        data["judgements"][first] = entries[:1] * 2 + entries[1:]
         return completion(body, json.dumps(data), refusal, finish)
 
     return wrapped

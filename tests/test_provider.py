@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from tests.fakellm import FakeLLM, asked_names
 from worker.classifier import make_classifier
 from worker.errors import Refused, Truncated
 from worker.prompts import load_templates
 from worker.providers.openai import STRICT_KEYWORDS, OpenAIProvider, response_format, strict_schema
-from worker.reply import ReplyBase, reply_model
+from worker.reply import reply_schema
 from worker.settings import Settings
 
 PACKAGE = Path(__file__).resolve().parent.parent / "worker"
@@ -79,29 +78,35 @@ def check_strict(node: dict[str, Any], where: str = "#") -> None:
 
 @pytest.mark.parametrize("names", NAMES)
 def test_the_strict_schema_follows_openais_rules_and_allows_only_the_terms_asked(names: tuple[str, ...]) -> None:
-    fmt = response_format(reply_model(names))
+    fmt = response_format(reply_schema((("tags", names),), "all"))
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
     assert fmt["json_schema"]["name"] == "Judgements"
     schema = fmt["json_schema"]["schema"]
     check_strict(schema)
-    term = schema["$defs"]["TermJudgement"]["properties"]["term"]
-    assert (term.get("enum") or [term.get("const")]) == list(names)
-    assert schema["properties"]["judgements"]["items"] == {"$ref": "#/$defs/TermJudgement"}
-    bounds = schema["$defs"]["TermJudgement"]["properties"]["depth"]
-    assert (bounds["minimum"], bounds["maximum"]) == (0, 10)
+    # TAGGER_REPLY=all: one required property per term asked, keyed by its title; nothing else may be named.
+    tags = schema["properties"]["judgements"]["properties"]["tags"]
+    assert tags["required"] == list(names) and tags["additionalProperties"] is False
+    assert all(v == {"$ref": "#/$defs/entry"} for v in tags["properties"].values())
+    # Sub-scores are integer enums 0-10 (a grammar ignores minimum/maximum), one shared definition.
+    assert schema["$defs"]["score"] == {"type": "integer", "enum": list(range(11))}
+    assert schema["$defs"]["entry"]["properties"]["depth"] == {"$ref": "#/$defs/score"}
+    relevant = response_format(reply_schema((("tags", names),), "relevant"))["json_schema"]["schema"]
+    check_strict(relevant)
+    items = relevant["properties"]["judgements"]["properties"]["tags"]
+    term = items["items"]["properties"]["term"]
+    assert term["enum"] == list(names) and items["maxItems"] == len(names)
 
 
-def test_a_reply_model_outside_the_strict_subset_is_refused() -> None:
-    class Defaulted(ReplyBase):
-        note: str = "x"  # `default` is not in the strict subset
-
-    class Open(BaseModel):
-        extra: dict[str, int]  # an open object (additionalProperties: {...})
-
+def test_a_reply_schema_outside_the_strict_subset_or_limits_is_refused() -> None:
+    defaulted = {"type": "object", "properties": {"x": {"type": "string", "default": "x"}}}
+    open_object = {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}}
     with pytest.raises(ValueError, match="default"):
-        strict_schema(Defaulted)
+        strict_schema(defaulted)
     with pytest.raises(ValueError, match="additionalProperties"):
-        strict_schema(Open)  # type: ignore[arg-type]
+        strict_schema(open_object)
+    many = tuple(f"Term number {i}" for i in range(1200))
+    with pytest.raises(ValueError, match="enum values"):
+        strict_schema(reply_schema((("tags", many),), "relevant"))
 
 
 def test_the_request_the_server_receives_carries_the_strict_schema(
@@ -123,7 +128,7 @@ def test_the_request_the_server_receives_carries_the_strict_schema(
 def good_body(fake: FakeLLM, provider: OpenAIProvider, names: tuple[str, ...]) -> dict[str, Any]:
     """A completion body as the fake answers the request the provider sends."""
     messages = [{"role": "system", "content": "judge"}, {"role": "user", "content": "<<<POST\nabout kanban\n"}]
-    status, _, body = fake.respond(provider.request(messages, reply_model(names)))
+    status, _, body = fake.respond(provider.request(messages, reply_schema((("tags", names),))))
     assert status == 200
     return body
 
@@ -136,9 +141,9 @@ def provider(make_settings: Callable[..., Settings]) -> OpenAIProvider:
 def test_a_reply_is_read_with_public_types(provider: OpenAIProvider, fake_llm: FakeLLM) -> None:
     names = ("Agile", "Scrum")
     body = good_body(fake_llm, provider, names)
-    answer = provider._read(json.dumps(body), reply_model(names))
+    answer = provider._read(json.dumps(body), (("tags", names),))
     assert answer.error == "" and answer.parsed is not None
-    assert [j.term for j in answer.parsed.judgements] == list(names)
+    assert [(j.type, j.term) for j in answer.parsed] == [("tags", n) for n in names]
     assert answer.usage.input_tokens == body["usage"]["prompt_tokens"] > 0
     assert answer.usage.output_tokens == body["usage"]["completion_tokens"] > 0
 
@@ -157,7 +162,7 @@ def test_cut_filtered_and_refused_replies_raise(
     body = good_body(fake_llm, provider, ("Agile",))
     body["choices"][0].update(change)
     with pytest.raises(raised):
-        provider._read(json.dumps(body), reply_model(("Agile",)))
+        provider._read(json.dumps(body), (("tags", ("Agile",)),))
 
 
 def test_a_compatible_servers_envelope_quirks_do_not_fail_a_good_reply(
@@ -168,7 +173,7 @@ def test_a_compatible_servers_envelope_quirks_do_not_fail_a_good_reply(
         body.pop(key)
     body["choices"][0]["finish_reason"] = "eos_token"  # what some self-hosted servers say for "stop"
     del body["choices"][0]["index"]
-    answer = provider._read(json.dumps(body), reply_model(("Agile",)))
+    answer = provider._read(json.dumps(body), (("tags", ("Agile",)),))
     assert answer.error == "" and answer.parsed is not None and answer.usage.calls == 1
 
 
@@ -184,5 +189,5 @@ def test_a_compatible_servers_envelope_quirks_do_not_fail_a_good_reply(
 def test_a_body_that_is_no_completion_is_an_error_for_the_re_ask(
     provider: OpenAIProvider, body: str, error: str
 ) -> None:
-    answer = provider._read(body, reply_model(("Agile",)))
+    answer = provider._read(body, (("tags", ("Agile",)),))
     assert answer.parsed is None and answer.error.startswith(error)

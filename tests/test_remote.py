@@ -241,9 +241,9 @@ def test_apply_commit_makes_one_commit_of_exactly_the_posts_and_records(
 
 
 def chunked(worker: tuple[dict[str, str], Path]) -> tuple[dict[str, str], Path]:
-    """The remote worker asking one chunk at a time, so a test knows which chunks were judged."""
+    """The remote worker asking one chunk (one type: no packing) at a time, so a test knows which were judged."""
     env, folder = worker
-    return {**env, "TAGGER_CONCURRENCY": "1", "TAGGER_REQUEST_TIMEOUT": "60"}, folder
+    return {**env, "TAGGER_CONCURRENCY": "1", "TAGGER_REQUEST_TIMEOUT": "60", "TAGGER_PACK_TYPES": "false"}, folder
 
 
 def job_status(redis: redis_lib.Redis, job_id: str) -> JobStatus | None:

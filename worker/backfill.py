@@ -172,6 +172,33 @@ def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None =
     return result
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """What one configuration costs against one call per term, synchronously (the baseline)."""
+
+    reply: str
+    batch: bool
+    cost: float
+    ratio: float
+
+
+def estimate_ratios(settings: Settings, todo: list[Path], types: Sequence[str] | None = None) -> list[Ratio]:
+    """Dollars for `all` and `relevant`, synchronous and through the Batch API, against one call per term.
+
+    Empty when the model has no price. The chunking, definitions and packing are the settings' own.
+    """
+    baseline = estimate(settings.model_copy(update={"chunk_size": 1, "reply": "all"}), todo, types).cost
+    if not baseline:
+        return []
+    ratios = []
+    for reply in ("all", "relevant"):
+        for batch in (False, True):
+            cost = estimate(settings.model_copy(update={"reply": reply}), todo, types, batch=batch).cost
+            if cost:
+                ratios.append(Ratio(reply=reply, batch=batch, cost=cost, ratio=baseline / cost))
+    return ratios
+
+
 def run_inline(
     settings: Settings, todo: list[Path], progress: Progress | None = None, types: Sequence[str] | None = None
 ) -> Summary:
@@ -191,6 +218,10 @@ def run_inline(
         except Exception as exc:  # a read-only folder or a parser crash fails this post only
             message = exc.message if isinstance(exc, TaggerError) else f"{type(exc).__name__}: {exc}"[:300]
             summary.failed.append(f"{path}: {kind_of(exc)}: {message}")
+            spent = getattr(exc, "usage", None)
+            if spent is not None:  # a failed post's calls were made (and paid for) too
+                summary.calls += spent.calls
+                summary.tokens += spent.input_tokens + spent.output_tokens
         else:
             summary.done += 1
             summary.written += int(result.written)

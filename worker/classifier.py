@@ -20,9 +20,9 @@ from worker.errors import InvalidReply, PostChanged, TaggerError
 from worker.posts import Post, check_writable, clean_stale_temps, read_post
 from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt, prompt_version
 from worker.providers import OfflineProvider, Provider
-from worker.providers.base import Throttle
+from worker.providers.base import ModeMemory, Throttle
 from worker.records import Record, RecordStore, reconcile
-from worker.reply import TermScores, confidence, not_relevant, reply_problem
+from worker.reply import TermScores, confidence, not_relevant, over_limits, reply_problem, reply_schema
 from worker.results import Classification, Judged, Judgement, Usage, level
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, Term, taxonomy_for
@@ -225,6 +225,19 @@ class Classifier:
                 judged, used = future.result()
                 fresh.extend(judged)
                 usage = usage.add(used)
+        except TaggerError as exc:
+            pool.shutdown(wait=True, cancel_futures=True)
+            # Every call counts (eval's cost line): those of the chunks that succeeded and of those that failed.
+            spent = exc.usage or Usage()
+            for future in futures:
+                if future.done() and not future.cancelled():
+                    other = future.exception()
+                    if other is None:
+                        spent = spent.add(future.result()[1])
+                    elif other is not exc and isinstance(other, TaggerError):
+                        spent = spent.add(other.usage or Usage())
+            exc.usage = spent
+            raise
         finally:
             # One failed chunk fails the post: chunks not yet started spend no calls.
             pool.shutdown(wait=True, cancel_futures=True)
@@ -247,19 +260,49 @@ class Classifier:
         return self.prompts_for_text(PostText(title, description, body), terms), cut
 
     def prompts_for_text(self, text: PostText, terms: Sequence[Term]) -> list[Prompt]:
-        """One prompt per even chunk of terms of one type."""
-        prompts = []
+        """One prompt per chunk: whole types packed together while they fit a chunk, a bigger type in even chunks.
+
+        The post is paid once per call, so the types that fit one call share it. A chunk whose reply schema would
+        pass OpenAI's strict-mode limits is split in two.
+        """
+        s = self.settings
+        chunks: list[list[Term]] = []
+        packed: list[Term] = []
         for term_type in dict.fromkeys(t.type for t in terms):
             of_type = [t for t in terms if t.type == term_type]
-            # Even chunks (41 terms at 40 a chunk become 21 + 20, not 40 + 1).
-            count = -(-len(of_type) // self.settings.chunk_size)
-            size = -(-len(of_type) // count)
-            s = self.settings
-            prompts += [
-                build_prompt(self.templates, of_type[i : i + size], text, s.definitions, s.reply)
-                for i in range(0, len(of_type), size)
-            ]
+            if len(of_type) > s.chunk_size:
+                # Even chunks (41 terms at 40 a chunk become 21 + 20, not 40 + 1).
+                count = -(-len(of_type) // s.chunk_size)
+                size = -(-len(of_type) // count)
+                chunks += [of_type[i : i + size] for i in range(0, len(of_type), size)]
+            elif s.pack_types and len(packed) + len(of_type) <= s.chunk_size:
+                packed += of_type
+            elif not s.pack_types:
+                chunks.append(of_type)
+            else:
+                chunks.append(packed)
+                packed = of_type
+        if packed:
+            chunks.append(packed)
+        prompts: list[Prompt] = []
+        for chunk in chunks:
+            prompts += self._within_limits(build_prompt(self.templates, chunk, text, s.definitions, s.reply))
         return prompts
+
+    def _within_limits(self, prompt: Prompt) -> list[Prompt]:
+        """The prompt, or its halves (again if need be) when its reply schema passes a strict-mode limit."""
+        if len(prompt.terms) < 2 or not over_limits(reply_schema(prompt.groups, prompt.reply)):
+            return [prompt]
+        half = len(prompt.terms) // 2
+        s = self.settings
+        return [
+            *self._within_limits(
+                build_prompt(self.templates, prompt.terms[:half], prompt.post, s.definitions, s.reply)
+            ),
+            *self._within_limits(
+                build_prompt(self.templates, prompt.terms[half:], prompt.post, s.definitions, s.reply)
+            ),
+        ]
 
     def split_cached(self, post: Post, terms: Sequence[Term], record: Record) -> tuple[list[Judgement], list[Term]]:
         """Judgements still valid for this post, term, prompt and model; and the terms that need asking."""
@@ -285,29 +328,28 @@ class Classifier:
         skipped: list[Judgement] = []
         ask: list[Term] = []
         for prompt in prompts:
-            by_name = {t.title: t for t in prompt.terms}
-            for judgement in self._judgements(
-                by_name, OfflineProvider().judge(prompt).judgements, post.content_hash, "shortlist"
-            ):
+            by_name = {(t.type, t.title): t for t in prompt.terms}
+            replies = [_typed(prompt, j) for j in OfflineProvider().judge(prompt).judgements]
+            for judgement in self._judgements(by_name, replies, post.content_hash, "shortlist"):
                 if judgement.confidence < self.settings.shortlist_min:
                     skipped.append(judgement.model_copy(update={"reason": f"not asked: {judgement.reason}"}))
                 else:
-                    ask.append(by_name[judgement.term])
+                    ask.append(by_name[(judgement.type, judgement.term)])
         return skipped, ask
 
     def _judgements(
-        self, by_name: dict[str, Term], replies: Sequence[TermScores], content_hash: str, provider: str
+        self, by_name: dict[tuple[str, str], Term], replies: Sequence[TermScores], content_hash: str, provider: str
     ) -> list[Judgement]:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         judgements = []
         for scores in replies:
-            term = by_name[scores.term]
+            term = by_name[(scores.type, scores.term)]
             value = confidence(scores, self.settings.weights)
             judgements.append(
                 Judgement(
                     type=term.type,
                     term=term.title,
-                    scores={k: v for k, v in scores.model_dump().items() if k not in ("term", "reason")},
+                    scores={k: v for k, v in scores.model_dump().items() if k not in ("term", "reason", "type")},
                     confidence=value,
                     level=level(value),
                     reason=scores.reason,
@@ -324,14 +366,23 @@ class Classifier:
     def _judge_prompt(self, prompt: Prompt, content_hash: str) -> tuple[list[Judgement], Usage]:
         terms = prompt.terms
         reply = self.provider.judge(prompt)
-        by_name = {t.title: t for t in terms}
-        got = [j.term for j in reply.judgements]
+        by_name = {(t.type, t.title): t for t in terms}
+        # A provider may name a term by its title alone: within the prompt's terms it names one type, or none.
+        given = [_typed(prompt, j) for j in reply.judgements]
+        asked_types = {t for t, _ in prompt.groups}
         # The provider checked this too; checked again here, so that no provider can add a term outside the taxonomy.
-        problem = reply_problem(prompt.names, got, complete=prompt.reply == "all")
-        if problem:
-            raise InvalidReply(f"reply does not answer the terms asked: {problem}", raw_reply=reply.raw)
+        problems = [f"terms that were not asked: {', '.join(j.term for j in given if j.type not in asked_types)}"]
+        problems = problems if any(j.type not in asked_types for j in given) else []
+        for term_type, titles in prompt.groups:
+            got_of_type = [j.term for j in given if j.type == term_type]
+            problem = reply_problem(titles, got_of_type, complete=prompt.reply == "all")
+            if problem:
+                problems.append(problem)
+        if problems:
+            raise InvalidReply(f"reply does not answer the terms asked: {'; '.join(problems)}", raw_reply=reply.raw)
+        got = {(j.type, j.term) for j in given}
         # TAGGER_REPLY=relevant: a term the model left out is recorded as judged, every sub-score 0.
-        scores = [*reply.judgements, *(not_relevant(n) for n in prompt.names if n not in got)]
+        scores = [*given, *(not_relevant(t.title, t.type) for t in terms if (t.type, t.title) not in got)]
         judgements = self._judgements(by_name, scores, content_hash, self.provider.name)
         log.info(
             "llm_call",
@@ -373,11 +424,21 @@ def _term_file(path: str) -> Path:
     return _resolved(Path(path))
 
 
-def make_classifier(settings: Settings, throttle: Throttle | None = None) -> Classifier:
+def make_classifier(
+    settings: Settings, throttle: Throttle | None = None, memory: ModeMemory | None = None
+) -> Classifier:
     """A classifier wired from settings: taxonomy folder, prompt templates and provider."""
     from worker.prompts import load_templates
     from worker.providers import make_provider
 
     taxonomy = taxonomy_for(settings)
     templates = load_templates(settings.prompts_dir)
-    return Classifier(settings, taxonomy, templates, make_provider(settings, templates, throttle))
+    return Classifier(settings, taxonomy, templates, make_provider(settings, templates, throttle, memory))
+
+
+def _typed(prompt: Prompt, scores: TermScores) -> TermScores:
+    """The entry with its term's type: as the reply said, else the one type of the prompt's terms with that title."""
+    if scores.type:
+        return scores
+    types = [t.type for t in prompt.terms if t.title == scores.term]
+    return scores.model_copy(update={"type": types[0]}) if len(types) == 1 else scores

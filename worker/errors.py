@@ -39,6 +39,7 @@ into a failed job's meta (`worker/queue/jobs.py`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class TaggerError(Exception):
@@ -52,6 +53,7 @@ class TaggerError(Exception):
         self.message = message
         self.path = str(path) if path is not None else None
         self.raw_reply = raw_reply
+        self.usage: Any = None  # the calls and tokens spent before the failure (a `Usage`), counted by eval
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
@@ -172,6 +174,13 @@ class ProviderError(TaggerError):
     """The LLM provider failed in a way that retrying will not fix (e.g. a 400)."""
 
     kind = "provider"
+
+
+class ProviderUnsupported(ProviderError):
+    """The server rejected the request itself (400/404/422, or a 500 saying it is invalid): retrying cannot help."""
+
+    kind = "provider_unsupported"
+    format_rejected = False  # the server named the response format: TAGGER_STRUCTURED=auto tries the next mode
 
 
 class AuthError(ProviderError):

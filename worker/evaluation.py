@@ -336,6 +336,7 @@ def evaluate(
             judgements, used, hits = judged.judgements, judged.usage, judged.cached
         except TaggerError as exc:
             failed.append(f"{path}: {exc.kind}: {exc.message}")
+            usage = usage.add(exc.usage or Usage())  # a failed post's calls were paid for too
             continue
         evaluated += 1
         usage = usage.add(used)

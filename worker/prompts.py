@@ -26,10 +26,14 @@ _BOILERPLATE = re.compile(r"^\s*use this (category|tag|concept|classification)[^
 CHARS_PER_TOKEN = 4
 # TAGGER_REPLY: the templates' $reply_rule (system) and $reply_again (re-ask) for each reply shape.
 REPLY_RULES = {
-    "all": "For every listed term, and only for the listed terms, return one entry with:",
+    "all": (
+        'Reply with {"judgements": {type: {term title: entry}}}: for every listed term, and only for the listed '
+        "terms, one entry under its type, keyed by the term's title exactly as listed. Each entry has:"
+    ),
     "relevant": (
-        "Return entries only for the listed terms that apply to this post, at most one entry per term; "
-        "leave out every term that does not apply (a term left out counts as scoring 0). Each entry has:"
+        'Reply with {"judgements": {type: [entry, ...]}}: entries only for the listed terms that apply to this '
+        "post, at most one entry per term; leave out every term that does not apply (a term left out counts as "
+        "scoring 0). Each entry has:\n- term: the term's title exactly as listed"
     ),
 }
 REPLY_AGAIN = {
@@ -58,6 +62,10 @@ class PostText:
     body: str
 
 
+# The terms one call asks about, by type: ((type, (title, ...)), ...), in the order the prompt lists them.
+Groups = tuple[tuple[str, tuple[str, ...]], ...]
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One call's messages, the term titles it asks about, and what they came from."""
@@ -67,6 +75,12 @@ class Prompt:
     terms: tuple[Term, ...]
     post: PostText
     reply: str = "all"
+
+    @property
+    def groups(self) -> Groups:
+        """The titles asked, by type (a call may ask about the terms of several types)."""
+        types = dict.fromkeys(t.type for t in self.terms)
+        return tuple((k, tuple(t.title for t in self.terms if t.type == k)) for k in types)
 
 
 def estimate_tokens(text: str) -> int:
@@ -133,11 +147,19 @@ def render_term(templates: Templates, term: Term, definitions: str = "compact") 
 def build_prompt(
     templates: Templates, terms: Sequence[Term], post: PostText, definitions: str = "compact", reply: str = "all"
 ) -> Prompt:
-    """Messages for judging `post` against `terms` (all of one type): rubric and terms first, post last."""
-    term_type = terms[0].type
-    rendered = "\n\n".join(render_term(templates, t, definitions) for t in terms)
+    """Messages for judging `post` against `terms` (of one type or several): rubric and terms first, post last.
+
+    The definitions of every type come first, grouped by type, and the post once, last: a post's tokens are
+    paid once per call, not once per type.
+    """
+    types = list(dict.fromkeys(t.type for t in terms))
+    rendered = "\n\n".join(
+        f'Terms of type "{term_type}":\n\n'
+        + "\n\n".join(render_term(templates, t, definitions) for t in terms if t.type == term_type)
+        for term_type in types
+    )
     rule = REPLY_RULES[reply]
-    system = templates.system.safe_substitute(term_type=term_type, terms=rendered, reply_rule=rule).strip()
+    system = templates.system.safe_substitute(term_type=", ".join(types), terms=rendered, reply_rule=rule).strip()
     if "$reply_rule" not in templates.system.template and reply != "all":
         system += f"\n\n{rule.removesuffix(' Each entry has:')}"  # own templates written before TAGGER_REPLY
     user = templates.post.safe_substitute(title=post.title, description=post.description, body=post.body).strip()

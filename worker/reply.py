@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.prompts import Groups
 from worker.results import SUB_SCORES
 from worker.settings import Weights
+
+REASON_CHARS = 600
+# What one term's entry holds besides its sub-scores.
+ENTRY_FIELDS = (*SUB_SCORES, "reason")
 
 
 class TermScores(BaseModel):
@@ -24,38 +31,144 @@ class TermScores(BaseModel):
     intent: float = Field(ge=0, le=10)
     audience: float = Field(ge=0, le=10)
     signal: float = Field(ge=0, le=10)
-    reason: str = Field(max_length=600)
+    reason: str = Field(max_length=REASON_CHARS)
+    type: str = ""  # the term's type, when the reply says it (a call asking several types)
 
 
-class ReplyBase(BaseModel):
-    """Base of the per-call reply models: a list of judgements."""
+class Scores(BaseModel):
+    """One entry of a reply: the sub-scores and the reason (any number 0-10 is read; the schema asks integers)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    judgements: list[TermScores]
+    mentions: float = Field(ge=0, le=10)
+    alignment: float = Field(ge=0, le=10)
+    depth: float = Field(ge=0, le=10)
+    intent: float = Field(ge=0, le=10)
+    audience: float = Field(ge=0, le=10)
+    signal: float = Field(ge=0, le=10)
+    reason: str = Field(max_length=REASON_CHARS)
+
+
+class Entry(Scores):
+    """An entry of a `TAGGER_REPLY=relevant` reply, which names its term."""
+
+    term: str
+
+
+class AllReply(BaseModel):
+    """`TAGGER_REPLY=all`: per type, one entry keyed by each term's title."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judgements: dict[str, dict[str, Scores]]
+
+
+class RelevantReply(BaseModel):
+    """`TAGGER_REPLY=relevant`: per type, entries for the terms that apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judgements: dict[str, list[Entry]]
+
+
+def _closed(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
 @lru_cache(maxsize=512)
-def reply_model(names: tuple[str, ...]) -> type[ReplyBase]:
-    """A strict reply model whose `term` may only be one of `names` (the terms asked about)."""
-    term_type: Any = Literal[names]
-    entry: Any = create_model("TermJudgement", __base__=TermScores, term=(term_type, ...))
-    return create_model("Judgements", __base__=ReplyBase, judgements=(list[entry], ...))
+def _reply_schema(groups: Groups, reply: str) -> str:
+    score = {"type": "integer", "enum": list(range(11))}
+    scores = {name: {"$ref": "#/$defs/score"} for name in SUB_SCORES}
+    reason = {"type": "string", "maxLength": REASON_CHARS}
+    defs: dict[str, Any] = {"score": score}
+    if reply == "all":
+        # One required property per term: a strict server or a grammar cannot leave a term out, repeat or add one.
+        defs["entry"] = _closed({**scores, "reason": reason})
+        per_type = {t: _closed({title: {"$ref": "#/$defs/entry"} for title in titles}) for t, titles in groups}
+    else:
+        per_type = {
+            t: {
+                "type": "array",
+                "items": _closed({"term": {"type": "string", "enum": list(titles)}, **scores, "reason": reason}),
+                "maxItems": len(titles),
+            }
+            for t, titles in groups
+        }
+    return json.dumps({**_closed({"judgements": _closed(per_type)}), "$defs": defs})
+
+
+def reply_schema(groups: Groups, reply: str = "all") -> dict[str, Any]:
+    """The reply's JSON schema, in OpenAI's strict subset and enforceable by a grammar.
+
+    Sub-scores are integer enums 0-10 (a grammar ignores minimum/maximum), one shared definition; with `all`,
+    each type is an object with one required property per term asked, keyed by its title.
+    """
+    schema: dict[str, Any] = json.loads(_reply_schema(groups, reply))
+    return schema
+
+
+# OpenAI's documented limits for a strict schema (Structured Outputs, "Supported schemas"): 5,000 object
+# properties in all, 10 levels of nesting, 1,000 enum values in all, 120,000 characters of property names, definition
+# names, enum and const values in all, and 15,000 characters for the values of an enum of more than 250 values.
+MAX_PROPERTIES, MAX_NESTING, MAX_ENUM_VALUES, MAX_NAME_CHARS = 5000, 10, 1000, 120_000
+LARGE_ENUM, LARGE_ENUM_CHARS = 250, 15_000
+
+
+def over_limits(schema: dict[str, Any]) -> str | None:
+    """Which of OpenAI's strict-mode limits `schema` passes, or None (definitions are counted once)."""
+    properties = enum_values = name_chars = 0
+    deepest = 0
+    large_enum = ""
+
+    def walk(node: Any, depth: int) -> None:
+        nonlocal properties, enum_values, name_chars, deepest, large_enum
+        if not isinstance(node, dict):
+            return
+        deepest = max(deepest, depth)
+        props = node.get("properties") or {}
+        properties += len(props)
+        name_chars += sum(len(k) for k in props)
+        values = node.get("enum") or []
+        enum_values += len(values)
+        chars = sum(len(str(v)) for v in values)
+        name_chars += chars
+        if len(values) > LARGE_ENUM and chars > LARGE_ENUM_CHARS:
+            large_enum = f"an enum of {len(values)} values holds {chars} characters (at most {LARGE_ENUM_CHARS})"
+        for name, sub in (node.get("$defs") or {}).items():
+            name_chars += len(name)
+            walk(sub, depth)
+        for sub in props.values():
+            walk(sub, depth + 1)
+        if "items" in node:
+            walk(node["items"], depth + 1)
+        for sub in node.get("anyOf") or []:
+            walk(sub, depth)
+
+    walk(schema, 1)
+    problems = [
+        f"{properties} properties (at most {MAX_PROPERTIES})" if properties > MAX_PROPERTIES else "",
+        f"{deepest} levels of nesting (at most {MAX_NESTING})" if deepest > MAX_NESTING else "",
+        f"{enum_values} enum values (at most {MAX_ENUM_VALUES})" if enum_values > MAX_ENUM_VALUES else "",
+        f"{name_chars} characters of names and values (at most {MAX_NAME_CHARS})"
+        if name_chars > MAX_NAME_CHARS
+        else "",
+        large_enum,
+    ]
+    return "; ".join(p for p in problems if p) or None
 
 
 NOT_RELEVANT = "not relevant"
 
 
-def not_relevant(term: str) -> TermScores:
+def not_relevant(term: str, term_type: str = "") -> TermScores:
     """A term a `TAGGER_REPLY=relevant` reply left out: judged, every sub-score 0."""
-    return TermScores(term=term, mentions=0, alignment=0, depth=0, intent=0, audience=0, signal=0, reason=NOT_RELEVANT)
+    return TermScores(
+        term=term, mentions=0, alignment=0, depth=0, intent=0, audience=0, signal=0, reason=NOT_RELEVANT, type=term_type
+    )
 
 
 def reply_problem(names: Sequence[str], got: Sequence[str], complete: bool = True) -> str | None:
-    """Why the terms a reply names are not the terms asked (`names`, all of them when `complete`), or None.
-
-    The one check of a reply's terms: the provider re-asks with its text, the classifier refuses what still fails.
-    """
+    """Why the terms a reply names are not the terms asked (`names`, all of them when `complete`), or None."""
     unknown = [t for t in got if t not in names]
     missing = [n for n in names if n not in got] if complete else []
     repeated = sorted({n for n in got if got.count(n) > 1})
@@ -67,6 +180,46 @@ def reply_problem(names: Sequence[str], got: Sequence[str], complete: bool = Tru
     if repeated:
         problems.append(f"repeated terms: {', '.join(repeated)}")
     return "; ".join(problems) or None
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """A reply read against the terms asked: its entries (each with its type), or why it is not usable."""
+
+    judgements: list[TermScores]
+    error: str | None = None
+
+
+def parse_reply(content: str, groups: Groups, reply: str = "all") -> ParsedReply:
+    """Read a reply's JSON for the terms asked; every unknown, missing or repeated term is an error."""
+    model: type[AllReply] | type[RelevantReply] = AllReply if reply == "all" else RelevantReply
+    try:
+        parsed = model.model_validate_json(content)
+    except ValidationError as exc:
+        return ParsedReply([], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:8]))
+    asked = dict(groups)
+    problems = []
+    unknown_types = [t for t in parsed.judgements if t not in asked]
+    if unknown_types:
+        problems.append(f"types that were not asked: {', '.join(unknown_types)}")
+    missing_types = [t for t in asked if t not in parsed.judgements]
+    if missing_types and reply == "all":
+        problems.append(f"missing types: {', '.join(missing_types)}")
+    entries: list[TermScores] = []
+    for term_type, titles in groups:
+        given = parsed.judgements.get(term_type)
+        if given is None:
+            continue
+        if isinstance(given, dict):
+            got = list(given)
+            entries += [TermScores(term=t, type=term_type, **v.model_dump()) for t, v in given.items()]
+        else:
+            got = [e.term for e in given]
+            entries += [TermScores(type=term_type, **e.model_dump()) for e in given]
+        problem = reply_problem(titles, got, complete=reply == "all")
+        if problem:
+            problems.append(f"{term_type}: {problem}" if len(groups) > 1 else problem)
+    return ParsedReply([] if problems else entries, "; ".join(problems) or None)
 
 
 def confidence(scores: TermScores, weights: Weights) -> float:

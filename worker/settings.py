@@ -17,6 +17,10 @@ from pydantic_settings import (
 )
 
 ProviderName = Literal["openai", "offline"]
+# How replies are constrained: a strict JSON schema, a JSON object (schema in the prompt and, for grammar-based
+# servers, beside the format), the prompt alone; `auto` starts strict and falls back once per rejection.
+StructuredMode = Literal["json_schema", "json_object", "prompt"]
+STRUCTURED_MODES: tuple[StructuredMode, ...] = ("json_schema", "json_object", "prompt")
 
 
 class SelectionRule(BaseModel):
@@ -154,6 +158,10 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
     model: str = Field(default="gpt-4o-mini", alias="TAGGER_MODEL")
     provider_choice: ProviderName | None = Field(default=None, alias="TAGGER_PROVIDER")
+    structured: Literal["auto", "json_schema", "json_object", "prompt"] | None = Field(
+        default=None, alias="TAGGER_STRUCTURED"
+    )
+    # The older switch, kept as an alias: TAGGER_JSON_MODE=true is TAGGER_STRUCTURED=json_object.
     json_mode: bool = Field(default=False, alias="TAGGER_JSON_MODE")
     taxonomy_dir: Path = Field(default=Path("categories"), alias="TAGGER_TAXONOMY_DIR")
     # Unset: the current folder (so `tagger classify some/post.md` works from a site's folder).
@@ -171,6 +179,8 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=60, ge=1, alias="TAGGER_CHUNK_SIZE")
     definitions: Literal["compact", "full"] = Field(default="compact", alias="TAGGER_DEFINITIONS")
     reply: Literal["all", "relevant"] = Field(default="all", alias="TAGGER_REPLY")
+    # The terms of several types that fit one chunk are judged in one call (the post paid once, not once per type).
+    pack_types: bool = Field(default=True, alias="TAGGER_PACK_TYPES")
     shortlist_min: float = Field(default=0.0, ge=0, le=100, alias="TAGGER_SHORTLIST_MIN")
     concurrency: int = Field(default=4, ge=1, alias="TAGGER_CONCURRENCY")
     max_post_tokens: int = Field(default=15_000, ge=250, alias="TAGGER_MAX_POST_TOKENS")
@@ -238,6 +248,13 @@ class Settings(BaseSettings):
         if self.provider_choice:
             return self.provider_choice
         return "openai" if (self.openai_api_key or self.openai_base_url) else "offline"
+
+    @property
+    def structured_mode(self) -> Literal["auto", "json_schema", "json_object", "prompt"]:
+        """The structured-output mode asked for: TAGGER_STRUCTURED, else json_object for TAGGER_JSON_MODE, else auto."""
+        if self.structured:
+            return self.structured
+        return "json_object" if self.json_mode else "auto"
 
     def rule_for(self, term_type: str) -> SelectionRule:
         """The selection rule for one classification type."""

@@ -100,7 +100,9 @@ def cut(text: str, width: int) -> str:
 
 
 def err(line: str) -> None:
-    """One line on stderr."""
+    """One line on stderr: a `FAILED`, `SKIPPED` or `REFUSED` line stays one line whatever its message holds."""
+    if line.startswith(("FAILED ", "SKIPPED ", "REFUSED ")):
+        line = " ".join(line.split())  # a server's body or a traceback in a message must not spill over lines
     click.echo(line, err=True)
 
 

@@ -35,7 +35,8 @@ def cache_key(settings: Settings) -> str:
         settings.reply,
         settings.max_post_tokens,
         settings.shortlist_min,
-        settings.json_mode,
+        settings.structured_mode,
+        settings.pack_types,
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 

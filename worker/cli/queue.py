@@ -145,6 +145,12 @@ def backfill(
                 f"chunks of {settings.chunk_size}); one call per term: ${baseline.cost / est.posts:.5f} "
                 f"({baseline.cost / est.cost:.1f}x)"
             )
+        if est.posts:
+            for r in backfill_lib.estimate_ratios(settings, plan.todo, types or None):
+                click.echo(
+                    f"  reply {r.reply:<8} {'batch' if r.batch else 'sync':<5} ${r.cost / est.posts:.5f} a post, "
+                    f"{r.ratio:.1f}x cheaper than one call per term synchronously"
+                )
         return
     if batch:
         from worker.cli.batch_commands import submit

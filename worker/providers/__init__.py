@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from worker.prompts import Templates
-from worker.providers.base import NoThrottle, Provider, Reply, Throttle
+from worker.providers.base import ModeMemory, NoThrottle, Provider, Reply, Throttle
 from worker.providers.offline import OFFLINE_NOTE, OfflineProvider
 from worker.settings import Settings
 
-__all__ = ["OFFLINE_NOTE", "NoThrottle", "OfflineProvider", "Provider", "Reply", "Throttle", "make_provider"]
+__all__ = [
+    "OFFLINE_NOTE",
+    "ModeMemory",
+    "NoThrottle",
+    "OfflineProvider",
+    "Provider",
+    "Reply",
+    "Throttle",
+    "make_provider",
+]
 
 
-def make_provider(settings: Settings, templates: Templates, throttle: Throttle | None = None) -> Provider:
-    """The provider the settings ask for."""
+def make_provider(
+    settings: Settings, templates: Templates, throttle: Throttle | None = None, memory: ModeMemory | None = None
+) -> Provider:
+    """The provider the settings ask for (`memory`: where the structured-output mode found is remembered)."""
     if settings.provider == "openai":
         from worker.providers.openai import OpenAIProvider  # the SDK is only imported when it is used
 
-        return OpenAIProvider(settings, templates, throttle)
+        return OpenAIProvider(settings, templates, throttle, memory)
     return OfflineProvider()

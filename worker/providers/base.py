@@ -47,6 +47,18 @@ class Throttle(Protocol):
         ...
 
 
+class ModeMemory(Protocol):
+    """Where the structured-output mode an endpoint accepts is remembered (Redis for a fleet, else a file)."""
+
+    def recall(self, endpoint: str) -> str | None:
+        """The mode remembered for `endpoint` (base URL and model), or None."""
+        ...
+
+    def remember(self, endpoint: str, mode: str) -> None:
+        """Remember that `endpoint` accepts `mode`."""
+        ...
+
+
 class NoThrottle:
     """No shared limits (inline runs, tests of the provider alone)."""
 

@@ -146,4 +146,4 @@ class BatchReplies:
         answer = self.provider.validate(prompt, body)
         if answer.parsed is None:
             raise InvalidReply(f"batch reply failed validation: {answer.error[:500]}", raw_reply=answer.raw)
-        return Reply(judgements=list(answer.parsed.judgements), usage=answer.usage, raw=answer.raw)
+        return Reply(judgements=list(answer.parsed), usage=answer.usage, raw=answer.raw)

@@ -11,6 +11,7 @@ from redis import Redis
 
 from worker.classifier import Classifier, make_classifier
 from worker.prompts import template_paths
+from worker.queue.modes import RedisModeMemory
 from worker.queue.throttle import RedisThrottle
 from worker.settings import Settings
 
@@ -38,7 +39,7 @@ class WorkerContext:
     @classmethod
     def build(cls, settings: Settings, redis: Redis) -> WorkerContext:
         """Read the taxonomy and templates `settings` name, and set up the provider."""
-        return cls(settings, make_classifier(settings, RedisThrottle(settings, redis)), _signature(settings))
+        return cls(settings, make_classifier(settings, RedisThrottle(settings, redis), RedisModeMemory(settings, redis)), _signature(settings))
 
     @classmethod
     def start(cls, settings: Settings, redis: Redis) -> WorkerContext:

@@ -113,3 +113,8 @@ def batch_key(settings: Settings, batch_id: str, part: str = "state") -> str:
 def taxonomy(settings: Settings, version: str) -> str:
     """A published taxonomy (terms and prompt templates) as JSON, content-addressed by its version."""
     return redis_key(settings, "taxonomy", version)
+
+
+def structured_mode(settings: Settings, endpoint_digest: str) -> str:
+    """The structured-output mode an endpoint (base URL and model, hashed) accepts, learnt by one worker for all."""
+    return redis_key(settings, "structured", endpoint_digest)

@@ -23,6 +23,7 @@ from worker.queue import keys
 from worker.queue.context import WorkerContext
 from worker.queue.jobs import count_usage, start_job
 from worker.queue.payload import Outcome, RemotePayload, load_published
+from worker.queue.modes import RedisModeMemory
 from worker.queue.throttle import RedisThrottle
 from worker.records import dumps, loads
 from worker.results import Judgement, Usage
@@ -64,7 +65,7 @@ def classifier_for(context: WorkerContext, redis: Redis, version: str) -> Classi
 
     def build() -> Classifier:
         taxonomy, templates = load_published(settings, redis, version)
-        provider = make_provider(settings, templates, RedisThrottle(settings, redis))
+        provider = make_provider(settings, templates, RedisThrottle(settings, redis), RedisModeMemory(settings, redis))
         log.info("taxonomy_loaded", version=version, terms=len(taxonomy))
         return Classifier(settings, taxonomy, templates, provider)
 
