@@ -4,7 +4,7 @@ All are measured in the same run through the real openai SDK against the fake se
 4 characters a token, the same way for all; the fake's replies follow the requested schema with reasons of
 about 20 words, so output tokens are realistic). Dollars at gpt-4o-mini's price in the default TAGGER_PRICES.
 Last, dollars per post for a synchronous backfill against a Batch API backfill (`backfill --batch`).
-Usage: .venv/bin/python benchmarks/cost.py [--batch-only]
+Usage: .venv/bin/python benchmarks/cost.py [--batch-only | --paid-once]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._support import fake_settings, need_corpus, scratch_posts
 from tests.fakellm import FakeLLM
 from worker import batch_backfill as batch
-from worker.backfill import plan, run_inline
+from worker.backfill import estimate_ratios, plan, run_inline
 from worker.classifier import make_classifier
 from worker.evaluation import dollars
 from worker.logs import configure
@@ -135,11 +135,55 @@ def dollars_table(posts: list[Path], taxonomy: Path) -> None:
         )
 
 
+def paid_once(corpus: Path) -> None:
+    """`backfill --estimate`'s ratios on the corpus: all and relevant, sync and batch, against one call per term.
+
+    Each configuration (types packed into one call or one call per type; chunks of 60 or 120) is priced in the
+    same run against the same baseline (one call per post and term, synchronous), at gpt-4o-mini's list prices.
+    """
+    content = scratch_posts(corpus / "posts")
+    try:
+        todo = sorted(content.rglob("index.md"))
+        print("the post paid once: dollars per post against one call per term synchronously (backfill --estimate)")
+        print(f"  {'configuration':<34}{'all sync':>10}{'all batch':>11}{'rel. sync':>11}{'rel. batch':>11}")
+        for label, pack, chunk in (
+            ("one call per type (before)", False, 60),
+            ("types packed, chunks of 60", True, 60),
+            ("types packed, chunks of 120", True, 120),
+        ):
+            settings = Settings(  # type: ignore[call-arg]
+                _env_file=None,
+                TAGGER_PROVIDER="openai",
+                OPENAI_API_KEY="sk-estimate",
+                TAGGER_MODEL="gpt-4o-mini",
+                TAGGER_TAXONOMY_DIR=str(corpus / "taxonomy"),
+                TAGGER_CONTENT_DIR=str(content),
+                TAGGER_PACK_TYPES=pack,
+                TAGGER_CHUNK_SIZE=chunk,
+            )
+            ratios = {(r.reply, r.batch): r.ratio for r in estimate_ratios(settings, todo)}
+            cells = "".join(
+                f"{ratios[(reply, batch)]:>{w}.1f}x"
+                for (reply, batch), w in (
+                    (("all", False), 9),
+                    (("all", True), 10),
+                    (("relevant", False), 10),
+                    (("relevant", True), 10),
+                )
+            )
+            print(f"  {label:<34}{cells}")
+    finally:
+        shutil.rmtree(content, ignore_errors=True)
+
+
 def main() -> None:
     configure(Settings(_env_file=None, TAGGER_LOG_LEVEL="WARNING"))  # type: ignore[call-arg]
     corpus = need_corpus()
     if "--batch-only" in sys.argv:
         sync_vs_batch(corpus)
+        return
+    if "--paid-once" in sys.argv:
+        paid_once(corpus)
         return
     content = scratch_posts(corpus / "posts")
     posts = sorted(content.rglob("index.md"))
@@ -196,6 +240,7 @@ def main() -> None:
         )
     dollars_table(posts, taxonomy)
     sync_vs_batch(corpus)
+    paid_once(corpus)
 
 
 if __name__ == "__main__":
