@@ -207,3 +207,43 @@ def test_eval_counts_a_rejected_call(make_settings: MakeSettings, fake_llm: Fake
     fake_llm.rejected_formats = {"json_schema": 500}
     result = evaluate(make_settings(TAGGER_STRUCTURED="json_schema"), [wip(site)])
     assert result.failed and result.cost.usage.calls == fake_llm.counts["requests"] >= 1
+
+
+def test_a_chunk_whose_schema_would_pass_openais_limits_is_split(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    from worker.reply import over_limits, reply_schema
+
+    many = site / "many"
+    (many / "tags").mkdir(parents=True)
+    for i in range(1100):
+        (many / "tags" / f"t{i}.md").write_text(
+            f"---\ntitle: Topic number {i}\nClassificationType: tags\nInstructions: |-\n"
+            f"  **Use this tag only for content about topic {i}.**\n---\n",
+            encoding="utf-8",
+        )
+    settings = make_settings(TAGGER_TAXONOMY_DIR=str(many), TAGGER_CHUNK_SIZE=5000, TAGGER_REPLY="relevant")
+    classifier = make_classifier(settings)
+    post = classifier.read(wip(site))
+    whole = reply_schema((("tags", tuple(t.title for t in classifier.taxonomy)),), "relevant")
+    assert over_limits(whole) and "enum values" in str(over_limits(whole))  # 1,100 titles in one enum
+    prompts, _ = classifier.prompts_for(post, classifier.terms_for(post))
+    assert len(prompts) == 2 and sum(len(p.terms) for p in prompts) == 1100
+    assert all(not over_limits(reply_schema(p.groups, p.reply)) for p in prompts)
+
+
+def test_the_estimate_prints_all_and_relevant_sync_and_batch_against_one_call_per_term(
+    make_settings: MakeSettings, site: Path
+) -> None:
+    from worker.backfill import estimate_ratios, plan
+
+    settings = make_settings(TAGGER_MODEL="gpt-4o-mini")
+    todo = plan(settings).todo
+    ratios = {(r.reply, r.batch): r for r in estimate_ratios(settings, todo)}
+    assert set(ratios) == {("all", False), ("all", True), ("relevant", False), ("relevant", True)}
+    for reply in ("all", "relevant"):
+        # The Batch API halves every price; relevant is cheaper than all (fewer output tokens).
+        assert ratios[(reply, True)].ratio == pytest.approx(2 * ratios[(reply, False)].ratio)
+    assert ratios[("relevant", False)].ratio > ratios[("all", False)].ratio > 1
+    unpacked = {(r.reply, r.batch): r for r in estimate_ratios(settings.model_copy(update={"pack_types": False}), todo)}
+    assert ratios[("relevant", False)].ratio > unpacked[("relevant", False)].ratio  # the post paid once is cheaper
