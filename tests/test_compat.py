@@ -16,10 +16,10 @@ import redis as redis_lib
 import structlog
 from click.testing import CliRunner
 
+from tests.fakellm import FakeLLM
 from worker.classifier import make_classifier
 from worker.cli import main
 from worker.errors import InvalidReply, ProviderUnsupported
-from worker.fakellm import FakeLLM
 from worker.posts import read_post
 from worker.providers.modes import MODES_FILE, endpoint_of
 from worker.queue.modes import RedisModeMemory

@@ -2,7 +2,7 @@
 
 The hierarchy (`kind`; * = transient, worth retrying):
 
-    TaggerError                       error            base: message, path, raw_reply
+    TaggerError                       error            base: message, path, raw_reply, usage spent before it
     ├── BadPost                       bad_post         the post cannot be read, or its front matter parsed or edited
     │   ├── PostMissing               post_missing     the post file does not exist
     │   └── PostTooLarge              post_too_large   above what a remote job carries (TAGGER_MAX_JOB_BYTES)
@@ -22,6 +22,7 @@ The hierarchy (`kind`; * = transient, worth retrying):
     ├── TemplateUnreadable            templates        a prompt template cannot be read
     ├── NotInBatch                  * not_in_batch     collecting, a request the batch did not answer
     └── ProviderError                 provider         the provider failed; retrying will not fix it (a 400)
+        ├── ProviderUnsupported       provider_unsupported  the server rejects the request itself (400/404/422)
         ├── AuthError                 auth             the provider rejected the credentials
         ├── QuotaExhausted            quota            the account is out of quota
         ├── BatchUnsupported          batch_unsupported  the endpoint has no Batch API

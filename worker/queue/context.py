@@ -39,7 +39,11 @@ class WorkerContext:
     @classmethod
     def build(cls, settings: Settings, redis: Redis) -> WorkerContext:
         """Read the taxonomy and templates `settings` name, and set up the provider."""
-        return cls(settings, make_classifier(settings, RedisThrottle(settings, redis), RedisModeMemory(settings, redis)), _signature(settings))
+        return cls(
+            settings,
+            make_classifier(settings, RedisThrottle(settings, redis), RedisModeMemory(settings, redis)),
+            _signature(settings),
+        )
 
     @classmethod
     def start(cls, settings: Settings, redis: Redis) -> WorkerContext:

@@ -22,8 +22,8 @@ from worker.providers import make_provider
 from worker.queue import keys
 from worker.queue.context import WorkerContext
 from worker.queue.jobs import count_usage, start_job
-from worker.queue.payload import Outcome, RemotePayload, load_published
 from worker.queue.modes import RedisModeMemory
+from worker.queue.payload import Outcome, RemotePayload, load_published
 from worker.queue.throttle import RedisThrottle
 from worker.records import dumps, loads
 from worker.results import Judgement, Usage
