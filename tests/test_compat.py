@@ -247,3 +247,15 @@ def test_the_estimate_prints_all_and_relevant_sync_and_batch_against_one_call_pe
     assert ratios[("relevant", False)].ratio > ratios[("all", False)].ratio > 1
     unpacked = {(r.reply, r.batch): r for r in estimate_ratios(settings.model_copy(update={"pack_types": False}), todo)}
     assert ratios[("relevant", False)].ratio > unpacked[("relevant", False)].ratio  # the post paid once is cheaper
+
+
+def test_a_raw_newline_inside_a_reason_as_llama_cpps_grammar_lets_through_is_read(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    from worker.reply import parse_reply
+
+    # Seen on llama-cpp-python 0.3.36: its JSON grammar admits control characters inside strings.
+    entry = '{"mentions": 1, "alignment": 2, "depth": 3, "intent": 4, "audience": 5, "signal": 6, "reason": "a\nb"}'
+    parsed = parse_reply('{"judgements": {"tags": {"Kanban": ' + entry + "}}}", (("tags", ("Kanban",)),))
+    assert parsed.error is None and parsed.judgements[0].reason == "a\nb"
+    assert parse_reply('{"judgements": {"tags": {"Kanban": ', (("tags", ("Kanban",)),)).error

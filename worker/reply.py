@@ -194,7 +194,13 @@ def parse_reply(content: str, groups: Groups, reply: str = "all") -> ParsedReply
     """Read a reply's JSON for the terms asked; every unknown, missing or repeated term is an error."""
     model: type[AllReply] | type[RelevantReply] = AllReply if reply == "all" else RelevantReply
     try:
-        parsed = model.model_validate_json(content)
+        # Not strict about control characters inside strings: llama.cpp's JSON grammar lets a raw newline into a
+        # reason (seen on llama-cpp-python), which says nothing about the judgement.
+        data = json.loads(content, strict=False)
+    except ValueError as exc:
+        return ParsedReply([], f"invalid JSON: {exc}")
+    try:
+        parsed = model.model_validate(data)
     except ValidationError as exc:
         return ParsedReply([], "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:8]))
     asked = dict(groups)
