@@ -509,7 +509,7 @@ def test_retry_after_a_refused_chunk_asks_only_the_missing_chunks(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
     """(i) First chunk judged, second refused: the retry asks only the chunks not yet judged."""
-    env = {**queue_env, "TAGGER_CONCURRENCY": "1"}
+    env = {**queue_env, "TAGGER_CONCURRENCY": "1", "TAGGER_PACK_TYPES": "false"}  # one chunk per type
     wip = posts(site) / "limiting-wip.md"
     fake_llm.inject("ok", "refusal")
     tagger(env, "enqueue", str(wip))
