@@ -158,7 +158,7 @@ def main() -> None:
     measured = args.posts / slow.busy
     job = statistics.median(fast.job_seconds)
     outside = statistics.median(j - w for j, w in zip(fast.job_seconds, fast.llm_seconds, strict=True))
-    print(f"posts {args.posts}, workers {args.workers}, fake latency {args.latency}s, one call per post (its types fit one)")
+    print(f"posts {args.posts}, workers {args.workers}, fake latency {args.latency}s, one call per post")
     print(
         f"throughput: {measured:.2f} posts/s against an ideal of {ideal:.2f} posts/s = {measured / ideal:.0%} "
         f"(first job start to last job end; {slow.wall:.1f}s with process start-up)"
