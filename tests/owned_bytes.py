@@ -19,6 +19,8 @@ import yaml
 
 OWNED = ("tags", "categories", "concepts", "ClassificationContentOrigin")
 _YAML_KEY = re.compile(r"""^(?P<key>"[^"\n]*"|'[^'\n]*'|[^\s#'"\-?:\[{][^:\n]*?)[ \t]*:(?:[ \t]|\r?\n|$)""")
+# `? key` alone on its line, its value on the next line after `: ` (YAML's explicit key).
+_YAML_EXPLICIT_KEY = re.compile(r"""^\?[ \t]+(?P<key>"[^"\n]*"|'[^'\n]*'|[^\s#'"][^\n#]*?)[ \t]*(?:#.*)?\r?$""")
 _TOML_KEY = re.compile(r"""^(?P<key>[A-Za-z0-9_-]+|"[^"\n]*")[ \t]*=""")
 _TOML_TABLE = re.compile(r"^\s*\[")
 
@@ -45,7 +47,7 @@ def _yaml_foreign(header: str, owned: Iterable[str]) -> str:
     keep: list[str] = []
     i = 0
     while i < len(lines):
-        match = _YAML_KEY.match(lines[i])
+        match = _YAML_KEY.match(lines[i]) or _YAML_EXPLICIT_KEY.match(lines[i])
         if not match or match.group("key").strip("\"'") not in owned:
             keep.append(lines[i])
             i += 1
@@ -55,7 +57,7 @@ def _yaml_foreign(header: str, owned: Iterable[str]) -> str:
             line = lines[j]
             if not line.strip():
                 j += 1
-            elif line[0] in " \t" or re.match(r"-(\s|$)", line):
+            elif line[0] in " \t" or re.match(r"-(\s|$)", line) or (lines[i][0] == "?" and re.match(r":(\s|$)", line)):
                 end = j = j + 1
             else:
                 break

@@ -435,7 +435,9 @@ def _edit_yaml(header: str, changes: Mapping[str, Change], nl: str) -> str:
         if isinstance(value, str):
             rendered = [f"{key}: {_yaml_scalar(value)}{nl}"]
         else:
-            block = lines[span[0] : span[1]] if span else [f"{key}:{nl}"]
+            # An explicit key (`? tags` then `: [x]`) is written anew as `tags:`: its lines hold no `key:` to reuse.
+            explicit = span is not None and lines[span[0]].startswith("?")
+            block = lines[span[0] : span[1]] if span and not explicit else [f"{key}:{nl}"]
             rendered = _render_yaml_list(block[0], block, value, nl, indent)
         if span:
             edits.append((*span, rendered))
