@@ -301,3 +301,28 @@ def test_a_failed_job_pending_for_a_post_is_listed_until_it_is_run_again(
     assert "fix: 1 enqueued" in tagger("verify", "--fix").stdout
     assert tagger("work", "--burst").returncode == 0
     assert tagger("verify").returncode == 0
+
+
+def test_a_post_restored_from_before_two_tagger_writes_gets_its_terms_back(
+    settings: Settings, site: Path, fake_llm: FakeLLM
+) -> None:
+    """`git checkout` of the site from before tagger ran, after tagger wrote a post twice (a second write came with
+    another model): the terms of both writes are absent, and that is not a person's removal."""
+    path = posts_of(site) / "limiting-wip.md"
+    original = path.read_bytes()
+    fake_llm.score({"Kanban": 90.0, "Flow and Kanban": 0.0}, default=0)
+    assert run_inline(settings, [path]).written == 1
+    fake_llm.score(SCORES, default=0)
+    second = settings.model_copy(update={"model": "another-model"})  # judged again: one more term, a second write
+    assert run_inline(second, [path]).written == 1
+    assert read_post(path).terms("categories") == ["Flow and Kanban"]
+    path.write_bytes(original)  # what `git checkout <commit before tagger> -- posts/` does; the record stays
+    assert kinds(second)["posts/limiting-wip.md"] == "not_written"  # was terms_missing
+    calls = fake_llm.counts["requests"]
+    assert run_inline(second, [path]).written == 1
+    assert fake_llm.counts["requests"] == calls  # judged already: no call
+    post = read_post(path)
+    assert (post.terms("tags"), post.terms("categories")) == (["Lean", "Kanban"], ["Flow and Kanban"])
+    record = make_classifier(second).records.load(path)  # not a person's removal
+    assert not record.removed_by_people.get("tags") and not record.removed_by_people.get("categories")
+    assert "posts/limiting-wip.md" not in kinds(second)

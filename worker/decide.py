@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import structlog
 
 from worker.posts import ORIGIN_KEY, Change, Post, normal_form, render_changes
-from worker.records import Record
+from worker.records import Record, restored
 from worker.results import Classification, Decision, Judged, Judgement
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy
@@ -57,7 +57,7 @@ def drift(post: Post, stored: Record, types: Sequence[str] | None = None) -> Due
         if post.file_hash == stored.file_hash:
             return Due("unsettled", "a write that landed is not confirmed in the record")
         return Due("unsettled", "a write tagger announced is not settled and the post changed since")
-    if stored.before_file_hash == post.file_hash != stored.file_hash:
+    if post.file_hash != stored.file_hash and restored(stored, post.file_hash):
         return Due("not_written", "the post is back at its bytes from before tagger's last write (restored?)")
     for term_type, titles in sorted(stored.assigned.items()):
         if types and term_type not in types:
@@ -163,6 +163,7 @@ def decide(
         mode=f"{post_mode(post.path):04o}",
         content_hash=post.content_hash,
         before_file_hash=record.before_file_hash,
+        earlier_file_hashes=record.earlier_file_hashes,
         assigned=assigned,
         removed_by_people=removed_by_people,
         added_keys=sorted(added_keys),

@@ -18,6 +18,7 @@ from worker.posts import Post, atomic_write, normal_form
 from worker.results import SUB_SCORES, Judgement, Usage, level
 
 RECORD_VERSION = 2
+EARLIER_KEPT = 32
 # Fields most judgements of a record share: written once in the header, per line only where they differ.
 SHARED = ("content_hash", "prompt_version", "model", "provider", "judged_at")
 HEADER = (
@@ -27,6 +28,7 @@ HEADER = (
     "content_hash",
     "file_hash",
     "before_file_hash",
+    "earlier_file_hashes",
     "assigned",
     "removed_by_people",
     "added_keys",
@@ -56,6 +58,9 @@ class Record(BaseModel):
     file_hash: str = ""
     # The post's hash before tagger's last write: a post back at exactly these bytes does not hold that write.
     before_file_hash: str = ""
+    # Every other version of the post tagger wrote or wrote over, up to EARLIER_KEPT, oldest first: a post back at
+    # one of them (git checkout of the site from before tagger's last writes) does not hold the later writes' terms.
+    earlier_file_hashes: list[str] = Field(default_factory=list)
     assigned: dict[str, list[str]] = Field(default_factory=dict)
     removed_by_people: dict[str, list[str]] = Field(default_factory=dict)  # terms people took out: never re-added
     added_keys: list[str] = Field(default_factory=list)
@@ -110,9 +115,15 @@ def reconcile(record: Record, post: Post) -> Record:
     )
 
 
+def restored(record: Record, file_hash: str) -> bool:
+    """True when `file_hash` is a version of the post from before tagger's last write (or one tagger wrote before)."""
+    return bool(file_hash) and (file_hash == record.before_file_hash or file_hash in record.earlier_file_hashes)
+
+
 def _written_over(record: Record, post: Post) -> Record:
-    """A confirmed record against a post back at its bytes from before tagger's last write: that write is absent."""
-    if not record.before_file_hash or post.file_hash != record.before_file_hash or post.file_hash == record.file_hash:
+    """A confirmed record against a post back at its bytes from before tagger's last write (or an earlier version
+    tagger knew): the later writes are absent, and the terms they added are not a person's removal."""
+    if post.file_hash == record.file_hash or not restored(record, post.file_hash):
         return record
     assigned: dict[str, list[str]] = {}
     for term_type, titles in record.assigned.items():
@@ -135,7 +146,8 @@ def dumps(record: Record) -> bytes:
     for key in ("assigned", "removed_by_people"):
         data[key] = {k: data[key][k] for k in sorted(data[key])}
     # Written only once there is one, so records from before it change by no line when written again.
-    lines = [f"{json.dumps(k)}: {_compact(data[k])}" for k in HEADER if k != "before_file_hash" or data[k]]
+    optional = ("before_file_hash", "earlier_file_hashes")
+    lines = [f"{json.dumps(k)}: {_compact(data[k])}" for k in HEADER if k not in optional or data[k]]
     lines.append(f'"shared": {_compact(shared)}')
     columns = ["type", "term", "confidence", list(SUB_SCORES), "definition_hash", "reason"]
     lines.append(f'"columns": {_compact(columns)}')

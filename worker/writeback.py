@@ -11,7 +11,7 @@ import structlog
 
 from worker.errors import PostChanged, PostReadOnly, PostWriteFailed, RecordWriteFailed
 from worker.posts import Post, file_hash, write_atomic
-from worker.records import Pending, Record, RecordStore
+from worker.records import EARLIER_KEPT, Pending, Record, RecordStore
 
 log = structlog.get_logger("tagger.classifier")  # the name its events always had: log filters keep working
 
@@ -33,6 +33,7 @@ def write_back(
         update={
             "file_hash": file_hash(new_text.encode("utf-8")),
             "before_file_hash": post.file_hash,
+            "earlier_file_hashes": earlier(record, post.file_hash),
             "pending": Pending(
                 before_file_hash=post.file_hash,
                 assigned=record.assigned,
@@ -61,6 +62,13 @@ def write_back(
         # The announced record already names this write: the next run confirms it from the file hash.
         log.warning("record_confirm_failed", post=str(path), error=exc.message)
     return True
+
+
+def earlier(record: Record, before: str) -> list[str]:
+    """The versions tagger knew before this write (the last one's before and after bytes), oldest first, bounded."""
+    known = [*record.earlier_file_hashes, record.before_file_hash, record.file_hash]
+    kept = [h for h in dict.fromkeys(reversed(known)) if h and h != before][:EARLIER_KEPT]
+    return kept[::-1]
 
 
 def unwritten(new_record: Record, record: Record, post: Post) -> Record:
