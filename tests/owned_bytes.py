@@ -30,7 +30,7 @@ def split(text: str) -> tuple[str, str, str, str, str]:
     bom = "\ufeff" if text.startswith("\ufeff") else ""
     rest = text[len(bom) :]
     for fmt, fence in (("yaml", "---"), ("toml", "+++")):
-        opening = re.match(rf"{re.escape(fence)}[ \t]*\r?\n", rest)
+        opening = re.match(rf"\s*{re.escape(fence)}[ \t]*\r?\n", rest)  # Hugo skips blank lines before it
         if not opening:
             continue
         closers = ("---", "...") if fmt == "yaml" else ("+++",)

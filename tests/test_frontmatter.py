@@ -232,3 +232,20 @@ def test_a_file_without_front_matter_is_skipped_by_default_and_counted(site: Pat
     new = readme.read_bytes()
     assert new.startswith(b"---\n") and new.endswith(b"---\n" + text)
     assert read_post(readme).meta.get(ORIGIN_KEY) == "AI" and "Kanban" in read_post(readme).terms("tags")
+
+
+@pytest.mark.parametrize("name", ["leading-blank-lines.md", "toml-leading-blank-line.md"])
+def test_front_matter_after_leading_blank_lines_is_read_as_hugo_reads_it_not_given_a_second_block(
+    tmp_path: Path, name: str
+) -> None:
+    """Hugo skips blank lines before the opening delimiter: with TAGGER_NO_FRONT_MATTER=add, a block put in front
+    turned the page's own front matter into body text (title and terms lost); with `skip` the page was never
+    classified."""
+    path = tmp_path / name
+    original = (FIXTURES / name).read_bytes()
+    path.write_bytes(original)
+    post = read_post(path)
+    assert post.format in ("yaml", "toml") and post.terms("tags") == ["Lean"]
+    new = render_changes(post, {"tags": ["Lean", "Kanban"]})
+    assert new.count("---" if post.format == "yaml" else "+++") == 2
+    assert new.startswith(original.decode("utf-8")[: original.index(b"---" if post.format == "yaml" else b"+++")])

@@ -38,9 +38,10 @@ STALE_TEMP_SECONDS = 15 * 60
 Format = Literal["yaml", "toml", "none"]
 Change = list[str] | str | None  # a list of terms, a scalar, or None to remove a key tagger added
 
-_YAML_OPEN = re.compile(r"\A---[ \t]*\r?\n")
+# Blank lines before the opening delimiter are skipped, as Hugo does (they stay in the prefix, byte for byte).
+_YAML_OPEN = re.compile(r"\A[ \t\r\n]*---[ \t]*\r?\n")
 _YAML_CLOSE = re.compile(r"^(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.M)
-_TOML_OPEN = re.compile(r"\A\+\+\+[ \t]*\r?\n")
+_TOML_OPEN = re.compile(r"\A[ \t\r\n]*\+\+\+[ \t]*\r?\n")
 _TOML_CLOSE = re.compile(r"^\+\+\+[ \t]*(?:\r?\n|\Z)", re.M)
 _TOML_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
 # A key/value line, dotted keys included (`params.tags = 1` is not the top-level `tags`).
