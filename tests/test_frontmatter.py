@@ -249,3 +249,20 @@ def test_front_matter_after_leading_blank_lines_is_read_as_hugo_reads_it_not_giv
     new = render_changes(post, {"tags": ["Lean", "Kanban"]})
     assert new.count("---" if post.format == "yaml" else "+++") == 2
     assert new.startswith(original.decode("utf-8")[: original.index(b"---" if post.format == "yaml" else b"+++")])
+
+
+def test_tabs_as_separators_are_read_as_hugo_reads_them_and_kept(tmp_path: Path) -> None:
+    """`key:<tab>value` and `value<tab># comment` are valid YAML (Hugo reads them); PyYAML alone refuses them."""
+    path = tmp_path / "tabs.md"
+    text = "---\ntitle:\tTabs after the colon\nweight: 3\t# a comment after a tab\ntags:\t[Lean,\tFlow]\n---\nBody.\n"
+    path.write_text(text, encoding="utf-8")
+    post = read_post(path)
+    assert (post.title, post.meta["weight"], post.terms("tags")) == ("Tabs after the colon", 3, ["Lean", "Flow"])
+    write_atomic(post, render_changes(post, {"tags": ["Lean", "Flow", "Kanban"], ORIGIN_KEY: "AI"}))
+    new = path.read_text(encoding="utf-8")
+    assert_only_owned_changed(text, new)  # byte level: the tabs of the foreign keys stay
+    again = read_post(path)
+    assert again.terms("tags") == ["Lean", "Flow", "Kanban"]
+    assert {k: v for k, v in again.meta.items() if k not in OWNED} == {
+        k: v for k, v in post.meta.items() if k not in OWNED
+    }

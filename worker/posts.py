@@ -52,6 +52,8 @@ _KEEP_SCALAR = re.compile(r":[ \t]*[|>][1-9]?\+[1-9]?[ \t]*(?:#.*)?\r?$")
 # No-break and other odd spaces people paste into front matter.
 _ODD_SPACE = re.compile("[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 # Invisible characters (zero-width, word joiner, BOM, soft hyphen): "Kan\u200bban" looks exactly like "Kanban".
+# Tabs after `:`, `,` or `[`, or before a comment: separators Hugo's YAML reads, which PyYAML alone refuses.
+_SEPARATOR_TABS = re.compile(r"(?<=[:,\[])[ \t]*\t[ \t]*|[ \t]*\t[ \t]*(?=#)")
 _INVISIBLE = re.compile("[\u00ad\u200b-\u200d\u2060\ufeff]")
 
 
@@ -217,13 +219,36 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def _compose_yaml(path: Path, header: str) -> yaml.Node | None:
-    """The header's node graph (nothing constructed), refusing alias bombs and recursive aliases."""
+def _compose(header: str) -> yaml.Node | None:
+    """PyYAML's node graph of one document (nothing constructed)."""
     loader = _PostLoader(header)
     try:
-        node = loader.get_single_node()
+        return loader.get_single_node()
     finally:
         loader.dispose()
+
+
+def _compose_yaml(path: Path, header: str) -> yaml.Node | None:
+    """The header's node graph (nothing constructed), refusing alias bombs and recursive aliases."""
+    try:
+        node = _compose(header)
+    except yaml.scanner.ScannerError:
+        if "\t" not in header:
+            raise
+        # PyYAML refuses tabs YAML allows as separators (Hugo reads them): read them as spaces, one for one, so
+        # every offset stays that of the file.
+        try:
+            node = _compose(_SEPARATOR_TABS.sub(lambda m: " " * len(m.group()), header))
+        except yaml.YAMLError:
+            pass
+        else:
+            return _check_aliases(path, node)
+        raise
+    return _check_aliases(path, node)
+
+
+def _check_aliases(path: Path, node: yaml.Node | None) -> yaml.Node | None:
+    """The node, unless its aliases recurse or expand past MAX_YAML_NODES (BadPost)."""
     if node is None:
         return None
     growth = _alias_growth(node)
