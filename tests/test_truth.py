@@ -326,3 +326,26 @@ def test_a_post_restored_from_before_two_tagger_writes_gets_its_terms_back(
     record = make_classifier(second).records.load(path)  # not a person's removal
     assert not record.removed_by_people.get("tags") and not record.removed_by_people.get("categories")
     assert "posts/limiting-wip.md" not in kinds(second)
+
+
+def test_a_page_bundle_copied_to_start_a_new_post_does_not_inherit_the_old_posts_record(
+    settings: Settings, site: Path, fake_llm: FakeLLM
+) -> None:
+    """`cp -r old-post new-post` (the record beside `index.md` comes along), then the new post written with its
+    terms cleared: the old post's terms are not the new post's removals, so they are not blocked for ever."""
+    old = posts_of(site) / "old-post" / "index.md"
+    old.parent.mkdir()
+    shutil.move(posts_of(site) / "limiting-wip.md", old)
+    assert run_inline(settings, [old]).written == 1
+    assert read_post(old).terms("tags") == ["Lean", "Kanban"]
+    new = posts_of(site) / "new-post" / "index.md"
+    shutil.copytree(old.parent, new.parent)
+    text = new.read_text(encoding="utf-8")
+    new.write_text(text.replace("  - Kanban\n", "").replace("Why limiting", "How limiting"), encoding="utf-8")
+    assert "Kanban" not in read_post(new).terms("tags")
+    assert kinds(settings)["posts/new-post/index.md"] == "record_missing"  # was terms_missing
+    assert run_inline(settings, [new]).written == 1
+    assert read_post(new).terms("tags") == ["Lean", "Kanban"]  # was never given again: "removed by people"
+    record = make_classifier(settings).records.load(new)
+    assert record.post == "posts/new-post/index.md" and not record.removed_by_people.get("tags")
+    assert make_classifier(settings).records.load(old).assigned["tags"] == ["Kanban"]  # the old post's, as it was

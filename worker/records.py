@@ -249,7 +249,18 @@ class RecordStore:
         record = _read(path)
         if record is None and path != record_path(post_path):
             record = _read(record_path(post_path))
+        if record is not None and self._another_posts(record, post_path):
+            # Its judgements stay (a cache keyed by content hash); what it says was assigned is the other post's.
+            return Record(judgements=record.judgements)
         return record or Record()
+
+    def _another_posts(self, record: Record, post_path: Path) -> bool:
+        """True when the record names another post that still exists: it was copied with a page bundle (a post
+        renamed or moved keeps its record)."""
+        if self.content_root is None or not record.post or record.post == self.relative(post_path):
+            return False
+        other = self.content_root / record.post
+        return not Path(record.post).is_absolute() and other.is_file() and not other.samefile(post_path)
 
     def save(self, post_path: Path, record: Record, mode: int | None = None) -> None:
         """Write the record atomically with the post's file mode (minus execute bits)."""
