@@ -89,7 +89,9 @@ def test_a_write_that_did_not_land_is_due_again_and_verify_inline_heals_it(
     assert run.exit_code == 0, run.output
     assert "not_written    posts/limiting-wip.md: a write tagger announced did not land" in run.stdout
     assert "verify again: 0 drifted" in run.stdout
-    assert fake_llm.counts["requests"] - calls == 2  # one packed call for each post never classified; 0 for the unwritten one
+    assert (
+        fake_llm.counts["requests"] - calls == 2
+    )  # one packed call for each post never classified; 0 for the unwritten one
     assert read_post(path).terms("tags") == ["Lean", "Kanban"]
     assert kinds(settings) == {}
     assert CliRunner().invoke(main, ["verify"], env=cli_env(site, fake_llm)).exit_code == 0
