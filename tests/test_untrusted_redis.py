@@ -28,7 +28,7 @@ from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from tests.owned_bytes import OWNED, assert_only_owned_changed
+from tests.owned_bytes import assert_only_owned_changed
 from worker.fakellm import FakeLLM
 from worker.posts import file_hash, normal_form, post_from_bytes, read_post, render_changes
 from worker.records import Record, dumps
@@ -382,7 +382,7 @@ def test_tampered_kept_judgements_never_pick_foreign_or_unknown_terms(pipeline: 
         "provider": "openai",
         "judged_at": "2026-01-01T00:00:00+00:00",
     }
-    for post, job_id in pipeline.jobs.items():
+    for job_id in pipeline.jobs.values():
         planted = {f"{t}\0{term}": json.dumps({**template, "type": t, "term": term}) for t, term in EVIL_TERMS.items()}
         planted["tags\0broken"] = "{not json"
         pipeline.redis.hset(f"{pipeline.prefix}:judged:{job_id}", mapping=planted)
