@@ -159,6 +159,25 @@ class WrongJobMode(TaggerError):
     kind = "job_mode"
 
 
+class TaxonomyTampered(TaxonomyError):
+    """A published taxonomy version whose content does not match its name (or its signature), or that breaks the
+    rules a local taxonomy follows: someone else wrote it in Redis."""
+
+    kind = "taxonomy_tampered"
+
+
+class BadSignature(TaggerError):
+    """Something read from Redis is unsigned or badly signed while TAGGER_SIGNING_KEY is set: refused."""
+
+    kind = "bad_signature"
+
+
+class BadResult(TaggerError):
+    """A remote job's result that fails apply's checks (shape, signature, the post's rules): not written."""
+
+    kind = "bad_result"
+
+
 class PostTooLarge(BadPost):
     """A post is too big to travel inside a job (TAGGER_MAX_JOB_BYTES)."""
 

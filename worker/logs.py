@@ -27,9 +27,10 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """The values that must never be printed: the API key and the Redis password."""
+    """The values that must never be printed: the API key, the signing key and the Redis password."""
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
-    return [s for s in (key, urlparse(settings.redis_url).password or "") if s]
+    signing = settings.signing_key.get_secret_value() if settings.signing_key else ""
+    return [s for s in (key, signing, urlparse(settings.redis_url).password or "") if s]
 
 
 def redact_url(url: str) -> str:

@@ -213,6 +213,8 @@ class Settings(BaseSettings):
     max_job_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, alias="TAGGER_MAX_JOB_BYTES")
     result_ttl: int = Field(default=7 * 86400, ge=60, alias="TAGGER_RESULT_TTL")
     state_file: Path | None = Field(default=None, alias="TAGGER_STATE_FILE")
+    # Shared by producers, workers and `apply` (never stored in Redis): what tagger keeps there is signed.
+    signing_key: SecretStr | None = Field(default=None, alias="TAGGER_SIGNING_KEY")
 
     log_format: Literal["auto", "json", "console"] = Field(default="auto", alias="TAGGER_LOG_FORMAT")
     log_level: str = Field(default="INFO", alias="TAGGER_LOG_LEVEL")
