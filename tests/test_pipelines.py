@@ -147,7 +147,7 @@ def test_apply_commit_killed_anywhere_then_run_again_commits_every_write(
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "Traceback" not in rerun.stderr
     assert posts(checkout) == expected, "a post does not hold its result"
-    assert committed(checkout) == expected, "a written post was never committed"
+    assert committed(checkout) == expected, "a written post was never committed: " + rerun.stdout + rerun.stderr
     assert git(checkout, "status", "--porcelain").strip() == "", "files were left uncommitted"
     # The commits hold exactly tagger's posts and records.
     files = git(checkout, "log", "--format=", "--name-only", "HEAD~1..HEAD" if kill_at != "after-commit" else "HEAD")

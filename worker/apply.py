@@ -7,23 +7,28 @@ record announced first), and only over the exact bytes the job judged: a post ed
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from pydantic import BaseModel, Field
 from redis import Redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from worker.errors import PostChanged, TaggerError
+from worker.errors import CommitFailed, PostChanged, StateUnreadable, TaggerError
 from worker.paths import confine, existing_post
 from worker.polling import Progress, Tally, poll_until
-from worker.posts import Post, file_hash, read_post, render_changes
+from worker.posts import Post, atomic_write, file_hash, read_post, render_changes
 from worker.queue.enqueue import Enqueued, enqueue_posts, job_id_for
 from worker.queue.payload import Outcome
 from worker.records import Record, RecordStore, reconcile
@@ -33,6 +38,8 @@ from worker.writeback import post_mode, save, unwritten, write_back
 log = structlog.get_logger("tagger.apply")
 DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 APPLIED = ("written", "unchanged", "already-applied")
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what RQ accepts as a job id
+HASH = re.compile(r"[0-9a-f]{16,64}")  # posts.file_hash
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class ApplyReport:
 
     items: list[Applied] = field(default_factory=list)
     commit: str = ""
+    commit_error: str = ""  # why the commit failed: the writes stay noted for the next `apply --commit`
+    earlier: list[str] = field(default_factory=list)  # posts an earlier, interrupted run wrote, committed now
+    ignored: list[str] = field(default_factory=list)  # state file entries that failed their checks
 
     @property
     def all_applied(self) -> bool:
@@ -66,21 +76,120 @@ class ApplyReport:
 
 
 def state_file(settings: Settings) -> Path:
-    """Where the last remote `enqueue` keeps its job ids (TAGGER_STATE_FILE, else a per-prefix cache file)."""
+    """Where `apply` keeps its memory: TAGGER_STATE_FILE, else a cache file of this prefix and checkout.
+
+    Keyed to the content root, so two checkouts on one runner (two pipelines) never share it.
+    """
     if settings.state_file is not None:
         return settings.state_file
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "tagger" / f"{settings.redis_prefix}-last-enqueue.json"
+    site = hashlib.sha256(str(settings.content_root()).encode("utf-8")).hexdigest()[:12]
+    return cache / "tagger" / f"{settings.redis_prefix}-{site}-last-enqueue.json"
+
+
+class ApplyState(BaseModel):
+    """What `apply` remembers between runs: the last remote enqueue's jobs, and what it wrote but did not commit.
+
+    `uncommitted`: post (relative to the content root) -> the hash of the bytes apply wrote into it ("" when only
+    its record changed). Noted before each write, cleared once committed, so a run killed in between leaves
+    the next `apply --commit` what to commit.
+    """
+
+    jobs: dict[str, str] = Field(default_factory=dict)
+    uncommitted: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """The state file as read: the entries that passed the checks, and what was ignored (with why)."""
+
+    state: ApplyState
+    ignored: list[str]
+
+
+def load_state(settings: Settings) -> LoadedState:
+    """The state file, each entry checked (it is input like any other); a file that is not JSON is an error."""
+    path = state_file(settings)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return LoadedState(ApplyState(), [])
+    except OSError as exc:
+        raise StateUnreadable(f"cannot read the state file: {exc.strerror or exc}", path=path) from exc
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise StateUnreadable(
+            f"the state file is not JSON ({exc}); name the jobs to apply, or remove the file", path=path
+        ) from exc
+    if not isinstance(data, dict):
+        raise StateUnreadable("the state file is not a JSON object; remove it", path=path)
+    ignored: list[str] = []
+    jobs: dict[str, str] = {}
+    for job_id, post in _pairs(data.get("jobs"), "jobs", ignored):
+        if JOB_ID.fullmatch(job_id):
+            jobs[job_id] = post
+        else:
+            ignored.append(f"jobs: {job_id[:80]!r} is not a job id")
+    uncommitted: dict[str, str] = {}
+    for post, digest in _pairs(data.get("uncommitted"), "uncommitted", ignored):
+        try:
+            relative = confine(post, settings, from_cwd=False)
+        except TaggerError as exc:
+            ignored.append(f"uncommitted: {post[:200]!r}: {exc.kind}: {exc.message}")
+            continue
+        if digest and not HASH.fullmatch(digest):
+            ignored.append(f"uncommitted: {post[:200]!r}: not a file hash")
+            continue
+        uncommitted[relative] = digest
+    for extra in sorted(set(data) - {"jobs", "uncommitted"}):
+        ignored.append(f"{extra[:80]!r} is not part of the state")
+    return LoadedState(ApplyState(jobs=jobs, uncommitted=uncommitted), ignored)
+
+
+def _pairs(value: object, name: str, ignored: list[str]) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        ignored.append(f"{name}: not a JSON object")
+        return []
+    pairs = []
+    for key, item in value.items():
+        if isinstance(item, str):
+            pairs.append((key, item))
+        else:
+            ignored.append(f"{name}: {key[:80]!r} holds {type(item).__name__}, not text")
+    return pairs
+
+
+@contextmanager
+def _state_locked(settings: Settings) -> Iterator[Path]:
+    """The state file's path, held against other `apply` or `enqueue` runs of this checkout meanwhile."""
+    path = state_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(path.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _update_state(settings: Settings, change: Callable[[ApplyState], ApplyState]) -> None:
+    """Read, change and write the state file atomically (fsynced: a kill -9 right after keeps it)."""
+    with _state_locked(settings) as path:
+        try:
+            state = load_state(settings).state
+        except StateUnreadable:
+            state = ApplyState()  # written anew: what it held could not be read anyway
+        data = change(state).model_dump_json(indent=1).encode("utf-8")
+        atomic_write(path, data, mode=0o600)
 
 
 def remember(settings: Settings, enqueued: Sequence[Enqueued]) -> None:
-    """Keep the job ids of this enqueue for `apply --wait` (written atomically)."""
-    path = state_file(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Keep the job ids of this enqueue for `apply --wait` (what is still uncommitted stays noted)."""
     jobs = {e.job_id: e.path for e in enqueued if e.job_id}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"jobs": jobs}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    _update_state(settings, lambda state: state.model_copy(update={"jobs": jobs}))
 
 
 def follow_up(settings: Settings, report: ApplyReport) -> None:
@@ -91,12 +200,12 @@ def follow_up(settings: Settings, report: ApplyReport) -> None:
 
 def remembered(settings: Settings) -> dict[str, str]:
     """The job ids (and posts) of the last remote enqueue; empty when there was none."""
-    try:
-        data = json.loads(state_file(settings).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    jobs = data.get("jobs") if isinstance(data, dict) else None
-    return {str(k): str(v) for k, v in jobs.items()} if isinstance(jobs, dict) else {}
+    return load_state(settings).state.jobs
+
+
+def note_write(settings: Settings, relative: str, digest: str) -> None:
+    """Note, before writing, that `relative` is about to get the bytes of hash `digest` (not yet committed)."""
+    _update_state(settings, lambda s: s.model_copy(update={"uncommitted": {**s.uncommitted, relative: digest}}))
 
 
 def job_ids(settings: Settings, refs: Sequence[str]) -> list[str]:
@@ -137,7 +246,11 @@ def apply(
     posts: dict[str, str] | None = None,
     commit: bool = False,
 ) -> ApplyReport:
-    """Write each finished job's result into its post and record; re-enqueue posts edited since their job."""
+    """Write each finished job's result into its post and record; re-enqueue posts edited since their job.
+
+    With `commit`, each write is noted in the state file before it is made and cleared once committed, and what
+    an earlier run wrote and did not commit (killed, or its commit refused) is committed too.
+    """
     report = ApplyReport()
     for job_id in dict.fromkeys(ids):
         try:
@@ -146,15 +259,15 @@ def apply(
             post = (posts or {}).get(job_id, "")
             report.items.append(Applied(job_id, post, "missing", "no such job (result expired: TAGGER_RESULT_TTL)"))
             continue
-        item = _apply_job(settings, redis, job)
+        item = _apply_job(settings, redis, job, commit)
         log.info("applied", job_id=job_id, post=item.post, action=item.action, detail=item.detail)
         report.items.append(item)
-    if commit and report.changed:
-        report.commit = git_commit(settings, report)
+    if commit:
+        commit_writes(settings, report)
     return report
 
 
-def _apply_job(settings: Settings, redis: Redis, job: Job) -> Applied:
+def _apply_job(settings: Settings, redis: Redis, job: Job, noting: bool) -> Applied:
     post_name = str(job.meta.get("post", ""))
     status = job.get_status(refresh=False)
     if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
@@ -166,13 +279,16 @@ def _apply_job(settings: Settings, redis: Redis, job: Job) -> Applied:
     if not isinstance(value, dict) or "changes" not in value:
         return Applied(job.id, post_name, "failed", "not_remote: the job has no remote result (a shared-folder job?)")
     try:
-        return apply_outcome(settings, redis, job.id, Outcome.from_json(value))
+        return apply_outcome(settings, redis, job.id, Outcome.from_json(value), noting)
     except TaggerError as exc:
         return Applied(job.id, post_name, "failed", f"{exc.kind}: {exc.message}")
 
 
-def apply_outcome(settings: Settings, redis: Redis, job_id: str, outcome: Outcome) -> Applied:
-    """Apply one result: write it over the exact bytes it was made from, or re-enqueue the post."""
+def apply_outcome(settings: Settings, redis: Redis, job_id: str, outcome: Outcome, noting: bool = False) -> Applied:
+    """Apply one result: write it over the exact bytes it was made from, or re-enqueue the post.
+
+    `noting`: note the write in the state file first (for `--commit`: a kill after it leaves it to commit).
+    """
     root = settings.content_root()
     path = root / confine(outcome.post, settings, from_cwd=False)
     store = RecordStore(root, settings.records_dir)
@@ -190,6 +306,8 @@ def apply_outcome(settings: Settings, redis: Redis, job_id: str, outcome: Outcom
     if new_text is not None and file_hash(new_text.encode("utf-8")) != outcome.new_file_hash:
         # Rendered here from the same bytes as on the worker: a difference means different tagger versions.
         raise TaggerError(f"the change renders differently here than on the worker (job {job_id})", path=path)
+    if noting:
+        note_write(settings, outcome.post, file_hash(new_text.encode("utf-8")) if new_text is not None else "")
     try:
         written = write_back(store, path, post, stored, record, new_text, new_record)
     except PostChanged:
@@ -227,19 +345,85 @@ def _bytes(path: Path) -> bytes | None:
         return None
 
 
-def git_commit(settings: Settings, report: ApplyReport) -> str:
-    """One git commit of exactly the files `apply` changed (other staged or edited files stay out)."""
+def commit_writes(settings: Settings, report: ApplyReport) -> None:
+    """One git commit of what this run and any interrupted earlier run wrote; the result goes into `report`.
+
+    A noted post is committed only while its bytes are still the ones apply wrote (a person's later edit stays
+    out), with its record (tagger's own file); other staged or edited files stay out. Once committed, or when
+    nothing is left to commit, the notes are cleared; a refused commit keeps them for the next `apply --commit`.
+    """
     root = settings.content_root()
-    files = [str(f) for f in report.changed]
-    written = [i.post for i in report.items if i.action == "written"]
-    lines = [f"tagger apply: {len(written)} posts classified", ""]
-    lines += [f"- {i.post} ({i.action})" for i in report.items if i.files]
-    git = ["git", "-C", str(root)]
-    subprocess.run([*git, "add", "--", *files], check=True, capture_output=True)
+    loaded = load_state(settings)
+    report.ignored += loaded.ignored
+    store = RecordStore(root, settings.records_dir)
+    files: list[Path] = list(report.changed)
+    this_run = {i.post for i in report.items if i.files}
+    for relative, digest in loaded.state.uncommitted.items():
+        path = root / relative
+        if digest and _hash_of(path) == digest:
+            files.append(path)
+            if relative not in this_run:
+                report.earlier.append(relative)
+        files.append(store.path_for(path))
+    files = list(dict.fromkeys(f for f in files if f.exists()))
+    noted = set(loaded.state.uncommitted)
+    try:
+        dirty = _dirty(root, files)
+        if dirty:
+            report.commit = git_commit(settings, report, dirty)
+    except CommitFailed as exc:
+        report.commit_error = exc.message
+        log.warning("commit_failed", error=exc.message)
+        return
+    # Committed, or nothing of it left to commit: forget those notes (not ones another run made meanwhile).
+    _update_state(
+        settings,
+        lambda s: s.model_copy(update={"uncommitted": {k: v for k, v in s.uncommitted.items() if k not in noted}}),
+    )
+
+
+def _hash_of(path: Path) -> str:
+    try:
+        return file_hash(path.read_bytes())
+    except OSError:
+        return ""
+
+
+def _dirty(root: Path, files: Sequence[Path]) -> list[Path]:
+    """The files git sees as changed against HEAD (staged or not) or untracked."""
+    if not files:
+        return []
     run = subprocess.run(
-        [*git, "commit", "--only", "-m", "\n".join(lines), "--", *files], capture_output=True, text=True
+        ["git", "-C", str(root), "status", "--porcelain", "-z", "--untracked-files=all", "--", *map(str, files)],
+        capture_output=True,
+        text=True,
     )
     if run.returncode != 0:
-        raise TaggerError(f"git commit failed: {(run.stderr or run.stdout).strip()[:300]}", path=root)
+        raise CommitFailed(f"git status failed: {(run.stderr or run.stdout).strip()[:300]}", path=root)
+    top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    base = Path(top.stdout.strip()).resolve()
+    changed = {(base / entry[3:]).resolve() for entry in run.stdout.split("\0") if len(entry) > 3}
+    return [f for f in files if f.resolve() in changed]
+
+
+def git_commit(settings: Settings, report: ApplyReport, files: Sequence[Path]) -> str:
+    """One git commit of exactly `files` (other staged or edited files stay out); the new commit's short hash."""
+    root = settings.content_root()
+    written = [i.post for i in report.items if i.action == "written"] + report.earlier
+    lines = [f"tagger apply: {len(written)} posts classified", ""]
+    lines += [f"- {i.post} ({i.action})" for i in report.items if i.files]
+    lines += [f"- {post} (written by an earlier apply)" for post in report.earlier]
+    git = ["git", "-C", str(root)]
+    names = [str(f) for f in files]
+    added = subprocess.run([*git, "add", "--", *names], capture_output=True, text=True)
+    run = (
+        added
+        if added.returncode
+        else subprocess.run(
+            [*git, "commit", "--only", "-m", "\n".join(lines), "--", *names], capture_output=True, text=True
+        )
+    )
+    if run.returncode != 0:
+        raise CommitFailed(f"git commit failed: {(run.stderr or run.stdout).strip()[:300]}", path=root)
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
     return head.stdout.strip()

@@ -178,6 +178,18 @@ class BadResult(TaggerError):
     kind = "bad_result"
 
 
+class StateUnreadable(TaggerError):
+    """`apply`'s state file (TAGGER_STATE_FILE) cannot be read or is not what tagger writes there."""
+
+    kind = "state"
+
+
+class CommitFailed(TaggerError):
+    """`apply --commit` wrote posts but git refused the commit (a hook, no identity): kept for the next run."""
+
+    kind = "commit"
+
+
 class PostTooLarge(BadPost):
     """A post is too big to travel inside a job (TAGGER_MAX_JOB_BYTES)."""
 

@@ -7,8 +7,9 @@ import click
 from worker import apply as apply_lib
 from worker.cli.app import App, err, pass_app, progress
 
-# Exit codes: everything applied; something failed or is missing; some posts re-enqueued or still running.
-ALL_APPLIED, FAILED, NOT_YET = 0, 1, 2
+# Exit codes: everything applied (and committed); something failed or is missing; some posts re-enqueued or still
+# running; posts written but the commit failed (they stay noted: the next `apply --commit` commits them).
+ALL_APPLIED, FAILED, NOT_YET, NOT_COMMITTED = 0, 1, 2, 3
 
 
 @click.command("apply")
@@ -26,7 +27,8 @@ def apply_command(app: App, refs: tuple[str, ...], wait: bool, timeout: float, c
     TAGGER_STATE_FILE). A post is written only over the exact bytes its job judged (owned keys only, atomic);
     one edited since is enqueued again. Prints `job-id action post`. Applying twice changes nothing.
     Exit 0 when everything was applied, 1 when a job failed or is missing, 2 when posts were re-enqueued or
-    jobs are still running (run apply again later).
+    jobs are still running (run apply again later), 3 when the commit failed (the next `apply --commit` commits
+    what this one wrote, as it commits what a run killed before its commit wrote).
     """
     settings = app.configured()
     redis = app.redis()
@@ -47,8 +49,15 @@ def apply_command(app: App, refs: tuple[str, ...], wait: bool, timeout: float, c
         (err if item.action in ("failed", "missing") else click.echo)(line)
     counts = {a: sum(1 for i in report.items if i.action == a) for a in dict.fromkeys(i.action for i in report.items)}
     click.echo("apply: " + ", ".join(f"{n} {a}" for a, n in counts.items()))
+    for line in report.ignored:
+        err(f"apply: state file entry ignored: {line}")
+    if report.earlier:
+        click.echo(f"apply: {len(report.earlier)} posts written by an earlier apply that did not commit them")
     if report.commit:
-        click.echo(f"apply: committed {report.commit} ({len(report.changed)} files)")
+        click.echo(f"apply: committed {report.commit}")
+    if report.commit_error:
+        err(f"apply: {report.commit_error}; the writes are kept for the next `tagger apply --commit`")
+        raise click.exceptions.Exit(NOT_COMMITTED)
     if any(i.action in ("failed", "missing") for i in report.items):
         raise click.exceptions.Exit(FAILED)
     if not report.all_applied:
