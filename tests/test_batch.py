@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 from tests.fakellm import FakeLLM, asked_names
 from worker import batch_backfill as batch
 from worker.backfill import estimate, plan, run_inline
+from worker.paths import site_id
 from worker.posts import read_post
 from worker.queue.enqueue import job_id_for
 from worker.records import load_record
@@ -214,8 +215,8 @@ def test_post_edited_between_submission_and_collection_is_enqueued_not_overwritt
     assert job.get_status() == "finished"  # the normal queue classified it, the edit kept
     assert b"A paragraph added after the batch was submitted." in edited.read_bytes()
     assert plan(settings).todo == []
-    # the batch state lives in Redis under tagger's prefix
-    assert redis.exists(f"{settings.redis_prefix}:batches")
+    # the batch state lives in Redis under tagger's prefix, keyed to the site (this checkout)
+    assert redis.exists(f"{settings.redis_prefix}:batches:{site_id(settings)}")
     assert batch.collect(settings, store, redis=redis).already == 3
 
 
@@ -462,7 +463,8 @@ def test_batch_commands_with_redis_from_the_command_line(
     status = run("batch", "status").stdout
     assert "completed" in status and "      3 " in status
     assert not (site / "site" / batch.STATE_FILE).exists()  # with Redis, the state is in Redis
-    assert redis.zcard(f"{queue_env['TAGGER_REDIS_PREFIX']}:batches") == 1
+    (index,) = redis.scan_iter(f"{queue_env['TAGGER_REDIS_PREFIX']}:batches:*")  # one site
+    assert redis.zcard(index) == 1
 
 
 def chat_requests(fake: FakeLLM, since: int) -> list[list[str]]:

@@ -244,8 +244,9 @@ def test_two_fresh_checkouts_of_one_site_each_get_every_post_written_by_batch_ba
             other.stop()
 
 
+@pytest.mark.parametrize("provider", ["one provider", "batch ids repeat"])
 def test_a_restored_working_tree_is_written_again_by_batch_backfill(
-    queue_env: dict[str, str], site: Path, tmp_path: Path, fake_llm: FakeLLM
+    provider: str, queue_env: dict[str, str], site: Path, tmp_path: Path, fake_llm: FakeLLM
 ) -> None:
     checkout = tmp_path / "ws" / "site"
     make_checkout(site, checkout)
@@ -255,8 +256,13 @@ def test_a_restored_working_tree_is_written_again_by_batch_backfill(
     assert posts(checkout) == expected
     git(checkout, "checkout", "--", ".")  # the working tree restored; the records stay (untracked)
     git(checkout, "clean", "-qfdx")  # and a fresh workspace has no records either
-    run = backfill_batch(env, checkout)
-    assert posts(checkout) == expected, run.stdout + run.stderr
+    other = FakeLLM().start() if provider == "batch ids repeat" else fake_llm
+    try:
+        run = backfill_batch(batch_env(queue_env, checkout, other), checkout)
+        assert posts(checkout) == expected, run.stdout + run.stderr
+    finally:
+        if other is not fake_llm:
+            other.stop()
 
 
 def test_two_sites_sharing_a_prefix_never_hide_each_others_posts(

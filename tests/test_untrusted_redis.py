@@ -428,18 +428,25 @@ def test_tampered_batch_state_touches_nothing_outside_the_root_and_loses_no_post
     submitted = tagger(env, "backfill", str(pipeline.checkout), "--batch", cwd=pipeline.checkout)
     pipeline.runs.append(submitted)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    (batch_id,) = [b.decode() for b in pipeline.redis.zrange(f"{pipeline.prefix}:batches", 0, -1)]
-    key = f"{pipeline.prefix}:batch:{batch_id}:state"
+    (index,) = [k.decode() for k in pipeline.redis.scan_iter(f"{pipeline.prefix}:batches:*")]
+    site = index.rsplit(":", 1)[1]
+    (batch_id,) = [b.decode() for b in pipeline.redis.zrange(index, 0, -1)]
+    key = f"{pipeline.prefix}:batch:{site}:{batch_id}:state"
     state = json.loads(pipeline.redis.get(key) or b"")
     entries = list(state["posts"].values())
     entries[0]["path"] = "../outside.md"  # a post out of the root
     # Another post marked settled although nothing was written.
     settled = next(k for k, e in state["posts"].items() if e["path"] == "posts/wip-2.md")
-    pipeline.redis.hset(f"{pipeline.prefix}:batch:{batch_id}:collected", settled, "written")
+    pipeline.redis.hset(f"{pipeline.prefix}:batch:{site}:{batch_id}:collected", settled, "written")
     pipeline.redis.set(key, json.dumps(state), keepttl=True)
     collected = tagger(env, "batch", "collect", cwd=pipeline.checkout)
     pipeline.runs.append(collected)
     check(pipeline, before, honest_posts)
+    if "TAGGER_SIGNING_KEY" in pipeline.env:  # the altered state is refused as a whole: nothing collected from it
+        assert "batch_state_refused" in collected.stderr and pipeline.posts() == before, collected.stderr
+    else:  # "settled" is checked against the file: the post marked written without being written is collected
+        assert pipeline.posts()["posts/wip-2.md"] == honest_posts["posts/wip-2.md"], collected.stdout
+        assert "outside_root" in collected.stderr, collected.stderr
     # Nothing is lost: a second backfill (through the queue) tags whatever the tampered state held back.
     again = tagger(env, "backfill", str(pipeline.checkout), cwd=pipeline.checkout)
     pipeline.runs.append(again)

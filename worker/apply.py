@@ -8,7 +8,6 @@ record announced first), and only over the exact bytes the job judged: a post ed
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from worker.errors import CommitFailed, PostChanged, StateUnreadable, TaggerError
-from worker.paths import confine, existing_post
+from worker.paths import confine, existing_post, site_id
 from worker.polling import Progress, Tally, poll_until
 from worker.posts import Post, atomic_write, file_hash, read_post, render_changes
 from worker.queue.enqueue import Enqueued, enqueue_posts, job_id_for
@@ -83,8 +82,7 @@ def state_file(settings: Settings) -> Path:
     if settings.state_file is not None:
         return settings.state_file
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    site = hashlib.sha256(str(settings.content_root()).encode("utf-8")).hexdigest()[:12]
-    return cache / "tagger" / f"{settings.redis_prefix}-{site}-last-enqueue.json"
+    return cache / "tagger" / f"{settings.redis_prefix}-{site_id(settings)}-last-enqueue.json"
 
 
 class ApplyState(BaseModel):

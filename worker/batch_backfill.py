@@ -29,9 +29,9 @@ from redis import Redis
 from worker import backfill
 from worker.classifier import Classifier, make_classifier
 from worker.errors import InvalidReply, NotInBatch, TaggerError
-from worker.paths import confine
+from worker.paths import confine, site_id
 from worker.polling import Progress, Tally, poll_until
-from worker.posts import Post, atomic_write
+from worker.posts import Post, atomic_write, file_hash
 from worker.prompts import Prompt
 from worker.providers.batch_api import (
     TERMINAL,
@@ -47,6 +47,7 @@ from worker.providers.openai import OpenAIProvider
 from worker.queue.enqueue import enqueue_posts
 from worker.queue.keys import batch_index_key, batch_key
 from worker.settings import Settings
+from worker.signing import sign, verify
 
 log = structlog.get_logger("tagger.batch")
 STATE_FILE = ".tagger-batches.json"
@@ -107,48 +108,84 @@ class BatchStore(Protocol):
 
 
 class RedisBatchStore:
-    """Batch state in Redis: one JSON value per batch, a sorted index, and a hash of settled posts."""
+    """Batch state in Redis, per site: one JSON value per batch, a sorted index, and a hash of settled posts.
+
+    Read back as untrusted input: a state that fails validation (or, with TAGGER_SIGNING_KEY, its signature) is
+    left out (its posts are then not in flight, so the next backfill sends them again: nothing is lost).
+    """
 
     def __init__(self, settings: Settings, redis: Redis) -> None:
         self.settings = settings
         self.redis = redis
+        self.site = site_id(settings)
+
+    def _key(self, batch_id: str, part: str = "state") -> str:
+        return batch_key(self.settings, self.site, batch_id, part)
 
     def add(self, state: BatchState) -> None:
         """Remember a new batch (or save it again); batches are forgotten 30 days after they were made."""
+        value = sign(self.settings, "batch", f"{self.site}:{state.id}", state.model_dump(mode="json"))
+        index = batch_index_key(self.settings, self.site)
         with self.redis.pipeline() as pipe:
-            pipe.set(batch_key(self.settings, state.id), state.model_dump_json(), ex=KEEP_SECONDS)
-            pipe.zadd(batch_index_key(self.settings), {state.id: state.created_at})
-            pipe.zremrangebyscore(batch_index_key(self.settings), 0, time.time() - KEEP_SECONDS)
+            pipe.set(self._key(state.id), json.dumps(value, ensure_ascii=False), ex=KEEP_SECONDS)
+            pipe.zadd(index, {state.id: state.created_at})
+            pipe.zremrangebyscore(index, 0, time.time() - KEEP_SECONDS)
             pipe.execute()
 
     def drop(self, batch_id: str) -> None:
         """Forget a batch."""
         with self.redis.pipeline() as pipe:
-            pipe.delete(batch_key(self.settings, batch_id), batch_key(self.settings, batch_id, "collected"))
-            pipe.zrem(batch_index_key(self.settings), batch_id)
+            pipe.delete(self._key(batch_id), self._key(batch_id, "collected"))
+            pipe.zrem(batch_index_key(self.settings, self.site), batch_id)
             pipe.execute()
 
     def get(self, batch_id: str) -> BatchState | None:
-        """One batch, or None."""
-        raw = self.redis.get(batch_key(self.settings, batch_id))
-        return BatchState.model_validate_json(raw) if raw else None
+        """One batch, or None (also when what Redis holds is not a batch state tagger wrote for it)."""
+        raw = self.redis.get(self._key(batch_id))
+        if not raw:
+            return None
+        try:
+            data = verify(self.settings, "batch", f"{self.site}:{batch_id}", json.loads(raw))
+            state = BatchState.model_validate(data)
+        except (ValueError, TaggerError) as exc:
+            log.warning("batch_state_refused", batch=batch_id, error=str(exc)[:300])
+            return None
+        if state.id != batch_id:
+            log.warning("batch_state_refused", batch=batch_id, error=f"the state names batch {state.id}")
+            return None
+        return state
 
     def all(self) -> list[BatchState]:
         """Every batch, oldest first."""
-        ids = [_text(i) for i in self.redis.zrange(batch_index_key(self.settings), 0, -1)]
+        ids = [_text(i) for i in self.redis.zrange(batch_index_key(self.settings, self.site), 0, -1)]
         return [s for s in (self.get(i) for i in ids) if s is not None]
 
     def collected(self, batch_id: str) -> dict[str, str]:
-        """Posts of a batch already settled (post key -> outcome)."""
-        raw = self.redis.hgetall(batch_key(self.settings, batch_id, "collected"))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        """Posts of a batch already settled (post key -> outcome); an entry that fails its checks is left out."""
+        out: dict[str, str] = {}
+        for key, value in self.redis.hgetall(self._key(batch_id, "collected")).items():
+            post = _text(key)
+            try:
+                data = json.loads(value)
+                if not isinstance(data, dict):
+                    data = {"outcome": _text(value)}  # written before outcomes were signed
+                outcome = verify(self.settings, "batch", f"{self.site}:{batch_id}:{post}", data).get("outcome")
+            except (ValueError, TaggerError):
+                outcome = None
+            if isinstance(outcome, str):
+                out[post] = outcome
+        return out
 
     def mark(self, batch_id: str, outcomes: dict[str, str]) -> None:
         """Record that posts were settled."""
         if outcomes:
-            key = batch_key(self.settings, batch_id, "collected")
+            key = self._key(batch_id, "collected")
+            values = {
+                post: json.dumps(sign(self.settings, "batch", f"{self.site}:{batch_id}:{post}", {"outcome": outcome}))
+                for post, outcome in outcomes.items()
+            }
             with self.redis.pipeline() as pipe:
-                pipe.hset(key, mapping=outcomes)  # type: ignore[arg-type]
+                pipe.hset(key, mapping=values)  # type: ignore[arg-type]
                 pipe.expire(key, KEEP_SECONDS)
                 pipe.execute()
 
@@ -266,6 +303,7 @@ class Submitted:
     estimated_cost: float | None = None
     settled: dict[str, str] = field(default_factory=dict)  # posts that needed no request: path -> outcome
     in_flight: list[str] = field(default_factory=list)  # posts already in a batch not yet collected
+    holding: list[str] = field(default_factory=list)  # the batches those posts are in (collect them too)
     failed: list[str] = field(default_factory=list)
 
 
@@ -277,14 +315,40 @@ class _Pack:
     requests: int = 0
 
 
-def in_flight(store: BatchStore) -> dict[str, str]:
-    """Posts in batches not yet collected: post key -> the content hash they were submitted with."""
+def settled(settings: Settings, store: BatchStore, state: BatchState) -> dict[str, str]:
+    """Posts of a batch settled for good (post key -> outcome), checked against the files.
+
+    A post sent elsewhere (the queue, a new batch, this process) is settled; one collected as written or
+    unchanged only while its file still holds the bytes collect left (a restored or fresh checkout, or a file
+    a write never reached, is collected again: collect is idempotent).
+    """
+    root = settings.content_root()
     out: dict[str, str] = {}
+    for key, outcome in store.collected(state.id).items():
+        word, _, digest = outcome.partition(" ")
+        if word in ("written", "unchanged"):
+            entry = state.posts.get(key)
+            if entry is None or not digest or _hash_of(settings, root, entry.path) != digest:
+                continue
+        out[key] = outcome
+    return out
+
+
+def _hash_of(settings: Settings, root: Path, relative: str) -> str:
+    try:
+        return file_hash((root / confine(relative, settings, from_cwd=False)).read_bytes())
+    except (OSError, TaggerError):
+        return ""
+
+
+def in_flight(settings: Settings, store: BatchStore) -> dict[str, tuple[str, str]]:
+    """Posts in batches not yet collected: post key -> (the content hash they were submitted with, the batch)."""
+    out: dict[str, tuple[str, str]] = {}
     for state in store.all():
         if state.id.startswith(PENDING):  # no batch made (yet): a killed submission must not hold its posts back
             continue
-        settled = store.collected(state.id)
-        out.update({key: e.content_hash for key, e in state.posts.items() if key not in settled})
+        done = settled(settings, store, state)
+        out.update({key: (e.content_hash, state.id) for key, e in state.posts.items() if key not in done})
     return out
 
 
@@ -304,7 +368,12 @@ def submit(
     provider = api.provider
     if not again:
         _adopt(api, store)
-    busy = {} if again else in_flight(store)
+    busy = {} if again else in_flight(settings, store)
+    for batch_id in {held for _, held in busy.values()}:
+        if not api.known(batch_id):  # made by another provider or account (or one reset): it answers nothing here
+            log.warning("batch_unknown_to_provider", batch=batch_id)
+            store.drop(batch_id)
+            busy = {key: held for key, held in busy.items() if held[1] != batch_id}
     result = Submitted()
     packs: list[_Pack] = []
     for path in todo:
@@ -314,8 +383,10 @@ def submit(
         except TaggerError as exc:
             result.failed.append(f"{path}: {exc.kind}: {exc.message}")
             continue
-        if busy.get(post_key(relative)) == post.content_hash:
+        held = busy.get(post_key(relative))
+        if held is not None and held[0] == post.content_hash:
             result.in_flight.append(relative)
+            result.holding = list(dict.fromkeys([*result.holding, held[1]]))
             continue
         prompts = pending_prompts(classifier, post, types)
         if not prompts:  # nothing to ask (retired terms to take back, say): settle it now, without a call
@@ -365,6 +436,9 @@ def submit(
         store.add(state)
         batch = api.create(file_id, {"tagger": settings.redis_prefix, "posts": str(len(pack.posts))})
         state = state.model_copy(update={"id": batch.id, "created_at": float(batch.created_at or state.created_at)})
+        if store.get(batch.id) is not None:  # an id the provider gave before (another account, a restart)
+            log.warning("batch_id_reused", batch=batch.id)
+            store.drop(batch.id)  # its old collection log must not settle this batch's posts
         store.add(state)
         store.drop(PENDING + file_id)
         log.info("batch_submitted", batch=batch.id, posts=len(pack.posts), requests=pack.requests, bytes=len(pack.data))
@@ -415,7 +489,7 @@ def batch_rows(settings: Settings, store: BatchStore, ids: Sequence[str] = ()) -
                 age=time.time() - state.created_at,
                 estimated_cost=state.estimated_cost,
                 posts=len(state.posts),
-                settled=len(store.collected(state.id)),
+                settled=len(settled(settings, store, state)),
             )
         )
     return rows
@@ -520,8 +594,8 @@ def collect(
     api = batch_api(classifier.provider)
     summary = Collected()
     for state in _selected(store, ids, api):
-        settled = store.collected(state.id)
-        if len(settled) >= len(state.posts):
+        done = settled(settings, store, state)
+        if len(done) >= len(state.posts):
             summary.already += len(state.posts)
             continue
         batch = api.retrieve(state.id)
@@ -536,13 +610,21 @@ def collect(
             why = f"not answered (batch {batch.status})"
         retry: dict[str, tuple[PostEntry, str]] = {}
         for key, entry in state.posts.items():
-            if key in settled:
+            if key in done:
                 summary.already += 1
                 continue
+            try:
+                relative = confine(entry.path, settings, from_cwd=False)
+            except TaggerError as exc:  # the state names a path out of the root: never read or written
+                summary.failed.append(f"{entry.path}: {exc.kind}: {exc.message}")
+                store.mark(state.id, {key: f"refused: {exc.kind}"})
+                continue
+            entry = entry.model_copy(update={"path": relative})
             outcome = _collect_post(classifier, api, state, entry, results, why)
             log.info("batch_collected", batch=state.id, post=entry.path, outcome=outcome[:300])
             if outcome in ("written", "unchanged"):
-                store.mark(state.id, {key: outcome})
+                # With the bytes the file holds now: "settled" is later checked against the file.
+                store.mark(state.id, {key: f"{outcome} {_hash_of(settings, settings.content_root(), entry.path)}"})
                 (summary.written if outcome == "written" else summary.unchanged).append(entry.path)
             else:
                 retry[key] = (entry, outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ def content_root(settings: Settings) -> Path:
     if not root.is_dir():
         raise SettingsError(f"the content root {settings.content_root_label()} is not a folder")
     return root
+
+
+def site_id(settings: Settings) -> str:
+    """A short id of the content root (this site's checkout): state kept per checkout is keyed by it."""
+    return hashlib.sha256(str(settings.content_root()).encode("utf-8")).hexdigest()[:12]
 
 
 def _inside(path: Path | str, settings: Settings, from_cwd: bool) -> tuple[Path, Path]:

@@ -51,17 +51,19 @@ def submit(
     for line in done.failed:
         err(f"FAILED {line}")
     inline = " --inline" if redis is None else ""
-    if not wait or not done.batches:
-        if done.batches:
+    # The batches that hold posts of this backfill already (not collected for this checkout yet) are followed too.
+    ids = [b.id for b in done.batches] + [i for i in done.holding if i not in {b.id for b in done.batches}]
+    if not wait or not ids:
+        if ids:
             click.echo(f"then: tagger batch status{inline}; tagger batch collect{inline}")
         return not done.failed
     try:
-        batch_backfill.wait(settings, store, [b.id for b in done.batches], progress)
+        batch_backfill.wait(settings, store, ids, progress)
     except KeyboardInterrupt:
         click.echo(f"\nbackfill: stopped waiting; the batches carry on (tagger batch collect{inline} later)")
         raise click.exceptions.Exit(130) from None
     click.echo()
-    collected = batch_backfill.collect(settings, store, [b.id for b in done.batches], redis)
+    collected = batch_backfill.collect(settings, store, ids, redis)
     return _print_collected(collected, settings) and not done.failed
 
 

@@ -87,6 +87,16 @@ class BatchAPI:
         """The batch as the provider sees it now."""
         return self._call("GET /batches", lambda: self.client.batches.retrieve(batch_id))
 
+    def known(self, batch_id: str) -> bool:
+        """Whether the provider knows this batch (False for an id another account or a reset provider gave)."""
+        try:
+            self.client.batches.retrieve(batch_id)
+        except openai.NotFoundError:
+            return False
+        except openai.APIError as exc:
+            raise self.provider._translate(exc) from exc
+        return True
+
     def list(self) -> list[Batch]:
         """The account's batches (every page)."""
         return self._call("GET /batches", lambda: list(self.client.batches.list(limit=100)))

@@ -100,14 +100,18 @@ def dropped(settings: Settings) -> str:
     return redis_key(settings, "dropped")
 
 
-def batch_index_key(settings: Settings) -> str:
-    """The sorted set of tagger's Batch API batches (score: creation time)."""
-    return redis_key(settings, "batches")
+def batch_index_key(settings: Settings, site: str) -> str:
+    """The sorted set of one site's (checkout's) Batch API batches (score: creation time)."""
+    return redis_key(settings, "batches", site)
 
 
-def batch_key(settings: Settings, batch_id: str, part: str = "state") -> str:
-    """One batch's state (`state`: what it holds) or its collection log (`collected`: post -> outcome)."""
-    return redis_key(settings, "batch", batch_id, part)
+def batch_key(settings: Settings, site: str, batch_id: str, part: str = "state") -> str:
+    """One batch's state (`state`: what it holds) or its collection log (`collected`: post -> outcome), per site.
+
+    Keyed to the site: two checkouts or two sites on one prefix never see (or hide) each other's posts, even
+    when their providers' batch ids repeat.
+    """
+    return redis_key(settings, "batch", site, batch_id, part)
 
 
 def taxonomy(settings: Settings, version: str) -> str:
