@@ -18,7 +18,6 @@ import pytest
 import redis as redis_lib
 from rq import Queue
 from rq.serializers import JSONSerializer
-
 from worker.fakellm import FakeLLM
 
 pytestmark = pytest.mark.redis

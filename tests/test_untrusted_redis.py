@@ -27,9 +27,9 @@ import redis as redis_lib
 from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from worker.fakellm import FakeLLM
 
 from tests.owned_bytes import assert_only_owned_changed
-from worker.fakellm import FakeLLM
 from worker.posts import file_hash, normal_form, post_from_bytes, read_post, render_changes
 from worker.records import Record, dumps
 from worker.taxonomy import load_taxonomy
@@ -270,11 +270,22 @@ def test_tampered_results_never_write_foreign_keys_or_unknown_terms(pipeline: Pi
     for post in ("posts/limiting-wip.md", "posts/shipping-daily.md"):
         assert "failed" in lines[post] and ("bad_result" in lines[post] or "outside_root" in lines[post]), lines[post]
     assert run.returncode == 1, run.stdout + run.stderr
-    if "TAGGER_SIGNING_KEY" in pipeline.env:
-        for post in ("posts/wip-1.md", "posts/wip-2.md"):
-            assert "bad_result" in lines[post] and "signature" in lines[post], lines[post]
-    else:  # re-decided here from the judgements it carries: the honest outcome, whatever the result said
-        assert pipeline.posts()["posts/wip-1.md"] == honest_posts["posts/wip-1.md"]
+    # Forged claims (a foreign key, an unknown term) are bad results too, and nothing of them is written.
+    for post in ("posts/wip-1.md", "posts/wip-2.md"):
+        assert "bad_result" in lines[post], lines[post]
+        assert pipeline.posts()[post] == before[post]
+    if "TAGGER_SIGNING_KEY" in pipeline.env:  # refused before anything else is looked at
+        assert all("signed" in lines[p] for p in pipeline.jobs), run.stdout + run.stderr
+    # Each bad result is a failed job on-call sees and can run again (`failed retry`), which then applies.
+    failed = tagger(pipeline.env, "failed", "list", cwd=pipeline.checkout)
+    assert failed.stdout.count("bad_result") == len(pipeline.jobs), failed.stdout + failed.stderr
+    retried = tagger(pipeline.env, "failed", "retry", "--all", "--error", "bad_result", cwd=pipeline.checkout)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    pipeline.work()
+    again = pipeline.apply()
+    assert again.returncode == 0, again.stdout + again.stderr
+    check(pipeline, before, honest_posts)
+    assert pipeline.posts() == honest_posts
 
 
 # --- published taxonomy versions ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,24 +20,28 @@ from pathlib import Path
 
 import structlog
 from pydantic import BaseModel, Field
-from redis import Redis
+from redis import Redis, RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.errors import CommitFailed, PostChanged, StateUnreadable, TaggerError
+from worker.errors import BadResult, CommitFailed, PostChanged, StateUnreadable, TaggerError
 from worker.paths import confine, existing_post, site_id
 from worker.polling import Progress, Tally, poll_until
-from worker.posts import Post, atomic_write, file_hash, read_post, render_changes
+from worker.posts import Post, atomic_write, file_hash, read_post
 from worker.queue.enqueue import Enqueued, enqueue_posts, job_id_for
-from worker.queue.payload import Outcome
+from worker.queue.keys import queue_name, queue_names
 from worker.records import Record, RecordStore, reconcile
+from worker.result_check import Checked, claimed_problems, decide_here, expected_job_id, parse_result
 from worker.settings import Settings
+from worker.taxonomy import Taxonomy, taxonomy_for
 from worker.writeback import post_mode, save, unwritten, write_back
 
 log = structlog.get_logger("tagger.apply")
 DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 APPLIED = ("written", "unchanged", "already-applied")
+FAILURE_TTL = 30 * 86400  # how long a bad result stays listed for `failed retry` (as a failed job does)
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what RQ accepts as a job id
 HASH = re.compile(r"[0-9a-f]{16,64}")  # posts.file_hash
 
@@ -246,10 +251,13 @@ def apply(
 ) -> ApplyReport:
     """Write each finished job's result into its post and record; re-enqueue posts edited since their job.
 
+    Every result is checked and its changes decided again here (worker/result_check.py); one that fails is
+    that job's `bad_result` (failed in RQ, so `tagger failed retry` runs it again) and the others go on.
     With `commit`, each write is noted in the state file before it is made and cleared once committed, and what
     an earlier run wrote and did not commit (killed, or its commit refused) is committed too.
     """
     report = ApplyReport()
+    taxonomy: Taxonomy | None = None
     for job_id in dict.fromkeys(ids):
         try:
             job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
@@ -257,7 +265,14 @@ def apply(
             post = (posts or {}).get(job_id, "")
             report.items.append(Applied(job_id, post, "missing", "no such job (result expired: TAGGER_RESULT_TTL)"))
             continue
-        item = _apply_job(settings, redis, job, commit)
+        except (RedisError, TaggerError):
+            raise
+        except Exception as exc:
+            report.items.append(Applied(job_id, "", "failed", f"bad_result: the job cannot be read: {exc!r}"[:300]))
+            continue
+        if taxonomy is None:
+            taxonomy = taxonomy_for(settings)  # the local taxonomy: what every result is decided against
+        item = _apply_job(settings, redis, job, commit, taxonomy)
         log.info("applied", job_id=job_id, post=item.post, action=item.action, detail=item.detail)
         report.items.append(item)
     if commit:
@@ -265,75 +280,134 @@ def apply(
     return report
 
 
-def _apply_job(settings: Settings, redis: Redis, job: Job, noting: bool) -> Applied:
-    post_name = str(job.meta.get("post", ""))
+def _apply_job(settings: Settings, redis: Redis, job: Job, noting: bool, taxonomy: Taxonomy) -> Applied:
+    post_name = str(job.meta.get("post", ""))[:300]
     status = job.get_status(refresh=False)
     if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
         kind = job.meta.get("kind", str(status))
         return Applied(job.id, post_name, "failed", f"{kind}: {job.meta.get('error', '')}")
     if status != JobStatus.FINISHED:
         return Applied(job.id, post_name, "waiting", str(status))
-    value = job.return_value()
-    if not isinstance(value, dict) or "changes" not in value:
+    try:
+        value = job.return_value()
+    except (RedisError, TaggerError):
+        raise
+    except Exception as exc:
+        value = BadResult(f"the result cannot be read: {exc!r}"[:300])
+    if isinstance(value, dict) and "written" in value and "changes" not in value:
         return Applied(job.id, post_name, "failed", "not_remote: the job has no remote result (a shared-folder job?)")
     try:
-        return apply_outcome(settings, redis, job.id, Outcome.from_json(value), noting)
+        if isinstance(value, BadResult):
+            raise value
+        checked = parse_result(settings, job.id, value)
+        return apply_outcome(settings, redis, job, checked, taxonomy, noting)
+    except BadResult as exc:
+        log.warning("bad_result", job_id=job.id, post=post_name, error=exc.message[:300])
+        _fail(settings, redis, job, exc)
+        return Applied(job.id, post_name, "failed", f"{exc.kind}: {exc.message}")
     except TaggerError as exc:
         return Applied(job.id, post_name, "failed", f"{exc.kind}: {exc.message}")
 
 
-def apply_outcome(settings: Settings, redis: Redis, job_id: str, outcome: Outcome, noting: bool = False) -> Applied:
-    """Apply one result: write it over the exact bytes it was made from, or re-enqueue the post.
+def _fail(settings: Settings, redis: Redis, job: Job, exc: TaggerError) -> None:
+    """Mark the job failed with its kind, so `failed list` shows it and `failed retry` runs it again."""
+    origin = job.origin if job.origin in queue_names(settings) else queue_name(settings, "default")
+    job.meta.update(kind=exc.kind, error=exc.message[:2000], failed_at=time.time(), transient=False)
+    try:
+        job.save_meta()  # type: ignore[no-untyped-call]
+        with redis.pipeline() as pipe:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            FailedJobRegistry(name=origin, connection=redis, serializer=JSONSerializer).add(
+                job, ttl=FAILURE_TTL, exc_string=f"{exc.kind}: {exc.message}"[:2000], pipeline=pipe
+            )
+            pipe.execute()
+    except RedisError as error:  # shown as failed all the same; only `failed retry` will not list it
+        log.warning("redis_unavailable", where="bad_result", job_id=job.id, error=str(error)[:300])
 
-    `noting`: note the write in the state file first (for `--commit`: a kill after it leaves it to commit).
+
+def _types(job: Job) -> list[str] | None:
+    """The types the job was asked for (from its meta: anything but a list of names means every type)."""
+    types = job.meta.get("types")
+    if isinstance(types, list) and types and all(isinstance(t, str) for t in types):
+        return [str(t) for t in types]
+    return None
+
+
+def apply_outcome(
+    settings: Settings, redis: Redis, job: Job, checked: Checked, taxonomy: Taxonomy, noting: bool = False
+) -> Applied:
+    """Apply one checked result: its changes decided again here over the exact bytes it was made from.
+
+    A post edited since is re-enqueued. `noting`: note the write in the state file first (for `--commit`: a
+    kill after it leaves it to commit).
     """
+    result = checked.result
+    try:
+        relative = confine(result.post, settings, from_cwd=False)
+    except TaggerError as exc:
+        raise BadResult(f"{exc.kind}: {exc.message}") from exc
+    if job.id != expected_job_id(job_id_for(relative, settings), result.content_hash):
+        raise BadResult(
+            f"the result names {result.post[:200]} (content {result.content_hash[:12]}), not this job's post"
+        )
     root = settings.content_root()
-    path = root / confine(outcome.post, settings, from_cwd=False)
+    path = root / relative
     store = RecordStore(root, settings.records_dir)
     record_file = store.path_for(path)
     before = _bytes(record_file)
     post = read_post(path, settings.max_front_matter_bytes)
+    problems = claimed_problems(taxonomy, result, post)
+    if problems:
+        raise BadResult("the result " + "; ".join(problems))
     stored = store.load(path)
     record = reconcile(stored, post)
-    new_record = outcome.new_record().model_copy(update={"mode": f"{post_mode(path):04o}"})
-    if outcome.new_file_hash and post.file_hash == outcome.new_file_hash:
-        return Applied(job_id, outcome.post, "already-applied")
-    if post.file_hash != outcome.file_hash:
-        return _again(settings, redis, job_id, outcome, path, store, post, record, new_record)
-    new_text = render_changes(post, outcome.changes) if outcome.changes else None
-    if new_text is not None and file_hash(new_text.encode("utf-8")) != outcome.new_file_hash:
-        # Rendered here from the same bytes as on the worker: a difference means different tagger versions.
-        raise TaggerError(f"the change renders differently here than on the worker (job {job_id})", path=path)
+    types = _types(job)
+    if result.new_file_hash and post.file_hash == result.new_file_hash:
+        return Applied(job.id, relative, "already-applied")
+    if post.file_hash != result.file_hash:
+        return _again(settings, redis, job.id, relative, checked, taxonomy, path, store, post, record, types)
+    decided = decide_here(settings, taxonomy, post, record, checked, types)
+    new_text = decided.new_text
+    new_hash = file_hash(new_text.encode("utf-8")) if new_text is not None else ""
+    detail = ""
+    if new_hash != result.new_file_hash:
+        # The same judgements decide the same here unless the taxonomy or tagger differ between here and the worker.
+        detail = "decided here from its judgements (the worker's result differed: taxonomy or version changed?)"
+        log.warning("result_decided_differently", job_id=job.id, post=relative)
+    new_record = decided.record.model_copy(update={"mode": f"{post_mode(path):04o}"})
     if noting:
-        note_write(settings, outcome.post, file_hash(new_text.encode("utf-8")) if new_text is not None else "")
+        note_write(settings, relative, new_hash)
     try:
         written = write_back(store, path, post, stored, record, new_text, new_record)
     except PostChanged:
-        return _again(settings, redis, job_id, outcome, path, store, read_post(path), record, new_record)
+        return _again(settings, redis, job.id, relative, checked, taxonomy, path, store, read_post(path), record, types)
     files = tuple(f for f, changed in ((path, written), (record_file, _bytes(record_file) != before)) if changed)
-    return Applied(job_id, outcome.post, "written" if written else "unchanged", files=files)
+    return Applied(job.id, relative, "written" if written else "unchanged", detail, files=files)
 
 
 def _again(
     settings: Settings,
     redis: Redis,
     job_id: str,
-    outcome: Outcome,
+    relative: str,
+    checked: Checked,
+    taxonomy: Taxonomy,
     path: Path,
     store: RecordStore,
     post: Post,
     record: Record,
-    new_record: Record,
+    types: list[str] | None,
 ) -> Applied:
     """The post changed since its job: keep the judgements when its text is the same, and enqueue it again."""
     reason = "edited since enqueue (front matter only: judgements kept)"
-    if post.content_hash == outcome.content_hash:
-        save(store, path, unwritten(new_record, record, post))
+    if post.content_hash == checked.result.content_hash:
+        decided = decide_here(settings, taxonomy, post, record, checked, types)
+        save(store, path, unwritten(decided.record, record, post))
     else:
         reason = "edited since enqueue (text changed)"
     enqueued = enqueue_posts([path], settings, redis, remote=True)
     job = next((e.job_id for e in enqueued if e.job_id), "")
-    return Applied(job_id, outcome.post, "re-enqueued", f"{reason}; new job {job}", new_job=job)
+    return Applied(job_id, relative, "re-enqueued", f"{reason}; new job {job}", new_job=job)
 
 
 def _bytes(path: Path) -> bytes | None:
