@@ -29,7 +29,9 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from worker.fakellm import FakeLLM
 
+from tests.conftest import SESSION_PATTERNS
 from tests.owned_bytes import assert_only_owned_changed
+from tests.redis_scan import scan_for_secrets
 from worker.posts import file_hash, normal_form, post_from_bytes, read_post, render_changes
 from worker.records import Record, dumps
 from worker.taxonomy import load_taxonomy
@@ -202,6 +204,8 @@ def check(pipeline: Pipeline, before: dict[str, str], honest_posts: dict[str, st
         assert old.human_only == new.human_only, f"{name}: its origin changed"
         if "TAGGER_SIGNING_KEY" in pipeline.env:
             assert text in (before[name], honest_posts[name]), f"{name} changed under a signing key"
+    if "TAGGER_SIGNING_KEY" in pipeline.env:  # the key signs what Redis holds; Redis never holds the key
+        assert scan_for_secrets(pipeline.redis, SESSION_PATTERNS, [SIGNING_KEY]) == []
     # Only posts and their records were committed, all inside the checkout.
     committed = _git(pipeline.checkout, "log", "--format=", "--name-only").split()
     for path in committed:

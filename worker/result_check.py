@@ -20,7 +20,7 @@ from worker.decide import Decided, decide
 from worker.errors import BadResult, TaggerError
 from worker.posts import ORIGIN_KEY, Post, normal_form
 from worker.records import Record, loads
-from worker.results import Judged, Judgement, Usage
+from worker.results import Judged, Judgement
 from worker.settings import Settings
 from worker.signing import verify
 from worker.taxonomy import Taxonomy
@@ -133,9 +133,8 @@ def decide_here(
 ) -> Decided:
     """The changes decided again here: the carried judgements that hold, the post as it is and its local record."""
     judgements = usable_judgements(taxonomy, post, checked.record)
-    usage = checked.record.usage if isinstance(checked.record.usage, Usage) else Usage()
     judged = Judged(
-        judgements=judgements, usage=usage, cached=len(judgements), cut_chars=checked.record.truncated_chars,
-        llm_seconds=0.0,
+        judgements=judgements, usage=checked.record.usage, cached=len(judgements),
+        cut_chars=checked.record.truncated_chars, llm_seconds=0.0,
     )  # fmt: skip
     return decide(post, record, judged, taxonomy, settings, types)
