@@ -18,7 +18,8 @@ import pytest
 import redis as redis_lib
 from rq import Queue
 from rq.serializers import JSONSerializer
-from worker.fakellm import FakeLLM
+
+from tests.fakellm import FakeLLM
 
 pytestmark = pytest.mark.redis
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]

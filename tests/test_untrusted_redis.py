@@ -27,9 +27,9 @@ import redis as redis_lib
 from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from worker.fakellm import FakeLLM
 
 from tests.conftest import SESSION_PATTERNS
+from tests.fakellm import FakeLLM
 from tests.owned_bytes import assert_only_owned_changed
 from tests.redis_scan import scan_for_secrets
 from worker.posts import file_hash, normal_form, post_from_bytes, read_post, render_changes
