@@ -41,13 +41,16 @@ def check(app: App, folder: Path | None) -> None:
 def publish(app: App) -> None:
     """Publish the taxonomy and prompt templates in Redis for remote workers; prints the version.
 
-    Content-addressed: the same terms and templates give the same version (`enqueue --remote` publishes too).
+    Content-addressed: the same terms and templates give the same version (`enqueue --remote` publishes too). A
+    copy in Redis whose content does not match its version (altered there) is overwritten, and this says so.
     """
     from worker.prompts import load_templates
     from worker.queue.payload import publish as publish_taxonomy
 
     settings = app.configured()
     terms = taxonomy_for(settings)
-    version = publish_taxonomy(settings, app.redis(), terms, load_templates(settings.prompts_dir))
-    click.echo(version)
-    err(f"{len(terms)} terms published as {version}")
+    published = publish_taxonomy(settings, app.redis(), terms, load_templates(settings.prompts_dir))
+    click.echo(published.version)
+    if published.overwritten:
+        err(f"overwrote what Redis held as {published.version}: {published.overwritten}")
+    err(f"{len(terms)} terms published as {published.version}")

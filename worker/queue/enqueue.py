@@ -25,6 +25,7 @@ from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, REMOTE_FUNCTION, q
 from worker.queue.payload import RemotePayload, make_payload, publish
 from worker.queue.recovery import track
 from worker.settings import Settings
+from worker.signing import sign
 from worker.taxonomy import Taxonomy, taxonomy_for
 
 log = structlog.get_logger("tagger.jobs")
@@ -111,7 +112,7 @@ def _payloads(
     settings: Settings, redis: Redis, relatives: list[str], types: Sequence[str] | None, taxonomy: Taxonomy
 ) -> tuple[list[str], dict[str, RemotePayload], list[Enqueued]]:
     """Publish the taxonomy and build each post's self-contained job; a post too big to carry is refused."""
-    version = publish(settings, redis, taxonomy, load_templates(settings.prompts_dir))
+    version = publish(settings, redis, taxonomy, load_templates(settings.prompts_dir)).version
     payloads: dict[str, RemotePayload] = {}
     refused: list[Enqueued] = []
     for relative in relatives:
@@ -137,19 +138,24 @@ def _enqueue_batch(
         ids = [f"{job_id_for(r, settings)}-{payloads[r].content_hash[:12]}" for r in relatives]
     # A post's job and its rerun (`-again`) are one post: either waiting or running counts.
     both = [i for job_id in ids for i in (job_id, job_id + AGAIN)]
+    # So is a job of the other mode waiting for the post (shared-folder, or remote for some content).
+    others = _other_mode_ids(settings, redis, relatives, remote=payloads is not None)
+    watched = list(dict.fromkeys([*both, *(i for found in others.values() for i in found)]))
     # A post enqueued again after failing or being cancelled leaves those lists: its new job has the same id.
     ended = [r for q in queues(settings, redis) for r in (FailedJobRegistry(queue=q), CanceledJobRegistry(queue=q))]
     while True:
         with redis.pipeline() as pipe:
             try:
-                pipe.watch(*[Job.key_for(i) for i in both])
-                jobs = Job.fetch_many(both, connection=redis, serializer=JSONSerializer)
+                pipe.watch(*[Job.key_for(i) for i in watched])
+                fetched = Job.fetch_many(watched, connection=redis, serializer=JSONSerializer)
+                by_id = {i: j for i, j in zip(watched, fetched, strict=True) if j is not None}
                 results: list[Enqueued] = []
                 to_enqueue = []
                 pipe.multi()
-                for n, (relative, job_id) in enumerate(zip(relatives, ids, strict=True)):
-                    pair = [j for j in jobs[2 * n : 2 * n + 2] if j is not None]
-                    waiting = next((j.id for j in pair if j.get_status(refresh=False) in WAITING), None)
+                for relative, job_id in zip(relatives, ids, strict=True):
+                    pair = [by_id[i] for i in (job_id, job_id + AGAIN) if i in by_id]
+                    other = [by_id[i] for i in others.get(relative, []) if i in by_id]
+                    waiting = next((j.id for j in [*pair, *other] if j.get_status(refresh=False) in WAITING), None)
                     running = next((j for j in pair if j.get_status(refresh=False) == JobStatus.STARTED), None)
                     if waiting is not None:
                         results.append(Enqueued(relative, waiting, "already-queued"))
@@ -182,6 +188,21 @@ def _enqueue_batch(
                 continue  # another producer enqueued some of these posts meanwhile: read their states again
 
 
+def _other_mode_ids(settings: Settings, redis: Redis, relatives: list[str], remote: bool) -> dict[str, list[str]]:
+    """Per post, the ids its jobs of the other mode may have: for a remote producer the shared-folder ids, for a
+    shared-folder producer the remote jobs (one per content) tagger has enqueued and not seen end."""
+    shared = {job_id_for(r, settings): r for r in relatives}
+    if remote:
+        return {r: [job_id, job_id + AGAIN] for job_id, r in shared.items()}
+    found: dict[str, list[str]] = {}
+    for member, _ in redis.zscan_iter(keys.pending_index(settings), match="post-*-*"):
+        job_id = member.decode() if isinstance(member, bytes) else str(member)
+        head, _, tail = job_id.rpartition("-")
+        if head in shared and tail != AGAIN.lstrip("-"):
+            found.setdefault(shared[head], []).append(job_id)
+    return found
+
+
 def job_timeout(settings: Settings, taxonomy: Taxonomy | None = None) -> int:
     """RQ's job timeout: every wave of chunks (more chunks than TAGGER_CONCURRENCY run in waves) may use
     the provider's whole retry deadline, twice (one re-ask), plus a margin."""
@@ -207,9 +228,11 @@ def job_data(
 
     With `payload` (remote mode) the job carries the post and its result is kept TAGGER_RESULT_TTL for `apply`.
     """
+    types_arg = list(types) if types else None
     return Queue.prepare_data(
         REMOTE_FUNCTION if payload is not None else JOB_FUNCTION,
-        args=[payload.as_job()] if payload is not None else [relative, list(types) if types else None],
+        # A remote job's payload is signed with TAGGER_SIGNING_KEY (bound to the job): the worker refuses any other.
+        args=[sign(settings, "job", job_id, payload.as_job())] if payload is not None else [relative, types_arg],
         job_id=job_id,
         timeout=timeout or job_timeout(settings),
         result_ttl=settings.result_ttl if payload is not None else 86400,

@@ -21,13 +21,14 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis
 
-from worker.errors import BadPayload, PostTooLarge, TaxonomyUnpublished
+from worker.errors import BadPayload, BadSignature, PostTooLarge, TaxonomyError, TaxonomyTampered, TaxonomyUnpublished
 from worker.posts import Change, post_from_bytes
 from worker.prompts import TEMPLATES, Templates
 from worker.queue import keys
 from worker.records import Record, RecordStore, dumps, loads, reconcile
 from worker.settings import Settings
-from worker.taxonomy import Taxonomy, Term
+from worker.signing import sign, verify
+from worker.taxonomy import Taxonomy, Term, type_problem
 
 log = structlog.get_logger("tagger.remote")
 
@@ -51,30 +52,77 @@ def version_of(document: dict[str, Any]) -> str:
     return "t-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
 
 
-def publish(settings: Settings, redis: Redis, taxonomy: Taxonomy, templates: Templates) -> str:
-    """Store the taxonomy in Redis under its version (a no-op when already there); returns the version."""
+@dataclass(frozen=True)
+class Published:
+    """What `publish` did: the version, and whether Redis held other content under its name (put back)."""
+
+    version: str
+    overwritten: str = ""  # why the copy in Redis was replaced ("" when it was right or absent)
+
+
+def publish(settings: Settings, redis: Redis, taxonomy: Taxonomy, templates: Templates) -> Published:
+    """Store the taxonomy in Redis under its version (signed with TAGGER_SIGNING_KEY).
+
+    A no-op when Redis already holds it; a copy whose content does not match its name (or whose signature does
+    not hold) is overwritten with the true content, and the result says why.
+    """
     document = taxonomy_document(taxonomy, templates, settings.content_root())
     version = version_of(document)
-    if redis.set(keys.taxonomy(settings, version), json.dumps(document, ensure_ascii=False), nx=True):
+    key = keys.taxonomy(settings, version)
+    stored = json.dumps(sign(settings, "taxonomy", version, document), ensure_ascii=False)
+    if redis.set(key, stored, nx=True):
         log.info("taxonomy_published", version=version, terms=len(taxonomy))
-    return version
+        return Published(version)
+    try:
+        check_published(settings, version, redis.get(key))
+    except TaxonomyError as exc:
+        redis.set(key, stored)
+        log.warning("taxonomy_overwritten", version=version, reason=exc.message[:300])
+        return Published(version, exc.message)
+    return Published(version)
 
 
-def load_published(settings: Settings, redis: Redis, version: str) -> tuple[Taxonomy, Templates]:
-    """The taxonomy and templates published under `version`, or TaxonomyUnpublished (permanent)."""
-    raw = redis.get(keys.taxonomy(settings, version))
+def check_published(settings: Settings, version: str, raw: bytes | str | None) -> dict[str, Any]:
+    """A published taxonomy document, verified: its signature (TAGGER_SIGNING_KEY), its content against its
+    name, and the checks a local taxonomy passes (no reserved key as a type); TaxonomyTampered otherwise."""
     if raw is None:
         raise TaxonomyUnpublished(
             f"taxonomy version {version} is not published in Redis (run `tagger taxonomy publish` where the"
             " taxonomy is, or enqueue again with --remote, which publishes it)"
         )
-    document = json.loads(raw)
-    terms = [
-        Term(**{**t, "key_topics": tuple(t["key_topics"]), "exclusions": tuple(t["exclusions"])})
-        for t in document["terms"]
-    ]
-    texts = document["templates"]
-    templates = Templates(**{n: Template(texts[n]) for n in TEMPLATES}, version=document["templates_version"])
+    try:
+        data = json.loads(raw)
+        document = verify(settings, "taxonomy", version, data)
+    except (ValueError, BadSignature) as exc:
+        raise TaxonomyTampered(f"taxonomy version {version} in Redis is not what tagger published: {exc}") from exc
+    if version_of(document) != version:
+        raise TaxonomyTampered(
+            f"taxonomy version {version} in Redis does not match its name (its content was changed after it was"
+            " published; `tagger taxonomy publish` where the taxonomy is puts it back)"
+        )
+    terms = document.get("terms")
+    if not isinstance(terms, list) or not terms:
+        raise TaxonomyTampered(f"taxonomy version {version} in Redis holds no terms")
+    for term in terms:
+        term_type = term.get("type") if isinstance(term, dict) else None
+        problem = type_problem(term_type) if isinstance(term_type, str) else "a term without a type"
+        if problem:
+            raise TaxonomyTampered(f"taxonomy version {version} in Redis is refused: {problem}")
+    return document
+
+
+def load_published(settings: Settings, redis: Redis, version: str) -> tuple[Taxonomy, Templates]:
+    """The taxonomy and templates published under `version`, verified; TaxonomyUnpublished or TaxonomyTampered."""
+    document = check_published(settings, version, redis.get(keys.taxonomy(settings, version)))
+    try:
+        terms = [
+            Term(**{**t, "key_topics": tuple(t["key_topics"]), "exclusions": tuple(t["exclusions"])})
+            for t in document["terms"]
+        ]
+        texts = document["templates"]
+        templates = Templates(**{n: Template(texts[n]) for n in TEMPLATES}, version=document["templates_version"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaxonomyTampered(f"taxonomy version {version} in Redis is not a taxonomy: {exc!r}"[:300]) from exc
     return Taxonomy(terms=terms), templates
 
 

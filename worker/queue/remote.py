@@ -14,13 +14,15 @@ from typing import Any
 
 import structlog
 from redis import Redis, RedisError
+from rq import get_current_job
 
 from worker.classifier import Classifier, OnChunk
+from worker.errors import TaggerError
 from worker.logs import redact, secrets_of
 from worker.posts import file_hash, post_from_bytes
 from worker.providers import make_provider
 from worker.queue import keys
-from worker.queue.context import WorkerContext
+from worker.queue.context import WorkerContext, WorkerState
 from worker.queue.jobs import count_usage, start_job
 from worker.queue.modes import RedisModeMemory
 from worker.queue.payload import Outcome, RemotePayload, load_published
@@ -28,6 +30,7 @@ from worker.queue.throttle import RedisThrottle
 from worker.records import dumps, loads
 from worker.results import Judgement, Usage
 from worker.settings import Settings
+from worker.signing import sign, sign_text, verify, verify_text
 
 log = structlog.get_logger("tagger.remote")
 # How long a failed or interrupted remote job's judgements wait for its retry (`failed retry` included).
@@ -41,7 +44,10 @@ def save_chunk_judgements(settings: Settings, redis: Redis, job_id: str, judged:
     key = keys.judged_chunks(settings, job_id)
     try:
         with redis.pipeline() as pipe:
-            pipe.hset(key, mapping={f"{j.type}\0{j.term}": j.model_dump_json() for j in judged})
+            values = {
+                f"{j.type}\0{j.term}": sign_text(settings, "judgement", job_id, j.model_dump_json()) for j in judged
+            }
+            pipe.hset(key, mapping=values)  # type: ignore[arg-type]
             pipe.expire(key, JUDGED_TTL)
             pipe.execute()
     except RedisError as exc:  # the chunk still counts in this run; only a retry would ask it again
@@ -51,11 +57,12 @@ def save_chunk_judgements(settings: Settings, redis: Redis, job_id: str, judged:
 
 
 def judged_before(settings: Settings, redis: Redis, job_id: str) -> list[Judgement]:
-    """The judgements earlier attempts of this job stored (an unreadable entry is asked again)."""
+    """The judgements earlier attempts of this job stored: an unreadable entry, or one unsigned or badly signed
+    with TAGGER_SIGNING_KEY, is asked again. (The decision uses only terms of the job's taxonomy.)"""
     found = []
     for raw in redis.hvals(keys.judged_chunks(settings, job_id)):
-        with contextlib.suppress(ValueError):
-            found.append(Judgement.model_validate_json(raw))
+        with contextlib.suppress(ValueError, TaggerError):
+            found.append(Judgement.model_validate_json(verify_text(settings, "judgement", job_id, raw)))
     return found
 
 
@@ -111,7 +118,11 @@ def decide_remote(
 
 def classify_remote(data: dict[str, Any]) -> dict[str, Any]:
     """The RQ job for a self-contained post: decide it and return the outcome as the job's result."""
-    payload = RemotePayload.from_job(data)
+    job = get_current_job()
+    assert job is not None
+    # Checked before anything else: with TAGGER_SIGNING_KEY only a payload a producer signed for this job runs.
+    settings = WorkerState.current().settings
+    payload = RemotePayload.from_job(verify(settings, "job", job.id, data) if isinstance(data, dict) else data)
     begun = start_job(payload.post, reruns=False, taxonomy=payload.taxonomy)
     job, redis, bound = begun.job, begun.redis, begun.log
     classifier = classifier_for(begun.context, redis, payload.taxonomy)
@@ -137,4 +148,4 @@ def classify_remote(data: dict[str, Any]) -> dict[str, Any]:
         duration=begun.seconds(),
         llm_seconds=llm_seconds,
     )
-    return outcome.as_json()
+    return sign(settings, "result", job.id, outcome.as_json())  # `apply` checks it against this job
