@@ -279,7 +279,8 @@ def test_tampered_results_never_write_foreign_keys_or_unknown_terms(pipeline: Pi
         assert "bad_result" in lines[post], lines[post]
         assert pipeline.posts()[post] == before[post]
     if "TAGGER_SIGNING_KEY" in pipeline.env:  # refused before anything else is looked at
-        assert all("signed" in lines[p] for p in pipeline.jobs), run.stdout + run.stderr
+        objects = [p for p in pipeline.jobs if p != "posts/backlog-by-value.md"]  # that one is not even an object
+        assert all("badly signed" in lines[p] for p in objects), run.stdout + run.stderr
     # Each bad result is a failed job on-call sees and can run again (`failed retry`), which then applies.
     failed = tagger(pipeline.env, "failed", "list", cwd=pipeline.checkout)
     assert failed.stdout.count("bad_result") == len(pipeline.jobs), failed.stdout + failed.stderr
@@ -308,7 +309,7 @@ def _evil_document(document: dict[str, Any]) -> dict[str, Any]:
 def test_a_tampered_taxonomy_version_is_refused_and_a_forged_one_adds_no_term(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    from worker.queue.remote import version_of
+    from worker.queue.payload import version_of
 
     before, honest_posts = pipeline.posts(), honest(pipeline, tmp_path)
     pipeline.enqueue()
