@@ -377,36 +377,52 @@ def test_tampered_job_payloads_never_write_foreign_keys_or_unknown_terms(pipelin
         assert "failed" in lines[post] or "re-enqueued" in lines[post], lines.get(post, run.stdout + run.stderr)
     assert "re-enqueued" in lines["posts/wip-1.md"] or "failed" in lines["posts/wip-1.md"]
     assert pipeline.posts()["posts/limiting-wip.md"] == honest_posts["posts/limiting-wip.md"]  # untouched jobs
+    if "TAGGER_SIGNING_KEY" in pipeline.env:  # the worker refused every altered payload before running it
+        for post in ("posts/wip-1.md", "posts/wip-2.md", "posts/wip-3.md", "posts/wip-4.md"):
+            assert "failed" in lines[post] and "bad_signature" in lines[post], lines[post]
 
 
 # --- judgements kept between a job's attempts ---------------------------------------------------------------
 
 
 def test_tampered_kept_judgements_never_pick_foreign_or_unknown_terms(pipeline: Pipeline, tmp_path: Path) -> None:
+    from worker.prompts import load_templates, prompt_version
+
     before, honest_posts = pipeline.posts(), honest(pipeline, tmp_path)
     pipeline.enqueue()
-    payload = pipeline.payload(pipeline.jobs["posts/wip-1.md"])
-    template = {
-        "scores": {k: 10 for k in ("mentions", "alignment", "depth", "intent", "audience", "signal")},
-        "confidence": 100.0,
-        "level": "Primary",
-        "reason": "planted",
-        "definition_hash": "x",
-        "content_hash": payload["content_hash"],
-        "prompt_version": "x",
-        "model": "fake-model",
-        "provider": "openai",
-        "judged_at": "2026-01-01T00:00:00+00:00",
-    }
+    # A careful attacker plants judgements a worker would reuse as its own (the right cache key): the attacker's
+    # terms, and a real tag no honest run gives these posts, all at 100.
+    version = prompt_version(load_templates(None))
+    debt = next(t for t in load_taxonomy(pipeline.taxonomy_dir).of_type("tags") if t.title == "Technical Debt")
+    planted_terms = [*EVIL_TERMS.items(), ("tags", debt.title)]
     for job_id in pipeline.jobs.values():
-        planted = {f"{t}\0{term}": json.dumps({**template, "type": t, "term": term}) for t, term in EVIL_TERMS.items()}
+        template = {
+            "scores": {k: 10 for k in ("mentions", "alignment", "depth", "intent", "audience", "signal")},
+            "confidence": 100.0,
+            "level": "Primary",
+            "reason": "planted",
+            "definition_hash": debt.definition_hash,
+            "content_hash": pipeline.payload(job_id)["content_hash"],
+            "prompt_version": version,
+            "model": "fake-model",
+            "provider": "openai",
+            "judged_at": "2026-01-01T00:00:00+00:00",
+        }
+        planted = {f"{t}\0{term}": json.dumps({**template, "type": t, "term": term}) for t, term in planted_terms}
         planted["tags\0broken"] = "{not json"
         pipeline.redis.hset(f"{pipeline.prefix}:judged:{job_id}", mapping=planted)
         pipeline.redis.expire(f"{pipeline.prefix}:judged:{job_id}", 600)
     pipeline.work()
     run = pipeline.apply()
-    check(pipeline, before, honest_posts)
+    check(pipeline, before, honest_posts)  # signed: every post as honest (the planted judgements were not used)
     assert run.returncode == 0, run.stdout + run.stderr
+    tagged = [
+        p for p, text in pipeline.posts().items() if "Technical Debt" in read_post(pipeline.checkout / p).terms("tags")
+    ]
+    if "TAGGER_SIGNING_KEY" not in pipeline.env:  # the attack does work without the key, within the taxonomy
+        assert tagged, "the planted judgements were never used: this test would not see signing fail"
+    else:
+        assert not tagged
 
 
 # --- the apply state file -----------------------------------------------------------------------------------
