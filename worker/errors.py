@@ -17,8 +17,13 @@ The hierarchy (`kind`; * = transient, worth retrying):
     ├── BadSettingsFile               bad_settings     an `eval --compare` settings file is unreadable
     ├── BadGold                       bad_gold         an `eval --gold` file is unreadable
     ├── BadPayload                    bad_payload      a remote job's payload from Redis is not tagger's
+    ├── BadSignature                  bad_signature    unsigned or badly signed while TAGGER_SIGNING_KEY is set
+    ├── BadResult                     bad_result       a remote job's result fails apply's checks: not written
+    ├── StateUnreadable               state            apply's state file cannot be read
+    ├── CommitFailed                  commit           `apply --commit` wrote posts but git refused the commit
     ├── TaxonomyError                 taxonomy         the taxonomy cannot be loaded
-    │   └── TaxonomyUnpublished       taxonomy_unpublished  a remote job names a version not in Redis
+    │   ├── TaxonomyUnpublished       taxonomy_unpublished  a remote job names a version not in Redis
+    │   └── TaxonomyTampered          taxonomy_tampered  a published version altered in Redis (name, signature, types)
     ├── TemplateUnreadable            templates        a prompt template cannot be read
     ├── NotInBatch                  * not_in_batch     collecting, a request the batch did not answer
     └── ProviderError                 provider         the provider failed; retrying will not fix it (a 400)
