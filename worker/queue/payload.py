@@ -25,7 +25,7 @@ from worker.errors import BadPayload, BadSignature, PostTooLarge, TaxonomyError,
 from worker.posts import Change, post_from_bytes
 from worker.prompts import TEMPLATES, Templates
 from worker.queue import keys
-from worker.records import Record, RecordStore, dumps, loads, reconcile
+from worker.records import RecordStore, dumps, reconcile
 from worker.settings import Settings
 from worker.signing import sign, verify
 from worker.taxonomy import Taxonomy, Term, type_problem
@@ -199,14 +199,5 @@ class Outcome:
     tokens: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        """The job result (JSON: RQ's serializer)."""
+        """The job result (JSON: RQ's serializer); `apply` reads it back with worker/result_check.py's strict model."""
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Outcome:
-        """An outcome from a job result."""
-        return cls(**data)
-
-    def new_record(self) -> Record:
-        """The new record."""
-        return loads(self.record.encode("utf-8"))
