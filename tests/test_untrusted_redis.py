@@ -487,3 +487,24 @@ def test_tampered_batch_state_touches_nothing_outside_the_root_and_loses_no_post
     check(pipeline, before, honest_posts)
     after = pipeline.posts()
     assert after["posts/wip-2.md"] == honest_posts["posts/wip-2.md"], collected.stdout + collected.stderr
+
+
+def test_a_result_claiming_a_persons_edit_as_its_own_write_does_not_hide_the_edit(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """A person edits a post after its job; the forged result says the edited bytes are what tagger wrote."""
+    before, honest_posts = pipeline.posts(), honest(pipeline, tmp_path)
+    pipeline.enqueue()
+    pipeline.work()
+    post = "posts/wip-1.md"
+    edited = before[post] + "\nA paragraph a person wrote after the enqueue.\n"
+    (pipeline.checkout / post).write_text(edited, "utf-8")
+    before[post] = edited  # the person's edit is the baseline: it must stay
+    job_id = pipeline.jobs[post]
+    pipeline.set_result(job_id, {**pipeline.result(job_id), "new_file_hash": file_hash(edited.encode())})
+    run = pipeline.apply()
+    line = applied_lines(run)[post]
+    assert "already-applied" not in line, line
+    assert ("re-enqueued" in line) if "TAGGER_SIGNING_KEY" not in pipeline.env else ("bad_result" in line), line
+    assert pipeline.posts()[post] == edited
+    check(pipeline, before, {**honest_posts, post: edited})

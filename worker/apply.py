@@ -362,7 +362,8 @@ def apply_outcome(
     stored = store.load(path)
     record = reconcile(stored, post)
     types = _types(job)
-    if result.new_file_hash and post.file_hash == result.new_file_hash:
+    if result.new_file_hash and post.file_hash == result.new_file_hash and record.file_hash == post.file_hash:
+        # Written before (this post's record says tagger wrote these very bytes): a result's own claim is not enough.
         return Applied(job.id, relative, "already-applied")
     if post.file_hash != result.file_hash:
         return _again(settings, redis, job.id, relative, checked, taxonomy, path, store, post, record, types)
