@@ -28,10 +28,11 @@ from redis import Redis
 
 from worker import backfill
 from worker.classifier import Classifier, make_classifier
+from worker.decide import drift
 from worker.errors import InvalidReply, NotInBatch, TaggerError
 from worker.paths import confine, site_id
 from worker.polling import Progress, Tally, poll_until
-from worker.posts import Post, atomic_write, file_hash
+from worker.posts import Post, atomic_write, file_hash, read_post
 from worker.prompts import Prompt
 from worker.providers.batch_api import (
     TERMINAL,
@@ -46,6 +47,7 @@ from worker.providers.batch_api import request_line as line_for
 from worker.providers.openai import OpenAIProvider
 from worker.queue.enqueue import enqueue_posts
 from worker.queue.keys import batch_index_key, batch_key
+from worker.records import RecordStore
 from worker.settings import Settings
 from worker.signing import sign, verify
 
@@ -319,19 +321,31 @@ def settled(settings: Settings, store: BatchStore, state: BatchState) -> dict[st
     """Posts of a batch settled for good (post key -> outcome), checked against the files.
 
     A post sent elsewhere (the queue, a new batch, this process) is settled; one collected as written or
-    unchanged only while its file still holds the bytes collect left (a restored or fresh checkout, or a file
-    a write never reached, is collected again: collect is idempotent).
+    unchanged only while its file still holds the bytes collect left and its record agrees with it (the
+    freshness rule's `drift`): a restored or fresh checkout, or a file a write never reached, is collected again
+    (collect is idempotent).
     """
     root = settings.content_root()
+    store_of_records = RecordStore(root, settings.records_dir)
     out: dict[str, str] = {}
     for key, outcome in store.collected(state.id).items():
         word, _, digest = outcome.partition(" ")
         if word in ("written", "unchanged"):
             entry = state.posts.get(key)
-            if entry is None or not digest or _hash_of(settings, root, entry.path) != digest:
+            if entry is None or not digest or not _holds(settings, store_of_records, entry.path, digest):
                 continue
         out[key] = outcome
     return out
+
+
+def _holds(settings: Settings, records: RecordStore, relative: str, digest: str) -> bool:
+    """Whether the post is the file collect left (hash `digest`) and its record and file agree."""
+    try:
+        path = settings.content_root() / confine(relative, settings, from_cwd=False)
+        post = read_post(path, settings.max_front_matter_bytes)
+    except (OSError, TaggerError):
+        return False
+    return post.file_hash == digest and drift(post, records.load(path)) is None
 
 
 def _hash_of(settings: Settings, root: Path, relative: str) -> str:
