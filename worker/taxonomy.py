@@ -36,6 +36,13 @@ _KEY_TOPICS = re.compile(r"key\s+topics", re.I)
 _EXCLUDE = re.compile(r"(strictly\s+exclude|strict\s+exclusions|exclusions|exclude)", re.I)
 _BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+(?P<text>.+)$")
 _MARKUP = re.compile(r"\*\*|__|`")
+# A line `tagger init` wrote for a person to replace: never sent in a prompt, and `taxonomy check` names it.
+PLACEHOLDER = re.compile(r"^TODO\b")
+HOW_TO_FILL = {
+    "scope": "write one or two sentences at the top of Instructions on the content this term is for",
+    "topics": "list three to five topics a post about it covers, as bullets under a **Key Topics:** line",
+    "exclude": "list what looks related but is not about it, as bullets under a **Strictly exclude:** line",
+}
 
 
 def _clean(text: str) -> str:
@@ -90,8 +97,15 @@ class Taxonomy:
         return len(self.terms)
 
 
-def split_instructions(text: str) -> tuple[str, list[str], list[str]]:
-    """Split an Instructions text into a scope, its key topics and its exclusions."""
+def placeholders(text: str) -> list[str]:
+    """The parts of an Instructions text (`scope`, `topics`, `exclude`) that still hold a TODO placeholder."""
+    found: list[str] = []
+    split_instructions(text, found)
+    return list(dict.fromkeys(found))
+
+
+def split_instructions(text: str, placeholders_found: list[str] | None = None) -> tuple[str, list[str], list[str]]:
+    """Split an Instructions text into a scope, its key topics and its exclusions (placeholder lines left out)."""
     scope: list[str] = []
     topics: list[str] = []
     exclusions: list[str] = []
@@ -107,6 +121,10 @@ def split_instructions(text: str) -> tuple[str, list[str], list[str]]:
             rest = _EXCLUDE.split(_clean(line), maxsplit=1)[-1].strip(" :-")
             if rest:
                 exclusions.append(rest)
+            continue
+        if PLACEHOLDER.match(_clean(bullet.group("text") if bullet else line)):
+            if placeholders_found is not None:
+                placeholders_found.append("scope" if section == "after" else section)
             continue
         if bullet:
             item = _clean(bullet.group("text"))
@@ -157,11 +175,17 @@ def term_from_file(path: Path) -> tuple[Term | None, list[str]]:
         return None, ["no title"]
     instructions = meta.get("Instructions")
     if not isinstance(instructions, str) or not instructions.strip():
-        problems.append("no Instructions")
+        problems.append(
+            "no Instructions: add `Instructions: |-` with a scope, key topics and exclusions"
+            f" ({HOW_TO_FILL['scope']}; then {HOW_TO_FILL['topics']}; then {HOW_TO_FILL['exclude']})"
+        )
         instructions = ""
+    todo = placeholders(instructions)
+    for part in todo:
+        problems.append(f"TODO left in Instructions ({part}): {HOW_TO_FILL[part]}")
     scope, topics, exclusions = split_instructions(instructions)
-    if instructions and not topics:
-        problems.append("no key topics in Instructions")
+    if instructions and not topics and "topics" not in todo:
+        problems.append(f"no key topics in Instructions: {HOW_TO_FILL['topics']}")
     if not scope:
         description = meta.get("description")
         scope = _clean(description) if isinstance(description, str) else title

@@ -15,6 +15,7 @@ from worker.cli.apply import apply_command
 from worker.cli.batch_commands import batch
 from worker.cli.classify import classify
 from worker.cli.eval import eval_command
+from worker.cli.init import init_command
 from worker.cli.oncall import failed, resume, status
 from worker.cli.queue import backfill, cancel, enqueue, work
 from worker.cli.taxonomy import taxonomy
@@ -82,7 +83,8 @@ def main(ctx: click.Context, env_file: str | None) -> None:
 
 
 # Setup, classifying one post, the queue, on-call, quality, then the Batch API: `tagger --help` lists them so.
-COMMANDS: tuple[click.Command, ...] = (taxonomy, classify, enqueue, backfill, work, cancel, status, failed, resume)
+COMMANDS: tuple[click.Command, ...] = (init_command, taxonomy, classify)
+COMMANDS += (enqueue, backfill, work, cancel, status, failed, resume)
 COMMANDS += (verify, apply_command, eval_command, batch)
 for command in COMMANDS:
     main.add_command(command)
