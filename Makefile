@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench dist mutation compat clean
+.PHONY: demo test lint typecheck docs pytest bench dist mutation compat clean
 
 $(STAMP): pyproject.toml
 	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PY) -m venv --clear $(VENV)  # also mends a half-made venv
@@ -23,10 +23,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy worker tests/fakellm.py
 
+# The docs site: the generated reference must match the code, and a strict build fails on a broken link or page.
+docs: $(STAMP)
+	$(BIN)/python scripts/docs_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cost.py
@@ -66,4 +71,4 @@ compat: $(STAMP) $(COMPAT_VENV)/.installed
 	$(BIN)/python scripts/compat.py --server-python $(COMPAT_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache dist build mutants mutation.log
+	rm -rf $(VENV) $(COMPAT_VENV) site .pytest_cache .mypy_cache .ruff_cache dist build mutants mutation.log

@@ -90,7 +90,8 @@ def failure_kinds_page() -> str:
         "",
         "Kinds the queue gives jobs that did not fail with a `TaggerError`: `abandoned` (the worker died or was",
         "stopped at once), `job_timeout` (the job ran out of its time budget), `foreign_job` (a job that is not",
-        "tagger's), `bad_job_id` (an entry on a queue that is not a job) and `crash` (any other exception: a bug to report).",
+        "tagger's), `bad_job_id` (an entry on a queue that is not a job) and `crash` (any other exception: a bug",
+        "to report).",
         "",
     ]
     return "\n".join(lines)
