@@ -18,6 +18,7 @@ from worker.cli.eval import eval_command
 from worker.cli.init import init_command
 from worker.cli.oncall import failed, resume, status
 from worker.cli.queue import backfill, cancel, enqueue, work
+from worker.cli.records import records
 from worker.cli.taxonomy import taxonomy
 from worker.cli.verify import verify
 from worker.errors import TaggerError
@@ -83,7 +84,7 @@ def main(ctx: click.Context, env_file: str | None) -> None:
 
 
 # Setup, classifying one post, the queue, on-call, quality, then the Batch API: `tagger --help` lists them so.
-COMMANDS: tuple[click.Command, ...] = (init_command, taxonomy, classify)
+COMMANDS: tuple[click.Command, ...] = (init_command, taxonomy, classify, records)
 COMMANDS += (enqueue, backfill, work, cancel, status, failed, resume)
 COMMANDS += (verify, apply_command, eval_command, batch)
 for command in COMMANDS:

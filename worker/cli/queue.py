@@ -19,6 +19,7 @@ from worker.queue.connection import PRIORITIES
 from worker.queue.enqueue import Enqueued, enqueue_posts
 from worker.queue.fleet import run_processes, unheard
 from worker.queue.startup import EXIT_CONFIG, check_start
+from worker.records_move import published_records_warning
 from worker.settings import Settings
 
 ID_WIDTH = 29  # "post-" and 24 hex digits (remote jobs add the content hash)
@@ -116,6 +117,9 @@ def backfill(
     redis = None if inline or estimate else app.redis()  # before planning: a big site plans for a while
     plan = backfill_lib.plan(settings, include_fresh=include_fresh, limit=limit, types=types or None, folder=folder)
     click.echo(f"backfill: content root {settings.content_root_label()}")
+    published = published_records_warning(settings)
+    if published:
+        err(published)  # once per run: a site publishing its records is a setting to fix, not a per-post problem
     unmarked = len(plan.no_front_matter)
     click.echo(
         f"backfill {folder}: {len(plan.todo)} to classify, {plan.fresh} fresh (up to date), "
