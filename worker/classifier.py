@@ -97,6 +97,8 @@ class Classifier:
                 raise
             decided = decide(post, record, judged, self.taxonomy, self.settings, types, with_diff=dry_run)
             if dry_run:
+                if decided.result.usage.calls:
+                    self.cache_dry_run(path, record, decided.result.judgements)
                 return decided.result
             try:
                 decided.result.written = write_back(
@@ -114,6 +116,21 @@ class Classifier:
         """Add judgements to the post's record (the cache) without touching its assignments."""
         kept = {(j.type, j.term): j for j in [*record.judgements, *judgements]}
         save(self.records, path, record.model_copy(update={"judgements": list(kept.values())}))
+
+    def cache_dry_run(self, path: Path, record: Record, judgements: Sequence[Judgement]) -> None:
+        """Keep a dry run's judgements in the record (the cache): the real run reuses them instead of paying again.
+
+        Only judgements: no post is written and nothing is marked assigned. A record that cannot be written costs
+        the cache, not the dry run.
+        """
+        kept = {(j.type, j.term): j for j in [*record.judgements, *judgements]}
+        # No file hash: the record's assignments no longer answer for these judgements, so the post is not fresh
+        # and the next backfill decides and writes it, from these judgements, with no call.
+        undecided = record.model_copy(update={"judgements": list(kept.values()), "file_hash": ""})
+        try:
+            save(self.records, path, undecided)
+        except (TaggerError, OSError) as exc:
+            log.info("dry_run_judgements_not_kept", post=str(path), error=str(exc))
 
     def cache_answered(self, path: Path, types: Sequence[str] | None = None) -> int:
         """Judge every chunk of the post the provider can answer and keep those judgements; how many were kept.

@@ -56,7 +56,11 @@ def state_of(result: Classification, dry_run: bool) -> str:
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--dry-run", is_flag=True, help="Print the front-matter diff; write nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the front-matter diff; write no post (judgements are kept in the record: the real run reuses them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full results as JSON.")
 @click.option(
     "--provider", type=click.Choice(["openai", "offline"]), help="Use this provider instead of TAGGER_PROVIDER."
