@@ -19,6 +19,7 @@ from tests.fakellm import FakeLLM
 from worker.cli import main
 from worker.cli.app import cut, progress
 from worker.posts import read_post
+from worker.records import load_record, record_path
 
 
 def tagger(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -42,7 +43,10 @@ def test_dry_run_writes_nothing_and_prints_the_diff(site: Path, fake_llm: FakeLL
     assert run.returncode == 0, run.stderr
     assert "+  - Kanban" in run.stdout
     assert {p: p.read_bytes() for p in posts} == before
-    assert sorted(p.name for p in (site / "site" / "posts").iterdir()) == sorted(p.name for p in posts)
+    # No post is written; the judgements are kept in each post's record (the cache), which marks nothing assigned.
+    others = sorted(p.name for p in (site / "site" / "posts").iterdir() if p not in before)
+    assert others == sorted(record_path(p).name for p in posts)
+    assert all(not load_record(p).assigned and load_record(p).judgements for p in posts)
 
 
 def test_failures_exit_non_zero_with_one_line_each(site: Path, fake_llm: FakeLLM) -> None:

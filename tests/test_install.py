@@ -84,17 +84,32 @@ def _prompt_files() -> list[Path]:
     return sorted(p for p in (REPO / "prompts").iterdir() if p.is_file() and p.suffix in {".md", ".py"})
 
 
+def _starter_files() -> list[str]:
+    """What `tagger init` starts a site from, as the wheel names it: .env.example and the example taxonomy."""
+    taxonomy = sorted(p.relative_to(REPO / "categories").as_posix() for p in (REPO / "categories").rglob("*.md"))
+    return ["worker/starter/.env.example", *(f"worker/starter/taxonomy/{n}" for n in taxonomy)]
+
+
+def _source_of(name: str) -> Path:
+    if name.startswith("worker/templates/"):
+        return REPO / "prompts" / Path(name).name
+    if name == "worker/starter/.env.example":
+        return REPO / ".env.example"
+    return REPO / "categories" / name.removeprefix("worker/starter/taxonomy/")
+
+
 def test_wheel_holds_every_module_and_the_templates_and_nothing_else(dist: Dist) -> None:
     with zipfile.ZipFile(dist.wheel) as wheel:
         names = set(wheel.namelist())
         packaged = {f"worker/templates/{p.name}": wheel.read(f"worker/templates/{p.name}") for p in _prompt_files()}
+        packaged |= {name: wheel.read(name) for name in _starter_files()}
         entry_points = wheel.read(f"tagger-{VERSION}.dist-info/entry_points.txt").decode()
     metadata = {n for n in names if n.startswith(f"tagger-{VERSION}.dist-info/")}
     # A subpackage added to worker/ but not to pyproject.toml's package list would be missing here.
     assert names - metadata == _source_modules() | set(packaged)
     assert {"worker/templates/system.md", "worker/templates/term.md", "worker/templates/post.md"} <= names
     for name, data in packaged.items():
-        assert data == (REPO / "prompts" / Path(name).name).read_bytes(), f"{name} differs from prompts/"
+        assert data == _source_of(name).read_bytes(), f"{name} differs from {_source_of(name)}"
     assert "tagger = worker.cli:main" in entry_points
     # The fake OpenAI server is a test tool: users never run it, so the wheel does not carry it.
     assert not [n for n in names if "fakellm" in n], "the fake server ships in the wheel"
@@ -154,7 +169,24 @@ def test_installed_tagger_classifies_a_site_dry_run_with_the_offline_provider(in
     for post in posts:
         assert f"posts/{post.name}  [" in out
     assert "+categories" in out or "+tags" in out, out  # it decided something and shows the diff
-    assert {p: p.read_bytes() for p in installed.site.rglob("*") if p.is_file()} == before  # wrote nothing
+    after = {p: p.read_bytes() for p in installed.site.rglob("*") if p.is_file()}
+    assert {p: after[p] for p in before} == before  # no post written
+    assert all(p.name.endswith(".tagger.json") for p in set(after) - set(before))  # only the cache: the records
+
+
+def test_installed_tagger_init_starts_a_site_from_the_packaged_env_example(
+    installed: Installed, tmp_path: Path
+) -> None:
+    site = tmp_path / "blog"
+    (site / "content").mkdir(parents=True)
+    (site / "hugo.toml").write_text('title = "blog"\n', encoding="utf-8")
+    (site / "content" / "a.md").write_text("---\ntitle: A\n---\nText.\n", encoding="utf-8")
+    out = _clean(_run(["tagger", "init"], cwd=site, env=installed.env))
+    assert "hugo site (hugo.toml)" in out and "next:" in out
+    env_file = (site / ".env").read_text(encoding="utf-8")
+    assert "TAGGER_RECORDS_DIR=.tagger" in env_file and "# TAGGER_CHUNK_SIZE=60" in env_file
+    example = (site / "categories" / "tags" / "kanban.md").read_text(encoding="utf-8")
+    assert "title: Kanban" in example  # the example taxonomy shipped in the wheel
 
 
 def test_installed_tagger_checks_the_taxonomy_and_prints_its_version(installed: Installed) -> None:

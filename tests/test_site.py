@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 
 from worker.classifier import make_classifier
 from worker.cli import main
+from worker.cli.app import LogPace, progress
 from worker.envfile import field_names
 from worker.fakellm import FakeLLM
 from worker.logs import configure
@@ -298,3 +301,48 @@ def test_a_copy_of_hugos_docs_from_init_to_a_built_site_with_no_tagger_file_publ
     published = [p for p in (site / "public").rglob("*") if "tagger" in p.name or p.name == ".env"]
     assert (site / "public" / "getting-started" / "usage" / "index.html").is_file() and not published, published
     assert (site / "public" / "categories" / "fundamentals").is_dir()  # Hugo read the term tagger wrote
+
+
+def test_progress_in_a_log_is_a_line_per_tenth_or_per_30_seconds() -> None:
+    pace = LogPace()
+    lines: list[tuple[float, int]] = []
+    now, finished = 0.0, 0
+    while finished < 100:  # a poll every half second, a post done every two seconds, a 2-minute stall at 50
+        now += 0.5
+        if not 101 <= now < 221 and int(now * 2) % 4 == 0:
+            finished += 1
+        if pace.due("run", finished, 100, now):
+            lines.append((now, finished))
+    for _ in range(5):  # the last state polled again: printed once
+        now += 0.5
+        if pace.due("run", 100, 100, now):
+            lines.append((now, 100))
+    tenths = [f * 10 // 100 for _, f in lines]
+    assert sorted(set(tenths)) == list(range(11)) and tenths.count(10) == 1
+    stall = [t for t, f in lines if f == 50]
+    assert len(stall) == 5 and all(b - a >= 30 for a, b in itertools.pairwise(stall))  # the tenth, then 30 s
+    assert len(lines) == 11 + 4  # not two a second: 15 lines for 400 polls
+    assert pace.due("another run", 0, 100, now)  # a new run starts its own count
+
+
+def test_backfill_in_a_log_prints_at_most_a_line_per_tenth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    (site / "posts").mkdir(parents=True)
+    for n in range(40):
+        (site / "posts" / f"p{n}.md").write_text(f"---\ntitle: Kanban {n}\n---\nWIP limits and flow.\n")
+    shutil.copytree(Path(__file__).resolve().parent.parent / "categories", tmp_path / "taxonomy")
+    monkeypatch.chdir(site)
+    for key, value in {"TAGGER_PROVIDER": "offline", "TAGGER_TAXONOMY_DIR": str(tmp_path / "taxonomy")}.items():
+        monkeypatch.setenv(key, value)
+    code, out, _ = cli("backfill", ".", "--inline")
+    bars = [line for line in out.splitlines() if line.startswith("[")]
+    assert code == 0 and 1 <= len(bars) <= 11 and bars[-1].startswith("[" + "#" * 30 + "] 40/40 done"), out
+
+
+def test_the_backfill_bar_polled_in_a_log_prints_once_per_state(capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    for _ in range(50):  # `backfill --wait` polls twice a second while nothing more finishes
+        progress(10, 0, 100, started, 0)
+    progress(11, 0, 100, started, 0)
+    progress(20, 0, 100, started, 0)
+    assert capsys.readouterr().out.count(" done, ") == 2  # 10/100 once, 20/100 once

@@ -106,16 +106,46 @@ def err(line: str) -> None:
     click.echo(line, err=True)
 
 
+LOG_LINE_SECONDS = 30.0
+
+
+@dataclass
+class LogPace:
+    """When progress goes to a log (a CI job, systemd): a line per tenth of the way, or after 30 s without one."""
+
+    run: object = None  # what identifies one run (its start time): a new run starts the count again
+    tenth: int = -1
+    printed_at: float = 0.0
+    finished_shown: bool = False
+
+    def due(self, run: object, finished: int, total: int, now: float) -> bool:
+        """True when this progress report should be a line of its own."""
+        if run != self.run:
+            self.run, self.tenth, self.printed_at, self.finished_shown = run, -1, 0.0, False
+        tenth = finished * 10 // max(total, 1)
+        if finished >= total:
+            if self.finished_shown:
+                return False
+            self.finished_shown = True
+        elif tenth <= self.tenth and now - self.printed_at < LOG_LINE_SECONDS:
+            return False
+        self.tenth, self.printed_at = tenth, now
+        return True
+
+
 def stdout_is_terminal() -> bool:
     """True when stdout is a terminal (progress redraws in place there)."""
     return sys.stdout.isatty()
 
 
+LOG_PACE = LogPace()
+
+
 def progress(done: int, failed: int, total: int, started: float, tokens: int) -> None:
-    """Draw the progress bar: in place on a terminal, a line every tenth of the way in a log."""
+    """Draw the progress bar: in place on a terminal; in a log, a line per tenth of the way or per 30 s."""
     finished = done + failed
     terminal = stdout_is_terminal()
-    if not terminal and finished != total and finished * 10 // total == (finished - 1) * 10 // total:
+    if not terminal and not LOG_PACE.due(started, finished, total, time.monotonic()):
         return
     elapsed = max(time.monotonic() - started, 1e-6)
     rate = finished / elapsed
