@@ -346,3 +346,17 @@ def test_the_backfill_bar_polled_in_a_log_prints_once_per_state(capsys: pytest.C
     progress(11, 0, 100, started, 0)
     progress(20, 0, 100, started, 0)
     assert capsys.readouterr().out.count(" done, ") == 2  # 10/100 once, 20/100 once
+
+
+def test_help_shows_one_example_per_command_and_each_example_parses() -> None:
+    code, out, _ = cli("--help")
+    listed = re.findall(r"^  (\w+)\s{2,}\S", out.split("Commands:")[1].split("Examples:")[0], re.M)
+    examples = dict(re.findall(r"^  (\w+)\s+(tagger .+)$", out.split("Examples:")[1], re.M))
+    assert code == 0 and listed and list(examples) == listed  # one example per command, in the help's order
+    for name, example in examples.items():
+        argv = example.split()[1:]
+        assert argv[0] == name
+        # The example's options exist (an unknown option is a usage error before --help is honoured).
+        code, _, err = cli(*argv, "--help")
+        assert code == 0, f"{example}: {err}"
+        assert f"Example: {example}" in cli(name, "--help")[1]  # in the command's own help too

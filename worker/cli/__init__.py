@@ -45,12 +45,38 @@ def one_line(exc: BaseException, app: App | None) -> str:
     raise exc
 
 
+# One example per command: listed under `tagger --help` (in the help's command order) and in each command's help.
+EXAMPLES = {
+    "init": "tagger init ~/sites/blog",
+    "taxonomy": "tagger taxonomy check",
+    "classify": "tagger classify --dry-run content/posts/hello.md",
+    "records": "tagger records move",
+    "backfill": "tagger backfill content --estimate",
+    "enqueue": "tagger enqueue --changed-since HEAD~1 --priority high",
+    "work": "tagger work --processes 2",
+    "status": "tagger status",
+    "failed": "tagger failed retry --all --error rate_limit",
+    "resume": "tagger resume",
+    "batch": "tagger batch collect",
+    "apply": "tagger apply --wait --commit",
+    "eval": "tagger eval content --limit 40 --report eval.html",
+}
+
+
 class TaggerGroup(click.Group):
     """The command group; it turns tagger's own errors, Redis errors and bad settings into one line."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """The commands in the order a user meets them (as added), not alphabetical."""
         return list(self.commands)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """One example per command, in the order the commands are listed."""
+        rows = [(name, EXAMPLES[name]) for name in self.list_commands(ctx) if name in EXAMPLES]
+        if rows:
+            with formatter.section("Examples"):
+                formatter.write_dl(rows)
+        super().format_epilog(ctx, formatter)
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand; an expected error becomes `tagger: kind: message` and exit 1, never a traceback."""
@@ -88,6 +114,8 @@ COMMANDS: tuple[click.Command, ...] = (init_command, taxonomy, classify, records
 COMMANDS += (enqueue, backfill, work, cancel, status, failed, resume)
 COMMANDS += (verify, apply_command, eval_command, batch)
 for command in COMMANDS:
+    if command.name in EXAMPLES and not command.epilog:
+        command.epilog = f"Example: {EXAMPLES[command.name]}"
     main.add_command(command)
 
 __all__ = ["Fail", "main"]

@@ -17,8 +17,6 @@ def init_command(folder: Path) -> None:
     Detects the generator (Hugo, Jekyll), the content folder and the term keys the posts use; writes a commented
     .env, a records folder outside what the generator publishes (.tagger/) and categories/ with one term file per
     term the posts already use (or one example), then prints the next three commands.
-
-    Example: tagger init ~/sites/blog
     """
     result = init_site(folder)
     generator = result.generator

@@ -30,8 +30,6 @@ def move(app: App, to_dir: Path | None, beside: bool) -> None:
 
     Records beside the posts sit inside the content folder, which a generator publishes; in TAGGER_RECORDS_DIR
     (e.g. .tagger at the site root) they do not. The bytes move as they are, so nothing is judged again.
-
-    Example: TAGGER_RECORDS_DIR=.tagger tagger records move
     """
     report = move_records(app.settings(), to_dir=to_dir, beside=beside)
     click.echo(f"moved {len(report.moved)} records from {report.source} to {report.target}")
