@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from worker.site_init import init_site
+from worker.site_init import TAXONOMY_FOLDER, init_site
+
+SHOWN_TERM_FILES = 10  # more are counted, not listed
 
 
 @click.command("init")
@@ -24,10 +26,12 @@ def init_command(folder: Path) -> None:
     click.echo(f"{found} at {result.site}: content in {generator.content_dir}/, {result.posts} posts")
     keys = result.term_keys()
     click.echo("term keys in use: " + (", ".join(f"{k} ({n} terms)" for k, n in keys.items()) if keys else "none"))
-    for path in result.written:
-        click.echo(f"  wrote {path.relative_to(result.site)}{'/' if path.is_dir() else ''}")
-    for path in result.kept:
-        click.echo(f"  kept  {path.relative_to(result.site)}{'/' if path.is_dir() else ''} (exists; not overwritten)")
+    for verb, paths, why in (("wrote", result.written, ""), ("kept ", result.kept, " (exists; not overwritten)")):
+        terms = [p for p in paths if p.suffix == ".md"]
+        for path in [p for p in paths if p not in terms] + (terms if len(terms) <= SHOWN_TERM_FILES else []):
+            click.echo(f"  {verb} {path.relative_to(result.site)}{'/' if path.is_dir() else ''}{why}")
+        if len(terms) > SHOWN_TERM_FILES:
+            click.echo(f"  {verb} {len(terms)} term files under {TAXONOMY_FOLDER}/{why}")
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo("next:")
