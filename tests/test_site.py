@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.cli import main
 from worker.cli.app import LogPace, progress
 from worker.envfile import field_names
+from worker.evaluation import evaluate
 from worker.fakellm import FakeLLM
 from worker.logs import configure
+from worker.posts import read_post
 from worker.records import RecordStore, load_record, record_path
 from worker.records_move import move_records, published_records_warning
 from worker.settings import Settings
@@ -360,3 +363,20 @@ def test_help_shows_one_example_per_command_and_each_example_parses() -> None:
         code, _, err = cli(*argv, "--help")
         assert code == 0, f"{example}: {err}"
         assert f"Example: {example}" in cli(name, "--help")[1]  # in the command's own help too
+
+
+def test_after_eval_rejudges_a_written_post_backfill_writes_it_again_with_no_call(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
+) -> None:
+    post = site / "site" / "posts" / "limiting-wip.md"
+    fake_llm.score({"Kanban": 95}, default=0)
+    make_classifier(make_settings()).classify(post)
+    assert post not in plan(make_settings(), folder=post.parent).todo  # written: fresh
+    term = site / "taxonomy" / "tags" / "kanban.md"
+    term.write_text(term.read_text(encoding="utf-8").replace("WIP limits", "work-in-progress limits"), "utf-8")
+    fake_llm.score({"Kanban": 0}, default=0)
+    evaluate(make_settings(), [post])  # re-judges Kanban (its definition changed): now it does not apply
+    asked = fake_llm.counts["requests"]
+    assert post in plan(make_settings(), folder=post.parent).todo  # the new judgement is not applied yet
+    run_inline(make_settings(), [post])
+    assert fake_llm.counts["requests"] == asked and "Kanban" not in read_post(post).meta.get("tags", [])

@@ -354,6 +354,8 @@ def evaluate(
                     "post": record.post or str(path),
                     "content_hash": record.content_hash or post.content_hash,
                     "judgements": list(kept.values()),
+                    # New judgements the post's terms were not decided on: not fresh, so a backfill writes it.
+                    "file_hash": "" if used.calls else record.file_hash,
                     "usage": spent,
                     "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
