@@ -235,10 +235,12 @@ def test_bare_tagger_prints_help_and_version() -> None:
 
 def test_help_lists_commands_in_the_order_a_user_meets_them() -> None:
     out = CliRunner().invoke(main, ["--help"]).output
-    listed = re.findall(r"^  (\w+)  ", out.split("Commands:")[1], flags=re.M)
+    listed = re.findall(r"^  (\w+)  ", out.split("Commands:")[1].split("Examples:")[0], flags=re.M)
     assert listed == [
+        "init",
         "taxonomy",
         "classify",
+        "records",
         "enqueue",
         "backfill",
         "work",

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.fakellm import FakeLLM
 from worker.backfill import plan, run_inline
 from worker.classifier import make_classifier
 from worker.cli import main
 from worker.cli.app import LogPace, progress
 from worker.envfile import field_names
 from worker.evaluation import evaluate
-from worker.fakellm import FakeLLM
 from worker.logs import configure
 from worker.posts import read_post
 from worker.records import RecordStore, load_record, record_path
