@@ -57,6 +57,7 @@ EXAMPLES = {
     "status": "tagger status",
     "failed": "tagger failed retry --all --error rate_limit",
     "resume": "tagger resume",
+    "verify": "tagger verify content --fix",
     "batch": "tagger batch collect",
     "apply": "tagger apply --wait --commit",
     "eval": "tagger eval content --limit 40 --report eval.html",
