@@ -54,6 +54,7 @@ EXAMPLES = {
     "backfill": "tagger backfill content --estimate",
     "enqueue": "tagger enqueue --changed-since HEAD~1 --priority high",
     "work": "tagger work --processes 2",
+    "cancel": "tagger cancel --all --queue low",
     "status": "tagger status",
     "failed": "tagger failed retry --all --error rate_limit",
     "resume": "tagger resume",
