@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.commands import tagger
 from tests.test_posts import BOMB, OWNED
 from worker.posts import foreign_changes, read_post
 from worker.records import load_record
@@ -71,9 +72,7 @@ def test_hostile_posts_and_terms_through_the_queue(queue_env: dict[str, str], si
     (site / "taxonomy" / "tags" / "broken.md").write_text("---\ntitle: [oops\n---\n", encoding="utf-8")
     env = queue_env
     paths = [str(p) for p in sorted(folder.iterdir())]
-    enqueue = subprocess.run(
-        [sys.executable, "-m", "worker", "enqueue", *paths], env=env, capture_output=True, text=True
-    )
+    enqueue = tagger(env, "enqueue", *paths)
     assert (
         "REFUSED" in enqueue.stderr and "link-out.md" in enqueue.stderr and "outside the content root" in enqueue.stderr
     )
@@ -89,9 +88,7 @@ def test_hostile_posts_and_terms_through_the_queue(queue_env: dict[str, str], si
     )
     assert work.returncode == 0, work.stderr[-2000:]
 
-    listing = subprocess.run(
-        [sys.executable, "-m", "worker", "failed", "list"], env=env, capture_output=True, text=True
-    ).stdout
+    listing = tagger(env, "failed", "list").stdout
     for name, kind in FAILS.items():
         line = next((row for row in listing.splitlines() if f"hostile/{name}" in row), "")
         assert f" {kind} " in line and line.split()[2] == "1", f"{name}: {line!r}"  # permanent: one attempt

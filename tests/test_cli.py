@@ -15,6 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from tests.commands import tagger as run_tagger
 from tests.fakellm import FakeLLM
 from worker.cli import main
 from worker.cli.app import cut, progress
@@ -23,9 +24,7 @@ from worker.records import load_record, record_path
 
 
 def tagger(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
-    )
+    return run_tagger(env, *args, cwd=cwd)
 
 
 def env_for(site: Path, fake: FakeLLM | None = None) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import redis as redis_lib
 from click.testing import CliRunner, Result
 
+from tests.commands import tagger
 from worker.cli import main
 from worker.paths import confine
 from worker.posts import read_post
@@ -285,12 +285,6 @@ def test_changed_since_reports_deleted_posts(
         [job_id(queue_env, "posts/shipping-daily.md"), "enqueued", "posts/shipping-daily.md"],
         ["-", "skipped", "(deleted)", "posts/backlog-by-value.md"],
     ]
-
-
-def tagger(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.mark.redis

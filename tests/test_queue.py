@@ -18,6 +18,7 @@ import redis as redis_lib
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger
 from tests.conftest import wait_for_group_exit
 from tests.fakellm import FakeLLM
 from worker.posts import read_post
@@ -26,12 +27,6 @@ from worker.records import load_record, record_path
 from worker.settings import Settings
 
 pytestmark = pytest.mark.redis
-
-
-def tagger(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, input=stdin, timeout=120
-    )
 
 
 def posts(site: Path) -> Path:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.commands import tagger
 from tests.fakellm import FakeLLM
 from worker import batch_backfill as batch
 from worker.backfill import plan, run_inline
@@ -28,10 +27,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's own
 
 def wip(site: Path) -> Path:
     return site / "site" / "posts" / "limiting-wip.md"
-
-
-def tagger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("mode", [0o444, 0o400, 0o555, 0o464], ids=oct)

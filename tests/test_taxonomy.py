@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.commands import tagger
 from tests.conftest import REPO
 from tests.test_posts import BOMB
 from worker.classifier import make_classifier
@@ -79,12 +80,7 @@ def test_taxonomy_check_reports_planted_problems(tmp_path: Path) -> None:
     )
     (root / "weird" / "lost.md").write_text(good.format(t="Lost"), encoding="utf-8")
     (root / "tags" / "bomb.md").write_text(f"---\n{BOMB}title: *i\n---\n", encoding="utf-8")
-    run = subprocess.run(
-        [sys.executable, "-m", "worker", "taxonomy", "check", str(root)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    run = tagger(dict(os.environ), "taxonomy", "check", str(root), cwd=tmp_path)
     assert run.returncode == 1
     out = run.stdout
     assert "duplicate title 'Fine' in type 'tags'" in out
@@ -94,11 +90,7 @@ def test_taxonomy_check_reports_planted_problems(tmp_path: Path) -> None:
     assert "badtype.md: unknown ClassificationType" in out
     assert "lost.md: missing ClassificationType and folder 'weird' is not a known type" in out
     assert "bomb.md: unreadable front matter (front matter contains excessive aliasing" in out
-    clean = subprocess.run(
-        [sys.executable, "-m", "worker", "taxonomy", "check", str(REPO / "categories")],
-        capture_output=True,
-        text=True,
-    )
+    clean = tagger(dict(os.environ), "taxonomy", "check", str(REPO / "categories"))
     assert clean.returncode == 0, clean.stdout
 
 
@@ -117,9 +109,7 @@ def test_reserved_keys_and_hidden_folders_are_not_types(tmp_path: Path, make_set
     assert "title-type.md: type 'title' is a reserved front-matter key" in problems
     assert "x.md: type 'draft' is a reserved front-matter key" in problems
     assert "Archived" not in problems and ".archive" not in problems
-    check = subprocess.run(
-        [sys.executable, "-m", "worker", "taxonomy", "check", str(root)], capture_output=True, text=True, cwd=tmp_path
-    )
+    check = tagger(dict(os.environ), "taxonomy", "check", str(root), cwd=tmp_path)
     assert check.returncode == 1 and "reserved front-matter key" in check.stdout
     post = site / "site" / "posts" / "limiting-wip.md"
     make_classifier(make_settings()).classify(post)
