@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck docs pytest bench dist mutation compat clean
+.PHONY: demo test test-fast lint typecheck docs pytest bench dist mutation compat clean
 
 $(STAMP): pyproject.toml
 	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PY) -m venv --clear $(VENV)  # also mends a half-made venv
@@ -32,6 +32,11 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck docs pytest
+
+# The inner loop: the in-process tests (no worker, CLI or server processes; tests that start one are marked
+# `slow`, which tests/conftest.py enforces), under a minute. `make test` (CI) still runs everything.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cost.py

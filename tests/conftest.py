@@ -59,6 +59,34 @@ def wait_for_group_exit(pgid: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"processes of group {pgid} still running after {timeout}s")
 
 
+# Programs a test may run without being marked slow: quick tools, not tagger, Python, Redis or a browser.
+QUICK_PROGRAMS = frozenset({"git", "mount", "umount"})
+
+
+def _program(args: Any) -> str:
+    first = args if isinstance(args, str | bytes | os.PathLike) else next(iter(args), "")
+    name = os.fsdecode(first)
+    return os.path.basename(name.split()[0] if isinstance(args, str | bytes) and name.strip() else name)
+
+
+@pytest.fixture(autouse=True)
+def _processes_are_marked_slow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a process (tagger, Python, redis-server, a browser...) must be marked `slow`.
+
+    `make test-fast` (`-m "not slow"`) is the in-process tests: this keeps the marks true as tests are added.
+    """
+    if request.node.get_closest_marker("slow"):
+        return
+    real_init = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen[Any], args: Any, *more: Any, **options: Any) -> None:
+        if _program(args) not in QUICK_PROGRAMS:
+            raise AssertionError(f"{request.node.nodeid} starts {_program(args)!r}: mark it @pytest.mark.slow")
+        real_init(self, args, *more, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
+
 @pytest.fixture
 def fake_llm() -> Iterator[FakeLLM]:
     """A fake OpenAI-compatible server on a free localhost port."""

@@ -60,6 +60,7 @@ def digest(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_hostile_posts_and_terms_through_the_queue(queue_env: dict[str, str], site: Path) -> None:
     folder = site / "site" / "hostile"
     folder.mkdir()

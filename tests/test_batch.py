@@ -16,6 +16,7 @@ import redis as redis_lib
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger
 from tests.fakellm import FakeLLM, asked_names
 from worker import batch_backfill as batch
 from worker.backfill import estimate, plan, run_inline
@@ -162,6 +163,7 @@ def queue_settings(make_settings: Callable[..., Settings], queue_env: dict[str, 
     return make_settings(REDIS_URL=queue_env["REDIS_URL"], TAGGER_REDIS_PREFIX=queue_env["TAGGER_REDIS_PREFIX"])
 
 
+@pytest.mark.slow
 def test_expired_half_done_batch_ends_with_every_post_written_after_collect_and_workers(
     make_settings: Callable[..., Settings],
     fake_llm: FakeLLM,
@@ -188,6 +190,7 @@ def test_expired_half_done_batch_ends_with_every_post_written_after_collect_and_
     assert sum(read_post(p).meta.get("ClassificationContentOrigin") == "AI" for p in posts_of(site)) >= 2
 
 
+@pytest.mark.slow
 def test_post_edited_between_submission_and_collection_is_enqueued_not_overwritten(
     make_settings: Callable[..., Settings],
     fake_llm: FakeLLM,
@@ -247,6 +250,7 @@ CRASHING_COLLECT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kill_at", "when"), [(1, "before"), (1, "after"), (2, "before"), (2, "after")])
 def test_a_collect_killed_half_way_then_run_again_writes_each_post_once(
     make_settings: Callable[..., Settings],
@@ -287,16 +291,12 @@ def test_inline_batch_backfill_with_no_redis_from_the_command_line(
 ) -> None:
     env = {**queue_env, "REDIS_URL": NO_REDIS, "TAGGER_BATCH_POLL": "0.05"}
     fake_llm.batch_api.delay = 0.3
-    tagger = [sys.executable, "-m", "worker"]
-    run = subprocess.run(
-        [*tagger, "backfill", str(site / "site"), "--batch", "--inline", "--wait"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = tagger(env, "backfill", str(site / "site"), "--batch", "--inline", "--wait")
     assert run.returncode == 0, run.stderr
     assert "1 batches, 9 requests" in run.stdout and "at batch prices" in run.stdout
     assert "collect: 2 written, 1 unchanged" in run.stdout
     assert (site / "site" / batch.STATE_FILE).exists()
-    status = subprocess.run([*tagger, "batch", "status", "--inline"], env=env, capture_output=True, text=True)
+    status = tagger(env, "batch", "status", "--inline")
     assert status.returncode == 0, status.stderr
     assert "completed" in status.stdout and "batch_fake00001" in status.stdout
     assert plan(make_settings()).todo == []
@@ -305,10 +305,7 @@ def test_inline_batch_backfill_with_no_redis_from_the_command_line(
 def test_a_provider_without_a_batch_api_gets_one_line(site: Path, fake_llm: FakeLLM, queue_env: dict[str, str]) -> None:
     fake_llm.batch_api.supported = False
     env = {**queue_env, "REDIS_URL": NO_REDIS}
-    run = subprocess.run(
-        [sys.executable, "-m", "worker", "backfill", str(site / "site"), "--batch", "--inline"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    run = tagger(env, "backfill", str(site / "site"), "--batch", "--inline")
     assert run.returncode != 0
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
@@ -416,6 +413,7 @@ CRASHING_SUBMIT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["after_create", "before_create"])
 def test_a_submission_killed_around_batch_creation_loses_no_batch_and_no_post(
     make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path, queue_env: dict[str, str], when: str
@@ -441,10 +439,8 @@ def test_a_submission_killed_around_batch_creation_loses_no_batch_and_no_post(
 def test_batch_commands_with_redis_from_the_command_line(
     site: Path, fake_llm: FakeLLM, queue_env: dict[str, str], redis: redis_lib.Redis
 ) -> None:
-    tagger = [sys.executable, "-m", "worker"]
-
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([*tagger, *args], env=queue_env, capture_output=True, text=True, timeout=120)
+        done = tagger(queue_env, *args)
         assert done.returncode == 0, done.stderr
         return done
 
@@ -496,6 +492,7 @@ def test_a_post_with_one_bad_line_keeps_its_good_chunks_and_asks_only_the_bad_on
     assert {j.term for j in record.judgements} >= {n for body in lines[:3] for n in asked_names(body)}
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_a_half_expired_batch_keeps_the_answered_chunks_and_the_queue_asks_only_the_rest(
     make_settings: Callable[..., Settings],

@@ -20,6 +20,7 @@ def chaos_redis(redis_url: str) -> Iterator[str]:
     delete_keys(redis_lib.Redis.from_url(redis_url), f"rq{SESSION}*")
 
 
+@pytest.mark.slow
 def test_short_chaos_run_loses_and_corrupts_nothing(chaos_redis: str) -> None:
     report = run(chaos_redis, posts=30, workers=3, fault_rate=0.25, kills=3, limit=150)
     # Kills happen only while a worker is mid-job: how many fit in the run depends on the machine's speed.

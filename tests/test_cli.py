@@ -113,6 +113,7 @@ def assert_one_line(run: subprocess.CompletedProcess[str], pattern: re.Pattern[s
         assert pattern.match(run.stderr), run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", QUEUE_COMMANDS, ids=lambda a: "-".join(a))
 def test_redis_unreachable_is_one_line_naming_the_redacted_url(site: Path, args: list[str]) -> None:
     run = tagger(args, offline(site, REDIS_URL="redis://:hunter22secret@127.0.0.1:1/0"), site)
@@ -120,6 +121,7 @@ def test_redis_unreachable_is_one_line_naming_the_redacted_url(site: Path, args:
     assert "hunter22secret" not in run.stdout + run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", QUEUE_COMMANDS, ids=lambda a: "-".join(a))
 def test_malformed_redis_url_is_one_line(site: Path, args: list[str]) -> None:
     run = tagger(args, offline(site, REDIS_URL="redis://:hunter22secret@127.0.0.1:port/0"), site)
@@ -176,6 +178,7 @@ def test_a_missing_taxonomy_folder_is_named_once(site: Path) -> None:
     assert "TAGGER_TAXONOMY_DIR" in errors[0]
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_on_call_typos_purge_without_a_terminal_and_a_closed_pipe(queue_env: dict[str, str], site: Path) -> None:
     bad = site / "site" / "posts" / "bad.md"
@@ -312,6 +315,7 @@ def test_the_progress_bar_shows_no_eta_until_it_has_a_rate(capsys: pytest.Captur
     assert "1.0/s, ETA 5s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_a_worker_logs_one_format_and_llm_calls_name_the_job_and_post(queue_env: dict[str, str], site: Path) -> None:
     wip = site / "site" / "posts" / "limiting-wip.md"

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.commands import tagger
 from tests.conftest import liveness_env, wait_for_group_exit
 from tests.fakellm import FakeLLM
 from worker.posts import read_post
@@ -28,10 +29,6 @@ from worker.queue.workers import IDLE_BEAT
 
 pytestmark = pytest.mark.redis
 LIVENESS = 1.0  # seconds without a sign of life after which a worker counts as dead
-
-
-def tagger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 class Workers:
@@ -82,6 +79,7 @@ def wait_for_requests(fake: FakeLLM, count: int, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_job_running_longer_than_the_liveness_timeout_is_not_requeued(
     workers: Workers, fake_llm: FakeLLM, site: Path
 ) -> None:
@@ -107,6 +105,7 @@ def test_a_job_running_longer_than_the_liveness_timeout_is_not_requeued(
     assert "running 0" in tagger(queue_env, "status").stdout
 
 
+@pytest.mark.slow
 def test_a_job_whose_worker_keeps_dying_fails_as_abandoned(
     queue_env: dict[str, str], workers: Workers, fake_llm: FakeLLM, site: Path
 ) -> None:
@@ -164,6 +163,7 @@ def beat_age(info: dict[str, Any], name: str) -> float:
     return float(entry["heartbeat_age"])
 
 
+@pytest.mark.slow
 def test_status_calls_killed_workers_silent_and_a_live_worker_alive(
     workers: Workers, fake_llm: FakeLLM, site: Path
 ) -> None:

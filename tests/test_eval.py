@@ -429,6 +429,7 @@ def _chromium() -> str:
     return found
 
 
+@pytest.mark.slow
 def test_the_html_report_renders_in_headless_chromium(
     eval_env: Callable[..., dict[str, str]], eval_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

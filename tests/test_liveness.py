@@ -27,6 +27,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger
 from tests.fakellm import FakeLLM
 from tests.waiting import wait_for
 from worker.posts import read_post
@@ -94,14 +95,6 @@ def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab") if log else subprocess.DEVNULL,
         start_new_session=True,
-    )
-
-
-def tagger(
-    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, input=stdin, timeout=timeout
     )
 
 
@@ -181,6 +174,7 @@ def queue_of(env: dict[str, str], client: redis_lib.Redis, priority: str) -> Que
     return Queue(f"{env['TAGGER_REDIS_PREFIX']}-{priority}", connection=client, serializer=JSONSerializer)
 
 
+@pytest.mark.slow
 def test_job_taken_by_a_worker_killed_before_starting_it_is_recovered(
     queue_env: dict[str, str], site: Path, private_redis: PrivateRedis
 ) -> None:
@@ -211,6 +205,7 @@ def test_job_taken_by_a_worker_killed_before_starting_it_is_recovered(
     assert tagger(queue_env, "failed", "list").stderr.strip() == "0 failed"
 
 
+@pytest.mark.slow
 def test_burst_workers_alone_recover_a_killed_workers_job(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:
@@ -255,6 +250,7 @@ def test_burst_workers_alone_recover_a_killed_workers_job(
     assert all(q["running"] == 0 and q["awaiting_recovery"] == 0 for q in status["queues"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persistent", [False, True], ids=["no-persistence", "persistence"])
 def test_workers_outlive_a_redis_restart_and_every_post_is_written(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, tmp_path: Path, persistent: bool
@@ -289,6 +285,7 @@ def test_workers_outlive_a_redis_restart_and_every_post_is_written(
         server.stop()
 
 
+@pytest.mark.slow
 def test_workers_outlive_redis_out_of_memory(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, private_redis: PrivateRedis
 ) -> None:
@@ -324,6 +321,7 @@ def test_workers_outlive_redis_out_of_memory(
             kill_session(w)
 
 
+@pytest.mark.slow
 def test_sigterm_to_supervisor_finishes_both_jobs_and_leaves_no_process(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:
@@ -346,6 +344,7 @@ def test_sigterm_to_supervisor_finishes_both_jobs_and_leaves_no_process(
         kill_session(parent)
 
 
+@pytest.mark.slow
 def test_second_signal_stops_at_once_and_the_job_is_recovered(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:
@@ -376,6 +375,7 @@ def test_second_signal_stops_at_once_and_the_job_is_recovered(
         kill_session(worker)
 
 
+@pytest.mark.slow
 def test_supervisor_restarts_a_child_that_dies(queue_env: dict[str, str], site: Path, redis: redis_lib.Redis) -> None:
     parent = spawn(queue_env, "work", "--processes", "2")
     try:
@@ -400,6 +400,7 @@ def _parent_of(pid: int) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_two_producers_make_one_pending_job_per_post(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -444,6 +445,7 @@ def test_two_producers_make_one_pending_job_per_post(
     assert sum(o.count(" enqueued ") for o in outputs) <= 50
 
 
+@pytest.mark.slow
 def test_odd_entry_on_a_queue_is_dropped_and_reported_not_fatal(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
 ) -> None:
@@ -487,6 +489,7 @@ def _every_value(client: redis_lib.Redis) -> Iterator[bytes]:
                 yield zlib.decompress(value)
 
 
+@pytest.mark.slow
 def test_api_key_echoed_by_the_provider_reaches_no_redis_key_or_value(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, private_redis: PrivateRedis
 ) -> None:
@@ -505,6 +508,7 @@ def test_api_key_echoed_by_the_provider_reaches_no_redis_key_or_value(
     assert b"Incorrect API key" in b"".join(_every_value(private_redis.client()))  # the error itself is kept
 
 
+@pytest.mark.slow
 def test_retry_after_a_refused_chunk_asks_only_the_missing_chunks(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -524,6 +528,7 @@ def test_retry_after_a_refused_chunk_asks_only_the_missing_chunks(
     assert fake_llm.counts["requests"] - before == chunks - 1
 
 
+@pytest.mark.slow
 def test_a_429_storm_longer_than_a_chunk_deadline_ends_written(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -553,6 +558,7 @@ def test_a_429_storm_longer_than_a_chunk_deadline_ends_written(
     assert "rate_limit" not in tagger(env, "failed", "list").stdout
 
 
+@pytest.mark.slow
 def test_backfill_wait_warns_when_no_worker_is_running(queue_env: dict[str, str], site: Path) -> None:
     """`backfill --wait` with no worker says so within seconds (and Ctrl-C stops waiting, not the jobs)."""
     backfill = follow_backfill(queue_env, site)

@@ -17,13 +17,10 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger
 from tests.fakellm import FakeLLM
 
 pytestmark = pytest.mark.redis
-
-
-def tagger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> bool:
@@ -35,6 +32,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> bool:
     return bool(condition())
 
 
+@pytest.mark.slow
 def test_a_post_enqueued_while_its_rerun_waits_is_not_queued_twice(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:
@@ -66,6 +64,7 @@ def test_a_post_enqueued_while_its_rerun_waits_is_not_queued_twice(
         worker.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_workers_stop_when_their_supervisor_is_killed(queue_env: dict[str, str], site: Path) -> None:
     """kill -9 to `tagger work --processes 2`: its workers finish and exit instead of running on unsupervised."""
     from tests.test_liveness import alive, kill_session, session_pids, spawn
@@ -80,6 +79,7 @@ def test_workers_stop_when_their_supervisor_is_killed(queue_env: dict[str, str],
         kill_session(supervisor)
 
 
+@pytest.mark.slow
 def test_status_warns_when_a_delayed_retry_waits_and_no_worker_runs(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -95,6 +95,7 @@ def test_status_warns_when_a_delayed_retry_waits_and_no_worker_runs(
     assert "no worker is running" in tagger(env, "status").stdout
 
 
+@pytest.mark.slow
 def test_a_job_from_an_old_tagger_version_names_its_post_and_retry_classifies_it(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
 ) -> None:
@@ -118,6 +119,7 @@ def test_a_job_from_an_old_tagger_version_names_its_post_and_retry_classifies_it
     assert "foreign_job" not in tagger(queue_env, "failed", "list").stdout
 
 
+@pytest.mark.slow
 def test_backfill_wait_ends_when_vanished_jobs_are_a_rerun_or_a_deleted_post(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -287,6 +287,7 @@ def test_changed_since_reports_deleted_posts(
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_subfolder_backfill_through_real_workers(
     queue_env: dict[str, str], site: Path, hostile: dict[str, Path], redis: redis_lib.Redis
@@ -318,6 +319,7 @@ def test_subfolder_backfill_through_real_workers(
     untouched(hostile, before, site)
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_a_job_naming_a_file_that_is_not_a_post_is_refused_by_the_worker(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
@@ -359,6 +361,7 @@ def test_env_file_from_any_folder_with_folders_relative_to_it(site: Path, tmp_pa
     assert missing.stderr == f"tagger: settings: env file {elsewhere / 'nope.env'} (--env-file) does not exist\n"
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_enqueue_changed_script_works_from_a_site_repository(drained: dict[str, str], site: Path) -> None:
     queue_env = drained

@@ -270,6 +270,7 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # `ulimit -v` 1 GB: a runaway dies, not the box
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_front_matter_ends_within_seconds_and_tens_of_mb(tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.md"

@@ -33,6 +33,7 @@ def posts(site: Path) -> Path:
     return site / "site" / "posts"
 
 
+@pytest.mark.slow
 def test_enqueue_then_burst_worker_writes_posts_with_json_jobs(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
 ) -> None:
@@ -55,6 +56,7 @@ def test_enqueue_then_burst_worker_writes_posts_with_json_jobs(
     assert "started" in events and "written" in events
 
 
+@pytest.mark.slow
 def test_backfill_twice_enqueues_nothing_the_second_time(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -75,6 +77,7 @@ def test_backfill_inline_needs_no_redis(queue_env: dict[str, str], site: Path) -
     assert "3 done, 2 written, 0 failed" in run.stdout
 
 
+@pytest.mark.slow
 def test_backfill_type_limits_what_is_judged(queue_env: dict[str, str], site: Path, redis: redis_lib.Redis) -> None:
     wip = posts(site) / "limiting-wip.md"
     run = tagger(queue_env, "backfill", "--type", "tags", str(site / "site"))
@@ -96,6 +99,7 @@ def test_paths_outside_the_content_root_are_refused(queue_env: dict[str, str], s
         assert "enqueued" not in run.stdout
 
 
+@pytest.mark.slow
 def test_failure_kinds_land_in_failed_list_and_retry_fixes(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -123,6 +127,7 @@ def test_failure_kinds_land_in_failed_list_and_retry_fixes(
     assert "nothing to do" in tagger(queue_env, "failed", "retry", "--all", "--error", "bad_post").stdout
 
 
+@pytest.mark.slow
 def test_transient_failure_is_retried_by_rq(queue_env: dict[str, str], site: Path, fake_llm: FakeLLM) -> None:
     fake_llm.inject("server_error")
     wip = posts(site) / "limiting-wip.md"
@@ -132,6 +137,7 @@ def test_transient_failure_is_retried_by_rq(queue_env: dict[str, str], site: Pat
     assert tagger(queue_env, "failed", "list").stderr.strip() == "0 failed"
 
 
+@pytest.mark.slow
 def test_killed_worker_job_is_recovered(queue_env: dict[str, str], site: Path, fake_llm: FakeLLM) -> None:
     fake_llm.hold()  # the job's calls wait at the model: the kill lands mid-job, however slow the machine
     wip = posts(site) / "limiting-wip.md"
@@ -158,6 +164,7 @@ def test_killed_worker_job_is_recovered(queue_env: dict[str, str], site: Path, f
     assert "running 0" in tagger(queue_env, "status").stdout
 
 
+@pytest.mark.slow
 def test_edit_during_a_running_job_is_kept_and_classified_again(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -182,6 +189,7 @@ def test_edit_during_a_running_job_is_kept_and_classified_again(
     assert fake_llm.counts["requests"] > 1  # judged again after the edit (the post's types fit one call)
 
 
+@pytest.mark.slow
 def test_stdin_producer_and_backfill_wait(queue_env: dict[str, str], site: Path) -> None:
     run = tagger(
         queue_env,
@@ -221,6 +229,7 @@ def test_changed_since_enqueues_exactly_what_a_push_changed(queue_env: dict[str,
     assert run.stdout.count("enqueued") == 1 and "posts/shipping-daily.md" in run.stdout
 
 
+@pytest.mark.slow
 def test_backfill_wait_follows_the_rerun_a_producer_asked_for_while_the_job_ran(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:

@@ -181,6 +181,7 @@ def test_classify_command_reports_a_locked_post_as_skipped(site: Path, fake_llm:
     assert f"SKIPPED {wip(site)}: post_read_only:" in backfill.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_a_queued_job_for_a_locked_post_fails_at_once_as_post_read_only(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis

@@ -22,6 +22,7 @@ import redis as redis_lib
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger
 from tests.conftest import wait_for_group_exit
 from tests.fakellm import FakeLLM
 from worker.posts import read_post
@@ -29,20 +30,6 @@ from worker.records import record_path
 
 pytestmark = pytest.mark.redis
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
-
-
-def tagger(
-    env: dict[str, str], *args: str, cwd: Path | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=120,
-    )
 
 
 @pytest.fixture
@@ -79,6 +66,7 @@ def front_matter(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): read_post(p).header for p in sorted(folder.rglob("*.md"))}
 
 
+@pytest.mark.slow
 def test_remote_flow_gives_the_same_front_matter_as_shared_folder_mode(
     queue_env: dict[str, str],
     producer: dict[str, str],
@@ -121,6 +109,7 @@ def test_remote_flow_gives_the_same_front_matter_as_shared_folder_mode(
     assert {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()} == snapshot
 
 
+@pytest.mark.slow
 def test_a_post_edited_after_enqueue_is_not_overwritten_and_is_enqueued_again(
     producer: dict[str, str], remote_worker: tuple[dict[str, str], Path]
 ) -> None:
@@ -143,6 +132,7 @@ def test_a_post_edited_after_enqueue_is_not_overwritten_and_is_enqueued_again(
     assert "Kanban" in read_post(post).terms("tags")
 
 
+@pytest.mark.slow
 def test_a_front_matter_edit_keeps_the_judgements_and_the_new_job_asks_nothing(
     producer: dict[str, str], remote_worker: tuple[dict[str, str], Path], fake_llm: FakeLLM
 ) -> None:
@@ -163,6 +153,7 @@ def test_a_front_matter_edit_keeps_the_judgements_and_the_new_job_asks_nothing(
     assert read_post(post).meta["reviewed_by"] == "Ana" and "Kanban" in read_post(post).terms("tags")
 
 
+@pytest.mark.slow
 def test_a_job_naming_an_unpublished_taxonomy_fails_with_its_kind(
     producer: dict[str, str], remote_worker: tuple[dict[str, str], Path], redis: redis_lib.Redis
 ) -> None:
@@ -205,6 +196,7 @@ def test_a_post_too_big_for_a_job_is_refused_with_a_clear_error(producer: dict[s
     assert "enqueued" in run.stdout and "limiting-wip.md" in run.stdout
 
 
+@pytest.mark.slow
 def test_apply_commit_makes_one_commit_of_exactly_the_posts_and_records(
     producer: dict[str, str], remote_worker: tuple[dict[str, str], Path]
 ) -> None:
@@ -259,6 +251,7 @@ def enqueue_remote(producer: dict[str, str]) -> tuple[Path, Path, str]:
     return checkout, post, enq.stdout.split()[0]
 
 
+@pytest.mark.slow
 def test_a_remote_retry_after_a_failed_chunk_asks_only_the_chunks_not_judged_yet(
     producer: dict[str, str],
     remote_worker: tuple[dict[str, str], Path],
@@ -285,6 +278,7 @@ def test_a_remote_retry_after_a_failed_chunk_asks_only_the_chunks_not_judged_yet
     assert not list(redis.scan_iter(f"{prefix}:judged:*")), "a finished job's kept judgements were not removed"
 
 
+@pytest.mark.slow
 def test_a_remote_job_killed_between_chunks_is_retried_without_asking_the_judged_ones(
     producer: dict[str, str],
     remote_worker: tuple[dict[str, str], Path],

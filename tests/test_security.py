@@ -7,7 +7,6 @@ import pickle
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,15 +17,12 @@ import redis as redis_lib
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger
 from tests.fakellm import FakeLLM
 from tests.redis_scan import count_keys, scan_for_secrets
 from worker.posts import read_post
 
 pytestmark = pytest.mark.redis
-
-
-def tagger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 class Exploit:
@@ -43,6 +39,7 @@ def queue(env: dict[str, str], redis: redis_lib.Redis) -> Queue:
     return Queue(f"{env['TAGGER_REDIS_PREFIX']}-default", connection=redis, serializer=JSONSerializer)
 
 
+@pytest.mark.slow
 def test_planted_pickle_payload_is_refused_not_executed(
     queue_env: dict[str, str], redis: redis_lib.Redis, tmp_path: Path
 ) -> None:
@@ -59,6 +56,7 @@ def test_planted_pickle_payload_is_refused_not_executed(
     assert "not JSON" in tagger(queue_env, "failed", "show", "planted").stdout
 
 
+@pytest.mark.slow
 def test_a_foreign_function_on_the_queue_is_refused(
     queue_env: dict[str, str], redis: redis_lib.Redis, tmp_path: Path
 ) -> None:
@@ -74,6 +72,7 @@ def plant_marker(job: object, *args: object) -> None:
     Path(job.meta["marker"]).touch()  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("callback", ["on_success", "on_failure", "on_stopped"])
 def test_a_job_naming_a_foreign_callback_is_refused_without_running(
     queue_env: dict[str, str], redis: redis_lib.Redis, site: Path, tmp_path: Path, callback: str
@@ -97,6 +96,7 @@ def test_a_job_naming_a_foreign_callback_is_refused_without_running(
     assert "foreign callbacks" in tagger(queue_env, "failed", "show", "foreign-callback").stdout
 
 
+@pytest.mark.slow
 def test_a_job_path_outside_the_root_is_refused_by_the_worker(
     queue_env: dict[str, str], redis: redis_lib.Redis, site: Path
 ) -> None:
@@ -132,6 +132,7 @@ def _patterns(env: dict[str, str]) -> list[str]:
     return [f"{os.environ['RQ_KEY_PREFIX']}*", f"{env['TAGGER_REDIS_PREFIX']}*"]
 
 
+@pytest.mark.slow
 def test_api_key_is_redacted_from_errors_logs_and_job_data(
     queue_env: dict[str, str], redis: redis_lib.Redis, fake_llm: FakeLLM, site: Path
 ) -> None:
@@ -147,6 +148,7 @@ def test_api_key_is_redacted_from_errors_logs_and_job_data(
     assert hits == [], [str(h) for h in hits]
 
 
+@pytest.mark.slow
 def test_api_key_is_nowhere_in_redis_not_even_in_rqs_results_stream(
     queue_env: dict[str, str], redis: redis_lib.Redis, fake_llm: FakeLLM, site: Path
 ) -> None:
@@ -223,6 +225,7 @@ def tls_redis(tmp_path: Path) -> Iterator[str]:
     server.wait()
 
 
+@pytest.mark.slow
 def test_queue_works_over_tls_with_a_password(queue_env: dict[str, str], tls_redis: str, site: Path) -> None:
     env = {**queue_env, "REDIS_URL": tls_redis}
     wip = site / "site" / "posts" / "limiting-wip.md"

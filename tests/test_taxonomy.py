@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +135,7 @@ def test_taxonomy_check_refuses_a_type_whose_key_posts_use_for_something_else(si
     )
     (site / "site" / "posts" / "levelled.md").write_text("---\ntitle: L\nlevel: 3\n---\nbody\n", encoding="utf-8")
     env = {**os.environ, "TAGGER_CONTENT_DIR": str(site / "site")}
-    check = subprocess.run(
-        [sys.executable, "-m", "worker", "taxonomy", "check", str(site / "taxonomy")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=site,
-    )
+    check = tagger(env, "taxonomy", "check", str(site / "taxonomy"), cwd=site)
     assert check.returncode == 1
     assert "type 'level': posts use this key for something other than a list of terms" in check.stdout
     assert "levelled.md (int)" in check.stdout
