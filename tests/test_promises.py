@@ -694,15 +694,17 @@ def test_a_worker_fails_a_foreign_job_without_running_any_of_it(
     meta = {"post": "posts/older-layout.md"}  # an older tagger's job names its post: on-call must still see it
     job = rq_queue.enqueue(func, str(marker), job_id="foreign", meta=meta, **callbacks)  # type: ignore[arg-type]
     worker = TaggerWorker([rq_queue], connection=rq_queue.connection, serializer=JSONSerializer, settings=worker_env)
+    before = time.time()
     with structlog.testing.capture_logs() as events:
         assert worker.work(burst=True)
+    after = time.time()
     assert not marker.exists()
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
     assert job.meta["kind"] == "foreign_job" and reason in job.meta["error"] and job.meta["post"] == meta["post"]
     [refused] = [e for e in events if e["event"] == "refused"]
     assert refused["job_id"] == "foreign" and refused["reason"] == job.meta["error"]
-    assert job.meta["attempts"] == 0 and time.time() - job.meta["failed_at"] < 60  # on-call sees when
+    assert job.meta["attempts"] == 0 and before <= job.meta["failed_at"] <= after  # on-call sees when
     assert job.id in FailedJobRegistry(queue=rq_queue).get_job_ids()
 
 
@@ -818,13 +820,15 @@ def test_an_odd_entry_on_a_queue_is_dropped_and_recorded_and_the_next_job_runs(
     redis.rpush(queue.key, "bad id/../x")  # not a job id RQ accepts: its worker would stop on it
     wip = site / "site" / "posts" / "limiting-wip.md"
     enqueue_posts([wip], worker_env, redis)
+    before = time.time()
     with structlog.testing.capture_logs() as events:
         run_burst_worker(worker_env, redis)
+    after = time.time()
     assert "Kanban" in read_post(wip).terms("tags")  # the next job ran
     [entry] = [json.loads(raw) for raw in redis.lrange(keys.dropped(worker_env), 0, -1)]
     assert entry["job_id"] == "bad id/../x" and entry["queue"] == queue.name
     assert entry["reason"].startswith("ValueError: Job ID")  # RQ's own words for why it is not a job
-    assert time.time() - entry["at"] < 60  # on-call sees what, why and when
+    assert before <= entry["at"] <= after  # on-call sees what, why and when (however slow the machine)
     [dropped] = [e for e in events if e["event"] == "dropped"]
     assert dropped["job_id"] == "bad id/../x" and dropped["reason"] == entry["reason"]
 
