@@ -16,6 +16,7 @@ __all__ = [
     "Reply",
     "Throttle",
     "make_provider",
+    "preload",
 ]
 
 
@@ -28,3 +29,13 @@ def make_provider(
 
         return OpenAIProvider(settings, templates, throttle, memory)
     return OfflineProvider()
+
+
+def preload(settings: Settings) -> None:
+    """Import the provider's SDK now: a supervisor does, so the worker processes it forks share the import.
+
+    The `openai` SDK's import is most of a worker's start-up (about a CPU second); each child importing it again
+    delayed every worker's first job, the more so on a busy machine.
+    """
+    if settings.provider == "openai":
+        import worker.providers.openai  # noqa: F401

@@ -28,6 +28,7 @@ from rq.worker import BaseWorker
 
 from worker.errors import TaggerError
 from worker.logs import redact, secrets_of
+from worker.providers import preload
 from worker.queue.connection import PRIORITIES, connect
 from worker.queue.keys import queue_name, queue_names
 from worker.queue.startup import EXIT_CONFIG, start_failure
@@ -264,6 +265,7 @@ def run_processes(
         log.info("worker_started", pid=child.pid)
         return child
 
+    preload(settings)
     children = [start() for _ in range(processes)]
     handled = 0
     stop_at: float | None = None
