@@ -79,7 +79,7 @@ def main() -> None:
             from redis import Redis
 
             from worker.logs import configure
-            from worker.queue.jobs import enqueue_posts
+            from worker.queue.enqueue import enqueue_posts
             from worker.queue.workers import run_worker
             from worker.settings import Settings
 
