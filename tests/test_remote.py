@@ -335,6 +335,7 @@ def test_a_remote_job_killed_between_chunks_is_retried_without_asking_the_judged
     ],
     ids=["missing-fields", "not-an-object", "bad-base64"],
 )
+@pytest.mark.slow
 def test_a_remote_payload_that_is_not_taggers_fails_as_bad_payload_and_is_not_retried(
     queue_env: dict[str, str], redis: redis_lib.Redis, payload: object
 ) -> None:
