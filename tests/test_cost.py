@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.fakellm import FakeLLM, asked_names
 from worker.backfill import estimate, plan
@@ -104,3 +110,40 @@ def test_cached_prefix_tokens_are_recorded(classifier: Classifier, fake_llm: Fak
     assert first.usage.cached_tokens == 0
     assert second.usage.cached_tokens > 0  # same rubric and definitions: the provider's prefix cache served them
     assert load_record(site / "site" / "posts" / "shipping-daily.md").usage.cached_tokens == second.usage.cached_tokens
+
+
+def test_a_workers_posts_reuse_the_same_call_threads_and_a_forked_child_gets_its_own(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads for a post's calls are started once, not per post (each start was time that is not the model's);
+    a process forked from a classifier that has them starts its own instead of waiting on threads it lacks."""
+    classifier = make_classifier(make_settings(TAGGER_CONCURRENCY=3))
+    posts = sorted(p for p in (site / "site" / "posts").glob("*.md") if "Human" not in p.read_text(encoding="utf-8"))
+    names: set[int] = set()
+    real = Classifier._judge_prompt
+
+    def judge_prompt(self: Classifier, *args: Any) -> Any:
+        names.add(threading.get_native_id())  # the OS thread id: a new thread, a new id
+        return real(self, *args)
+
+    monkeypatch.setattr(Classifier, "_judge_prompt", judge_prompt)
+    for post in posts:
+        classifier.classify(post)
+    assert len(posts) >= 2 and fake_llm.counts["requests"] == 3 * len(posts)
+    assert 1 <= len(names) <= 3, names  # at most TAGGER_CONCURRENCY threads for every post's calls
+    pid = os.fork()
+    if pid == 0:  # the child judges an edited post with the classifier it inherited (not its calls' threads)
+        code = 1
+        try:
+            posts[0].write_text(posts[0].read_text(encoding="utf-8") + "\nMore about Kanban.\n", encoding="utf-8")
+            code = 0 if classifier.classify(posts[0], dry_run=True).usage.calls == 3 else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child waited on its parent's call threads")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import os
 import threading
 import time
 from collections import Counter
@@ -47,14 +48,18 @@ class Classifier:
     templates: Templates
     provider: Provider
 
-    @functools.cached_property
+    @property
     def _calls(self) -> ThreadPoolExecutor:
-        """The threads a post's calls run on, TAGGER_CONCURRENCY at most; started once, reused by every post.
+        """The threads a post's calls run on, TAGGER_CONCURRENCY at most: started once a process, reused by each post.
 
         A pool per post started (and joined) its threads for every job: on a busy machine, milliseconds per job
-        that are not the model's wait.
+        that are not the model's wait. A forked child gets a pool of its own (the parent's threads are not in it).
         """
-        return ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="tagger-call")
+        cached: tuple[int, ThreadPoolExecutor] | None = self.__dict__.get("_pool")
+        if cached is None or cached[0] != os.getpid():
+            pool = ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="tagger-call")
+            cached = self.__dict__["_pool"] = (os.getpid(), pool)  # a cache beside the frozen fields, not one of them
+        return cached[1]
 
     @property
     def records(self) -> RecordStore:

@@ -34,7 +34,7 @@ def make_provider(
 def preload(settings: Settings) -> None:
     """Import the provider's SDK now: a supervisor does, so the worker processes it forks share the import.
 
-    The `openai` SDK's import is most of a worker's start-up (about a CPU second); each child importing it again
+    The `openai` SDK's import is most of a worker's start-up (0.45 CPU s here); each child importing it again
     delayed every worker's first job, the more so on a busy machine.
     """
     if settings.provider == "openai":
