@@ -87,6 +87,20 @@ def _processes_are_marked_slow(request: pytest.FixtureRequest, monkeypatch: pyte
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
+@pytest.fixture(autouse=True)
+def _no_worker_state_from_another_test() -> Iterator[None]:
+    """A worker run in this process leaves process state (its context, for jobs RQ calls by import path; the stop
+    flag): each test starts without any, whatever ran before it in random order."""
+    from worker.queue.context import WorkerState
+    from worker.queue.workers import STOPPING
+
+    WorkerState.context = None
+    STOPPING.clear()
+    yield
+    WorkerState.context = None
+    STOPPING.clear()
+
+
 @pytest.fixture
 def fake_llm() -> Iterator[FakeLLM]:
     """A fake OpenAI-compatible server on a free localhost port."""

@@ -156,9 +156,12 @@ def test_killed_worker_job_is_recovered(queue_env: dict[str, str], site: Path, f
     wait_for_group_exit(worker.pid)
     assert wip.read_bytes() == original
     fake_llm.release()
-    time.sleep(1.5)  # the lease lapses
-    status = tagger(queue_env, "status")
-    assert status.returncode == 0, status.stderr
+    # Asked until the lease has lapsed (`running` leaves out expired entries), however slow the machine: a fixed
+    # pause assumed a `status` process's start-up on top.
+    deadline = time.monotonic() + 60
+    while "running 0" not in (status := tagger(queue_env, "status")).stdout and time.monotonic() < deadline:
+        assert status.returncode == 0, status.stderr
+        time.sleep(0.25)
     tagger(queue_env, "work", "--burst")
     assert "Kanban" in read_post(wip).terms("tags")
     assert "running 0" in tagger(queue_env, "status").stdout
