@@ -55,6 +55,7 @@ def locks_held_by_the_dead(env: dict[str, str], client: redis_lib.Redis) -> list
     return held
 
 
+@pytest.mark.slow
 def test_nothing_is_left_behind_whatever_process_of_the_fleet_is_killed(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
 ) -> None:
@@ -86,6 +87,7 @@ def test_nothing_is_left_behind_whatever_process_of_the_fleet_is_killed(
         kill_session(supervisor)
 
 
+@pytest.mark.slow
 def test_a_worker_exits_within_seconds_of_sigterm_after_a_run_and_a_burst_run_ends_promptly(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
 ) -> None:
@@ -117,6 +119,7 @@ def test_a_worker_exits_within_seconds_of_sigterm_after_a_run_and_a_burst_run_en
 # --- the README's recovery figures -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_lost_job_is_seen_within_half_a_lease_and_requeued_its_grace_later_by_a_live_worker(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis, make_settings: Callable[..., Settings]
 ) -> None:
@@ -163,6 +166,7 @@ def workers_alive(redis: redis_lib.Redis, env: dict[str, str]) -> bool:
 @pytest.mark.parametrize(
     "args", [("work",), ("work", "--burst"), ("work", "--processes", "2")], ids=["work", "burst", "processes"]
 )
+@pytest.mark.slow
 def test_a_worker_that_cannot_start_says_why_in_one_line_and_exits_1_at_once(
     queue_env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
 ) -> None:
@@ -211,6 +215,7 @@ def test_a_worker_process_failing_its_start_stops_the_fleet_instead_of_restartin
     assert len(lines) == 2 and all(line.startswith("tagger: taxonomy: no taxonomy folder") for line in lines)
 
 
+@pytest.mark.slow
 def test_work_says_in_one_line_what_it_serves(queue_env: dict[str, str], site: Path) -> None:
     from tests.test_liveness import tagger
 
@@ -246,6 +251,7 @@ def test_the_start_line_hides_the_redis_password_and_a_provider_with_no_key_or_u
         check_start(keyless, Answers())  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_a_job_of_the_other_mode_runs_or_fails_at_once_with_one_reason(
     queue_env: dict[str, str], site: Path, redis: redis_lib.Redis
 ) -> None:

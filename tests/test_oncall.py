@@ -22,6 +22,7 @@ from worker.settings import Settings
 pytestmark = pytest.mark.redis
 
 
+@pytest.mark.slow
 def test_status_names_a_429_storm_and_the_retries_it_left_waiting(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -48,6 +49,7 @@ def test_status_names_a_429_storm_and_the_retries_it_left_waiting(
     assert env["OPENAI_API_KEY"] not in text + shown.stderr + json.dumps(info)
 
 
+@pytest.mark.slow
 def test_an_auth_error_echoing_the_key_is_kept_without_it_and_failed_show_ends_with_what_to_do(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
 ) -> None:
@@ -100,6 +102,7 @@ def test_the_stored_provider_error_is_validated_when_read_back(
 WARNING = "no live worker listens to"
 
 
+@pytest.mark.slow
 def test_producers_warn_when_no_live_worker_listens_to_their_queue(queue_env: dict[str, str], site: Path) -> None:
     wip, daily = posts(site) / "limiting-wip.md", posts(site) / "shipping-daily.md"
     alone = tagger(queue_env, "enqueue", str(wip))
@@ -115,6 +118,7 @@ def test_producers_warn_when_no_live_worker_listens_to_their_queue(queue_env: di
         kill_session(worker)
 
 
+@pytest.mark.slow
 def test_cancel_takes_queued_and_delayed_jobs_off_the_queues_and_a_running_job_finishes(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM, redis: redis_lib.Redis
 ) -> None:

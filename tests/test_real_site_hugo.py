@@ -37,6 +37,7 @@ def hugo_docs(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.mark.slow  # 992 pages classified and written: tens of seconds idle, minutes on a loaded machine
 def test_every_hugo_docs_page_is_written_with_only_owned_keys_changed(
     hugo_docs: Path,
     fake_llm: FakeLLM,

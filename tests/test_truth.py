@@ -236,6 +236,7 @@ def test_eval_leaves_every_post_byte_identical_in_all_its_forms(site: Path, fake
     assert fake_llm.counts["requests"] > 0  # the forms did judge
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_a_full_disk_backfill_is_listed_by_verify_and_healed_by_verify_fix_and_a_worker(
     queue_env: dict[str, str], small_tmpfs: Path, site: Path, fake_llm: FakeLLM, tmp_path: Path
@@ -279,6 +280,7 @@ def test_a_full_disk_backfill_is_listed_by_verify_and_healed_by_verify_fix_and_a
     assert "Kanban" in read_post(content / "posts" / "shipping-daily.md").terms("tags")
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_a_failed_job_pending_for_a_post_is_listed_until_it_is_run_again(
     queue_env: dict[str, str], site: Path, fake_llm: FakeLLM
