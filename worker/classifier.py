@@ -256,7 +256,9 @@ class Classifier:
                 fresh.extend(judged)
                 usage = usage.add(used)
         except TaggerError as exc:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:  # the chunks not started spend nothing; those started end before they count
+                future.cancel()
+            wait(futures)
             # Every call counts (eval's cost line): those of the chunks that succeeded and of those that failed.
             spent = exc.usage or Usage()
             for future in futures:
