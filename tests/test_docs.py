@@ -22,6 +22,7 @@ def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
+@pytest.mark.slow
 def test_the_generated_reference_pages_match_the_code() -> None:
     done = _run([sys.executable, "scripts/docs_reference.py", "--check"])
     assert done.returncode == 0, done.stdout + done.stderr
@@ -39,6 +40,7 @@ def test_every_setting_is_documented_in_env_example_and_the_settings_page() -> N
         assert example.get(name) is not None and " ".join(example.get(name).comment)[:40] in row  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_the_docs_build_strictly_and_render_in_headless_chromium(tmp_path: Path) -> None:
     if not MKDOCS.exists():
         pytest.skip("mkdocs is not installed in this environment (pip install -e '.[dev]')")

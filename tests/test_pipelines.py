@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 
 from tests.fakellm import FakeLLM
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]  # they start tagger and worker processes
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
 KILL_HOOK = textwrap.dedent(

@@ -231,6 +231,7 @@ def _stub_shortcodes(site: Path) -> None:
         (site / "layouts" / "_default" / f"{kind}.html").write_text("{{ .Content }}", encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_a_copy_of_hugos_docs_from_init_to_a_built_site_with_no_tagger_file_published(
     tmp_path: Path, fake_llm: FakeLLM
 ) -> None:

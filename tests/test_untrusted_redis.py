@@ -36,7 +36,7 @@ from worker.posts import file_hash, normal_form, post_from_bytes, read_post, ren
 from worker.records import Record, dumps
 from worker.taxonomy import load_taxonomy
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]  # they start tagger and worker processes
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
 SIGNING_KEY = "s21-test-signing-key-0123456789abcdef"
 EVIL = "PWNED by tampered result"
