@@ -19,22 +19,6 @@ REASON_CHARS = 600
 ENTRY_FIELDS = (*SUB_SCORES, "reason")
 
 
-class TermScores(BaseModel):
-    """One term's sub-scores (0-10) and a short reason, as the model must reply."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    term: str
-    mentions: float = Field(ge=0, le=10)
-    alignment: float = Field(ge=0, le=10)
-    depth: float = Field(ge=0, le=10)
-    intent: float = Field(ge=0, le=10)
-    audience: float = Field(ge=0, le=10)
-    signal: float = Field(ge=0, le=10)
-    reason: str = Field(max_length=REASON_CHARS)
-    type: str = ""  # the term's type, when the reply says it (a call asking several types)
-
-
 class Scores(BaseModel):
     """One entry of a reply: the sub-scores and the reason (any number 0-10 is read; the schema asks integers)."""
 
@@ -47,6 +31,13 @@ class Scores(BaseModel):
     audience: float = Field(ge=0, le=10)
     signal: float = Field(ge=0, le=10)
     reason: str = Field(max_length=REASON_CHARS)
+
+
+class TermScores(Scores):
+    """One term's sub-scores (0-10) and a short reason, as the model must reply."""
+
+    term: str
+    type: str = ""  # the term's type, when the reply says it (a call asking several types)
 
 
 class Entry(Scores):
