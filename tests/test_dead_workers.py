@@ -132,6 +132,12 @@ def test_a_job_whose_worker_keeps_dying_fails_as_abandoned(
         if kill <= requeues:
             assert "abandoned" not in listing, f"failed after {kill} deaths; {requeues} requeue(s) allowed"
     assert "running 0" in status.stdout
+    # The lapsed lease and the failure land in separate Redis calls: the listing is asked until the post shows.
+    deadline = time.monotonic() + 30
+    while "limiting-wip" not in listing and time.monotonic() < deadline:
+        time.sleep(LIVENESS / 4)
+        tagger(env, "status")  # status recovers too
+        listing = tagger(env, "failed", "list").stdout
     line = next((row for row in listing.splitlines() if "limiting-wip" in row), "")
     assert " abandoned " in line, listing
     calls = fake_llm.counts["requests"]
