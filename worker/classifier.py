@@ -217,8 +217,10 @@ class Classifier:
 
     @property
     def prompt_version(self) -> str:
-        """What judgements are cached under: templates, definitions and reply shape."""
-        return prompt_version(self.templates, self.settings.definitions, self.settings.reply)
+        """What judgements are cached under: templates, definitions, reply shape, structured mode and packing."""
+        s = self.settings
+        mode = str(getattr(self.provider, "mode", "none"))  # the offline baseline has no structured mode
+        return prompt_version(self.templates, s.definitions, s.reply, mode, s.pack_types)
 
     def judge(self, post: Post, terms: Sequence[Term], record: Record, on_chunk: OnChunk | None = None) -> Judged:
         """Judgements for `terms` (cached where still valid), with usage, cache hits, chars cut and LLM seconds.

@@ -18,11 +18,38 @@ from worker.taxonomy import Term
 TEMPLATE_PACKAGE = "worker.templates"
 TEMPLATES = ("system", "term", "post", "reask")
 SCOPE_CHARS = 160
-TOPIC_CHARS = 60
-MAX_TOPICS = 5
-EXCLUDE_CHARS = 140
-# "Use this category only for discussions on X." repeats the title: it costs tokens and says nothing.
-_BOILERPLATE = re.compile(r"^\s*use this (category|tag|concept|classification)[^.]*\.\s*", re.I)
+# How definitions are compacted (`compact_scope`, `compact_item`): part of the prompt version, so a change to the
+# rules below is a new version and the judgements made with the old ones are asked again. Bump it with the rules.
+COMPACTION = "c2"
+_KIND = r"(?:category|tag|concept|classification|category/tag|tag/category)"
+# Lead-ins that say nothing about a term: a sentence naming only the term itself ("Use this category only for
+# discussions on Scrum."), labels ("Scope and Purpose:") and openers ("This category is dedicated to exploring").
+_ONLY_FOR = re.compile(
+    rf"^use this {_KIND} (?:only |exclusively )?for (?:discussions? (?:on|of|about)|content (?:about|on|focused on)|"
+    r"posts? (?:about|on)) (?P<what>[^.]*)\.\s*",
+    re.I,
+)
+_SCOPE_LEADS = tuple(
+    re.compile(p, re.I)
+    for p in (
+        r"^please ensure that the " + _KIND + r" '[^']*' is (?:only|exclusively|strictly) applied to content "
+        r"(?:related to|that (?:is )?(?:about|on)) ",
+        r"^(?:scope and purpose|scope|purpose)\s*:\s*",
+        r"^(?:this|the [\w\s&-]{1,60}?) " + _KIND + r" (?:is (?:dedicated|devoted) to (?:exploring |discussing )?|"
+        r"encompasses |focuses (?:on|upon) |covers |is strictly for |is for |includes )",
+        r"^the " + _KIND + r" of [\w\s&-]{1,60}? (?:focuses (?:on|upon)|encompasses|covers|includes) ",
+        r"^the (?:scope|purpose) of (?:this " + _KIND + r"|[\w\s&-]{1,60}?) (?:is to (?:explore |examine |discuss )?|"
+        r"encompasses |includes |covers )",
+    )
+)
+# Filler at the start of a key topic or an exclusion; the words after it are kept, every one of them.
+_ITEM_LEADS = (
+    re.compile(r"^the\s+", re.I),
+    re.compile(r"^(?:role|importance|significance|use) of (?:the\s+)?", re.I),
+    # "Content that focuses solely on X" -> "solely on X"; "Discussions on X" -> "X".
+    re.compile(r"^(?:any\s+)?(?:content|discussions?|topics?|posts?)(?:\s+(?:that|which|on|about))?\s+(?=\w)", re.I),
+)
+_AUXILIARY_NOT = re.compile(r"^(?:do|does)\s+(?=not\b)", re.I)
 CHARS_PER_TOKEN = 4
 # TAGGER_REPLY: the templates' $reply_rule (system) and $reply_again (re-ask) for each reply shape.
 REPLY_RULES = {
@@ -124,23 +151,63 @@ def _clip(text: str, limit: int) -> str:
     return cut[: sentence_end + 1] if sentence_end > limit // 2 else cut.rsplit(" ", 1)[0] + "…"
 
 
-def prompt_version(templates: Templates, definitions: str = "compact", reply: str = "all") -> str:
-    """The version judgements are cached under: the templates' hash, and the definitions and reply shape."""
-    if (definitions, reply) == ("compact", "all"):
-        return templates.version
-    return f"{templates.version}-{definitions}-{reply}"
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def compact_scope(title: str, scope: str) -> str:
+    """A term's scope without its lead-ins (a sentence naming only the term, labels, openers), then clipped."""
+    text = scope.strip()
+    only = _ONLY_FOR.match(text)
+    named = only.group("what").strip(" '\"*").casefold() if only else ""
+    if only and named in (title.casefold(), f"{title.casefold()}s"):  # "Tool": "... discussions on Tools."
+        text = text[only.end() :]
+    changed = True
+    while changed:  # "Scope and Purpose: This category is dedicated to exploring ..." has two
+        changed = False
+        for lead in _SCOPE_LEADS:
+            shorter = lead.sub("", text, count=1)
+            if shorter != text and shorter.strip():
+                text, changed = _capital(shorter.strip()), True
+    return _clip(text or scope.strip(), SCOPE_CHARS)
+
+
+def compact_item(item: str) -> str:
+    """A key topic or an exclusion without its filler lead-in and final period; every other word is kept."""
+    text = " ".join(item.split()).rstrip(".;").strip()
+    for lead in _ITEM_LEADS:
+        shorter = lead.sub("", text, count=1)
+        if shorter.strip():
+            text = shorter
+    return _AUXILIARY_NOT.sub("", text)
+
+
+def prompt_version(
+    templates: Templates,
+    definitions: str = "compact",
+    reply: str = "all",
+    mode: str = "json_schema",
+    packed: bool = True,
+) -> str:
+    """The version judgements are cached under: everything that changes a judgement's prompt.
+
+    The templates' hash, the definitions and how they are compacted (COMPACTION), the reply shape, the structured-
+    output mode (without a strict schema the schema rides in the system message) and whether types share a call.
+    """
+    shape = f"{definitions}.{COMPACTION}" if definitions == "compact" else definitions
+    return "-".join((templates.version, shape, reply, mode, "packed" if packed else "per-type"))
 
 
 def render_term(templates: Templates, term: Term, definitions: str = "compact") -> str:
-    """A term's definition: compact (scope, key topics, exclusions) or `full` (its whole Instructions text)."""
+    """A term's definition: compact (its scope, every key topic and every exclusion, lead-ins and filler dropped)
+    or `full` (its whole Instructions text). Deterministic: the same term gives the same bytes (the prefix cache)."""
     if definitions == "full":
         return f"## {term.title}\n{term.instructions.strip()}"
-    topics = [_clip(t.rstrip("."), TOPIC_CHARS) for t in term.key_topics[:MAX_TOPICS]]
     return templates.term.safe_substitute(
         title=term.title,
-        scope=_clip(_BOILERPLATE.sub("", term.scope) or term.scope, SCOPE_CHARS),
-        key_topics="; ".join(topics) or "(none listed)",
-        exclusions=_clip("; ".join(e.rstrip(".") for e in term.exclusions), EXCLUDE_CHARS) or "(none listed)",
+        scope=compact_scope(term.title, term.scope),
+        key_topics="; ".join(compact_item(t) for t in term.key_topics) or "(none listed)",
+        exclusions="; ".join(compact_item(e) for e in term.exclusions) or "(none listed)",
     ).strip()
 
 
