@@ -147,6 +147,11 @@ class BatchReplies:
         self.model = provider.model
         self.bodies = bodies
 
+    @property
+    def mode(self) -> str:
+        """The structured-output mode the batch's requests were written in (part of the judgements' cache key)."""
+        return self.provider.mode
+
     def judge(self, prompt: Prompt) -> Reply:
         """The batch's validated reply to `prompt`."""
         body = self.bodies.get(body_digest(self.provider.request_body(prompt)))
