@@ -15,18 +15,27 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from pydantic import ValidationError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from tests.commands import tagger
 from tests.conftest import wait_for_group_exit
 from tests.fakellm import FakeLLM
+from worker.classifier import make_classifier
 from worker.posts import read_post
+from worker.queue.payload import make_payload
+from worker.queue.remote import decide_remote
 from worker.records import record_path
+from worker.result_check import parse_result
+from worker.results import RemoteResult
+from worker.settings import Settings
+from worker.signing import sign
 
 pytestmark = pytest.mark.redis
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
@@ -194,6 +203,18 @@ def test_a_post_too_big_for_a_job_is_refused_with_a_clear_error(producer: dict[s
     assert run.returncode == 1
     assert "REFUSED posts/big.md: post_too_large" in run.stderr and "TAGGER_MAX_JOB_BYTES" in run.stderr
     assert "enqueued" in run.stdout and "limiting-wip.md" in run.stdout
+
+
+def test_the_result_a_worker_returns_is_the_strict_model_apply_reads(make_settings: Callable[..., Settings]) -> None:
+    """One type for a remote job's result: what the worker returns through Redis, apply parses back equal."""
+    settings = make_settings(TAGGER_SIGNING_KEY="signing-key-for-tests-0123456789")
+    payload = make_payload(settings, "posts/limiting-wip.md", "t-version", None)
+    outcome, usage, _ = decide_remote(make_classifier(settings), payload)
+    stored = json.loads(json.dumps(sign(settings, "result", "job-1", outcome.model_dump())))  # RQ's JSON serializer
+    checked = parse_result(settings, "job-1", stored)
+    assert checked.result == outcome and outcome.changes and outcome.calls == usage.calls > 0
+    with pytest.raises(ValidationError):  # the worker cannot build a result apply would refuse
+        RemoteResult(**{**outcome.model_dump(), "calls": str(usage.calls)})
 
 
 @pytest.mark.slow

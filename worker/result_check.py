@@ -14,35 +14,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from pydantic import ValidationError
 
 from worker.decide import Decided, decide
 from worker.errors import BadResult, TaggerError
 from worker.posts import ORIGIN_KEY, Post, normal_form
 from worker.records import Record, loads
-from worker.results import Judged, Judgement
+from worker.results import Judged, Judgement, RemoteResult
 from worker.settings import Settings
 from worker.signing import verify
 from worker.taxonomy import Taxonomy
-
-Change = list[StrictStr] | StrictStr | None
-
-
-class RemoteResult(BaseModel):
-    """A remote job's result as it must look: exactly these fields, each of exactly its type."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    post: StrictStr
-    content_hash: StrictStr  # of the post the job judged
-    file_hash: StrictStr  # of the bytes the job judged
-    new_file_hash: StrictStr  # of the post once changed ("" when nothing changes)
-    changes: dict[StrictStr, Change]
-    added: dict[StrictStr, list[StrictStr]]
-    removed: dict[StrictStr, list[StrictStr]]
-    record: StrictStr  # the new record, as its JSON text
-    calls: StrictInt = 0
-    tokens: StrictInt = 0
 
 
 @dataclass(frozen=True)

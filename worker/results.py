@@ -1,10 +1,10 @@
-"""What classifying gives: judgements, token usage, per-type decisions and a post's whole result."""
+"""What classifying gives: judgements, token usage, per-type decisions, a post's whole result, a remote job's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 SUB_SCORES = ("mentions", "alignment", "depth", "intent", "audience", "signal")
 LEVELS = (("Primary", 80.0), ("Secondary", 60.0), ("Tertiary", 40.0))
@@ -96,3 +96,24 @@ class Classification(BaseModel):
     human_only: bool = False
     skipped: str = ""
     diff: str = ""
+
+
+class RemoteResult(BaseModel):
+    """A remote job's result: what to change in the post's owned keys and its new record.
+
+    The worker builds it (worker/queue/remote.py) and `apply` reads it back from Redis (worker/result_check.py),
+    so it is strict: exactly these fields, each of exactly its type, no coercion.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    post: StrictStr
+    content_hash: StrictStr  # of the post the job judged
+    file_hash: StrictStr  # of the bytes the job judged
+    new_file_hash: StrictStr  # of the post once changed ("" when nothing changes)
+    changes: dict[StrictStr, list[StrictStr] | StrictStr | None]  # as posts.Change: None removes a key
+    added: dict[StrictStr, list[StrictStr]]
+    removed: dict[StrictStr, list[StrictStr]]
+    record: StrictStr  # the new record, as its JSON text
+    calls: StrictInt = 0
+    tokens: StrictInt = 0

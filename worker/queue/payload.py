@@ -1,8 +1,9 @@
-"""Remote jobs' data, the producer's side: the published taxonomy, the payload a job carries, the outcome it returns.
+"""Remote jobs' data, the producer's side: the published taxonomy and the payload a job carries.
 
 The producer publishes its taxonomy (terms and prompt templates) in Redis under a content-addressed version and
 puts the post's bytes, content hash and cached judgements into the job (`RemotePayload`). A remote worker
-(worker/queue/remote.py) decides the post and returns an `Outcome`; `tagger apply` (worker/apply.py) writes it.
+(worker/queue/remote.py) decides the post and returns a `RemoteResult` (worker/results.py); `tagger apply`
+(worker/apply.py) checks and writes it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis
 
 from worker.errors import BadPayload, BadSignature, PostTooLarge, TaxonomyError, TaxonomyTampered, TaxonomyUnpublished
-from worker.posts import Change, post_from_bytes
+from worker.posts import post_from_bytes
 from worker.prompts import TEMPLATES, Templates
 from worker.queue import keys
 from worker.records import RecordStore, dumps, reconcile
@@ -181,23 +182,3 @@ def make_payload(settings: Settings, relative: str, version: str, types: list[st
         taxonomy=version,
         types=types,
     )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A remote job's result: what to change in the post's owned keys and the post's new record."""
-
-    post: str
-    content_hash: str  # of the post the job judged
-    file_hash: str  # of the bytes the job judged
-    new_file_hash: str  # of the post once changed ("" when nothing changes)
-    changes: dict[str, Change]
-    added: dict[str, list[str]]
-    removed: dict[str, list[str]]
-    record: str  # the new record, as its JSON text
-    calls: int = 0
-    tokens: int = 0
-
-    def as_json(self) -> dict[str, Any]:
-        """The job result (JSON: RQ's serializer); `apply` reads it back with worker/result_check.py's strict model."""
-        return dataclasses.asdict(self)

@@ -25,10 +25,10 @@ from worker.queue import keys
 from worker.queue.context import WorkerContext, WorkerState
 from worker.queue.jobs import count_usage, start_job
 from worker.queue.modes import RedisModeMemory
-from worker.queue.payload import Outcome, RemotePayload, load_published
+from worker.queue.payload import RemotePayload, load_published
 from worker.queue.throttle import RedisThrottle
 from worker.records import dumps, loads
-from worker.results import Judgement, Usage
+from worker.results import Judgement, RemoteResult, Usage
 from worker.settings import Settings
 from worker.signing import sign, sign_text, verify, verify_text
 
@@ -84,7 +84,7 @@ def decide_remote(
     payload: RemotePayload,
     judged: Sequence[Judgement] = (),
     on_chunk: OnChunk | None = None,
-) -> tuple[Outcome, Usage, float]:
+) -> tuple[RemoteResult, Usage, float]:
     """Decide one carried post with its carried record (no file is read or written); usage and LLM seconds.
 
     `judged`: judgements earlier attempts made, reused like the record's own where still valid. `on_chunk` gets
@@ -99,11 +99,12 @@ def decide_remote(
         record = record.model_copy(update={"judgements": list(merged.values())})
     base: dict[str, Any] = {"post": relative, "content_hash": post.content_hash, "file_hash": post.file_hash}
     if classifier.skip_reason(post) is not None:
-        unchanged = Outcome(**base, new_file_hash="", changes={}, added={}, removed={}, record=dumps(record).decode())
+        record_text = dumps(record).decode("utf-8")
+        unchanged = RemoteResult(**base, new_file_hash="", changes={}, added={}, removed={}, record=record_text)
         return unchanged, Usage(), 0.0
     decided = classifier.decide(post, record, payload.types, on_chunk=on_chunk)
     result = decided.result
-    outcome = Outcome(
+    outcome = RemoteResult(
         **base,
         new_file_hash=file_hash(decided.new_text.encode("utf-8")) if decided.new_text is not None else "",
         changes=decided.changes if decided.new_text is not None else {},
@@ -148,4 +149,4 @@ def classify_remote(data: dict[str, Any]) -> dict[str, Any]:
         duration=begun.seconds(),
         llm_seconds=llm_seconds,
     )
-    return sign(settings, "result", job.id, outcome.as_json())  # `apply` checks it against this job
+    return sign(settings, "result", job.id, outcome.model_dump())  # `apply` checks it against this job
