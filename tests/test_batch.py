@@ -231,19 +231,19 @@ CRASHING_COLLECT = textwrap.dedent(
     from worker.settings import Settings
 
     kill_at, when = int(sys.argv[1]), sys.argv[2]
-    real = writeback.write_atomic
+    real = writeback.replace_post
     count = 0
 
-    def write_atomic(post, text):
+    def replace_post(post, staged):
         global count
         count += 1
         if count == kill_at and when == "before":
             os.kill(os.getpid(), signal.SIGKILL)  # the record is announced, the post not yet replaced
-        real(post, text)
+        real(post, staged)
         if count == kill_at and when == "after":
             os.kill(os.getpid(), signal.SIGKILL)  # the post is replaced, nothing logged as collected yet
 
-    writeback.write_atomic = write_atomic
+    writeback.replace_post = replace_post
     settings = Settings()
     batch.collect(settings, batch.store_for(settings, None))
     """

@@ -300,7 +300,7 @@ def test_a_kill_between_record_and_post_is_settled_from_the_post_hash(
     def killed(*_: Any) -> None:
         raise SystemExit("killed after the record was written, before the post was replaced")
 
-    monkeypatch.setattr("worker.writeback.write_atomic", killed)
+    monkeypatch.setattr("worker.writeback.replace_post", killed)
     with pytest.raises(SystemExit):
         classifier.classify(path)
     assert path.read_bytes() == original and load_record(path).pending is not None

@@ -10,6 +10,7 @@ owned keys' spans identical) and parse level (every foreign key parses to the sa
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tests.fakellm import FakeLLM
 from tests.owned_bytes import assert_only_owned_changed, foreign_values, split
 from worker import posts
 from worker.cli import main
-from worker.errors import BadPost
+from worker.errors import BadPost, PostChanged
 from worker.posts import (
     ORIGIN_KEY,
     Change,
@@ -33,6 +34,8 @@ from worker.posts import (
     same_value,
     write_atomic,
 )
+from worker.records import Record, RecordStore
+from worker.writeback import write_back
 
 OWNED = ("tags", "categories", "concepts", ORIGIN_KEY)
 FIXTURES = Path(__file__).parent / "fixtures" / "frontmatter"
@@ -177,6 +180,100 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(
     assert events[0][1] == temp and Path(temp).parent == tmp_path  # the temp file's data, before the rename
     assert events[1][1].endswith(f" -> {target}")
     assert events[2][1] == str(tmp_path)  # the folder, after the rename: the new name is durable
+
+
+def _write_back_setup(tmp_path: Path) -> tuple[RecordStore, Path, Post, str, Record]:
+    """A post in content/ and its record in a mirror tree under records/, so each file's folder is its own."""
+    (tmp_path / "content").mkdir()
+    path = tmp_path / "content" / "post.md"
+    path.write_bytes(b"---\ntitle: A post\n---\nbody\n")
+    post = read_post(path)
+    store = RecordStore(content_root=tmp_path / "content", records_dir=tmp_path / "records")
+    new_text = render_changes(post, {"tags": ["Kanban"], ORIGIN_KEY: "AI"})
+    return store, path, post, new_text, Record(assigned={"tags": ["Kanban"]}, added_keys=["tags", ORIGIN_KEY])
+
+
+def _observe(monkeypatch: pytest.MonkeyPatch, hold: Callable[[str], None] = lambda name: None) -> list[tuple[str, str]]:
+    """Each fsync (when it returns, named by its descriptor's path) and rename, from every thread, in order.
+
+    `hold(name)` runs before an fsync, to make it wait for something another thread does."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsyncing", name))
+        hold(name)
+        real_fsync(fd)
+        events.append(("fsync", name))
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real_replace(src, dst, *args, **kwargs)
+        events.append(("replace", f"{src} -> {dst}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_write_back_fsyncs_each_files_data_before_its_rename_and_each_rename_before_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The protocol's order at the os boundary: announcing record durable, then the post, then the confirmation."""
+    store, path, post, new_text, new_record = _write_back_setup(tmp_path)
+    events = _observe(monkeypatch)
+    assert write_back(store, path, post, Record(), Record(), new_text, new_record)
+    monkeypatch.undo()
+    renames = [(i, e[1].split(" -> ")) for i, e in enumerate(events) if e[0] == "replace"]
+    record, folders = store.path_for(path), {"post": str(path.parent), "record": str(store.path_for(path).parent)}
+    assert [dst for _, (_, dst) in renames] == [str(record), str(path), str(record)]  # announce, post, confirm
+    for i, (temp, _) in renames:
+        assert ("fsync", temp) in events[:i]  # each file's new bytes are durable before they are renamed in
+    (announce, _), (post_rename, _), (confirm, _) = renames
+    assert ("fsync", folders["record"]) in events[announce:post_rename]  # the announcement, durable first
+    assert ("fsync", folders["post"]) in events[post_rename:confirm]  # the post, durable before the confirmation
+    assert ("fsync", folders["record"]) in events[confirm:]  # and the confirmation itself
+    assert path.read_text(encoding="utf-8") == new_text
+    assert store.load(path).pending is None and store.load(path).file_hash == read_post(path).file_hash
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tagger-tmp")]
+
+
+def test_write_back_fsyncs_the_posts_new_bytes_while_the_record_announces_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fsyncs that may overlap do: the post's temp file beside the announcing record's, the confirming record's
+    beside the post's folder. Each held fsync waits for the other; written one after the other, the wait times out."""
+    store, path, post, new_text, new_record = _write_back_setup(tmp_path)
+    records = str(store.path_for(path).parent)
+    post_temp, confirm_temp = threading.Event(), threading.Event()
+    overlapped: list[str] = []
+
+    def hold(name: str) -> None:
+        in_records = name.startswith(records + "/") and name.endswith(".tagger-tmp")
+        if name.startswith(str(path.parent) + "/") and name.endswith(".tagger-tmp"):
+            post_temp.set()
+        elif in_records and not overlapped:  # the announcing record's temp file: first in the records folder
+            overlapped.append("announce" if post_temp.wait(5) else "announce alone")
+        elif in_records:
+            confirm_temp.set()
+        elif name == str(path.parent) and len(overlapped) == 1:  # the post's folder, after its rename
+            overlapped.append("post folder" if confirm_temp.wait(5) else "post folder alone")
+
+    _observe(monkeypatch, hold)
+    assert write_back(store, path, post, Record(), Record(), new_text, new_record)
+    monkeypatch.undo()
+    assert overlapped == ["announce", "post folder"]
+    assert path.read_text(encoding="utf-8") == new_text and store.load(path).pending is None
+
+
+def test_a_write_back_refused_after_staging_leaves_no_temp_file(tmp_path: Path) -> None:
+    store, path, post, new_text, new_record = _write_back_setup(tmp_path)
+    path.write_bytes(post.raw + b"edited meanwhile\n")
+    with pytest.raises(PostChanged):
+        write_back(store, path, post, Record(), Record(), new_text, new_record)
+    assert path.read_bytes() == post.raw + b"edited meanwhile\n"
+    assert store.load(path).pending is None and store.load(path).assigned == {}
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tagger-tmp")]
 
 
 FOREIGN_EDITS = {

@@ -703,12 +703,46 @@ def atomic_write(path: Path, data: bytes, expected: bytes | None = None, mode: i
     With `expected` (a post), a file that is read-only by its mode bits is refused (PostReadOnly). The new file
     gets `mode`, else the mode (and, where the user may, the owner and group) of the file it replaces, else 0644.
     """
+    replace_file(stage_file(path, data), expected=expected, mode=mode)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """New bytes for `path`, written and fsynced to a temp file beside it, not yet renamed over it."""
+
+    path: Path
+    temp: Path
+
+    def discard(self) -> None:
+        """Remove the temp file (the write is not made)."""
+        self.temp.unlink(missing_ok=True)
+
+
+def stage_file(path: Path, data: bytes) -> Staged:
+    """The first half of an atomic write: `data` in a temp file in `path`'s folder, fsynced (see `replace_file`).
+
+    Split from the rename so a caller can make the data durable while it does something that must come first
+    (the write-back announces the write in the record meanwhile): fsyncs running together cost about one.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Staged(path, Path(tmp))
+
+
+def replace_file(staged: Staged, expected: bytes | None = None, mode: int | None = None) -> None:
+    """The second half of an atomic write: rename the staged file over its path, then fsync the folder.
+
+    `expected`, `mode`: as for `atomic_write`. The temp file is removed when the rename is not made.
+    """
+    path, tmp = staged.path, staged.temp
+    try:
         if expected is not None:
             try:
                 current = path.read_bytes()
@@ -730,7 +764,7 @@ def atomic_write(path: Path, data: bytes, expected: bytes | None = None, mode: i
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        staged.discard()
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

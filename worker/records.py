@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from worker.posts import Post, atomic_write, normal_form
+from worker.posts import Post, Staged, normal_form, replace_file, stage_file
 from worker.results import SUB_SCORES, Judgement, Usage, level
 
 RECORD_VERSION = 2
@@ -264,16 +264,24 @@ class RecordStore:
 
     def save(self, post_path: Path, record: Record, mode: int | None = None) -> None:
         """Write the record atomically with the post's file mode (minus execute bits)."""
+        self.commit(post_path, self.stage(post_path, record), mode)
+
+    def stage(self, post_path: Path, record: Record) -> Staged:
+        """The record's bytes in a temp file beside where it lives, fsynced; `commit` renames it into place."""
         path = self.path_for(post_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return stage_file(path, dumps(record.model_copy(update={"post": self.relative(post_path)})))
+
+    def commit(self, post_path: Path, staged: Staged, mode: int | None = None) -> None:
+        """Rename a staged record into place (with the post's file mode, minus execute bits) and fsync its folder."""
         if mode is None:
             try:
                 mode = post_path.stat().st_mode & 0o666
             except OSError:
                 mode = 0o644
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, dumps(record.model_copy(update={"post": self.relative(post_path)})), mode=mode)
+        replace_file(staged, mode=mode)
         legacy = record_path(post_path)
-        if path != legacy:
+        if staged.path != legacy:
             legacy.unlink(missing_ok=True)  # migrated into the mirror tree: out of the published site
 
 

@@ -5,15 +5,23 @@ Shared by the classifier (workers, `tagger classify`, the Batch collector) and `
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from worker.errors import PostChanged, PostReadOnly, PostWriteFailed, RecordWriteFailed
-from worker.posts import Post, file_hash, write_atomic
+from worker.posts import Post, Staged, file_hash, replace_file, stage_file
 from worker.records import EARLIER_KEPT, Pending, Record, RecordStore
 
 log = structlog.get_logger("tagger.classifier")  # the name its events always had: log filters keep working
+_helper: tuple[int, ThreadPoolExecutor] | None = None  # the process's write-back helper thread, and its pid
+_helper_lock = threading.Lock()
 
 
 def write_back(
@@ -27,8 +35,6 @@ def write_back(
     if new_text is None:
         save(store, path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=stored)
         return False
-    # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
-    # failure after this line is settled by `reconcile` from the post's file hash at the next run.
     announced = new_record.model_copy(
         update={
             "file_hash": file_hash(new_text.encode("utf-8")),
@@ -42,9 +48,30 @@ def write_back(
             ),
         }
     )
-    save(store, path, announced)
+    # The order that matters is of renames: the announcing record is durable before the post is replaced, and
+    # the post before the confirmation. The data behind each rename is written and fsynced beforehand in a helper
+    # thread, beside the step before it (fsyncs running together cost about one): 4 waits for the disk, not 6.
+    staging = in_background(stage_file, post.path, new_text.encode("utf-8"))
+    # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
+    # failure after this line is settled by `reconcile` from the post's file hash at the next run.
     try:
-        write_atomic(post, new_text)
+        save(store, path, announced)
+    except BaseException:
+        abandon(staging)
+        raise
+    try:
+        try:
+            staged = staging.result()
+        except BaseException:
+            abandon(staging)
+            raise
+        confirming = in_background(store.stage, path, announced.model_copy(update={"pending": None}))
+        try:
+            replace_post(post, staged)
+        except BaseException:
+            staged.discard()
+            abandon(confirming)
+            raise
     except PostChanged:
         # Judgements already made are cached in the record, so the next pass is cheap.
         save(store, path, unwritten(new_record, record, post))
@@ -57,11 +84,45 @@ def write_back(
         # The announced record is settled from the post's file hash at the next run, as after a kill.
         raise PostWriteFailed(f"cannot replace the post: {exc.strerror or exc}", path=path) from exc
     try:
-        save(store, path, announced.model_copy(update={"pending": None}))
-    except RecordWriteFailed as exc:
+        store.commit(path, confirming.result())
+    except OSError as exc:
         # The announced record already names this write: the next run confirms it from the file hash.
-        log.warning("record_confirm_failed", post=str(path), error=exc.message)
+        log.warning(
+            "record_confirm_failed", post=str(path), error=f"cannot write the result record: {exc.strerror or exc}"
+        )
+    except BaseException:
+        abandon(confirming)  # interrupted: the announced record stands, settled at the next run
+        raise
     return True
+
+
+def replace_post(post: Post, staged: Staged) -> None:
+    """Put the post's staged new bytes in place, unless the post changed since it was read."""
+    replace_file(staged, expected=post.raw)
+
+
+def in_background(fn: Callable[..., Staged], *args: Any) -> Future[Staged]:
+    """Run `fn` in this process's write-back helper thread (a forked child starts its own)."""
+    global _helper
+    with _helper_lock:
+        if _helper is None or _helper[0] != os.getpid():
+            _helper = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger-writeback"))
+        pool = _helper[1]
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:  # the interpreter is shutting down and takes no new thread work: do it here
+        done: Future[Staged] = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+
+def abandon(staging: Future[Staged]) -> None:
+    """A staged write that will not be made: its temp file is removed once the helper has written it."""
+    with contextlib.suppress(Exception):  # a staging that failed removed its own temp file
+        staging.result().discard()
 
 
 def earlier(record: Record, before: str) -> list[str]:
