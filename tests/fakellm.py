@@ -46,7 +46,7 @@ RELEVANT_MARKER = "leave out every term that does not apply"
 def default_scorer(term: str, post: str) -> dict[str, Any]:
     """High scores when the post names the term, low otherwise; a reason of about 20 words, as models write."""
     named = term.lower() in post.lower()
-    value = 9.0 if named else 1.0
+    value = 9 if named else 1  # integers, as the schema's enums 0-10 ask
     reason = (
         f"The post names {term} and discusses its key topics in depth, so it fits this term's scope and audience well."
         if named
@@ -345,6 +345,9 @@ class FakeLLM:
         text = json.dumps(schema or {})
         if self.ignores_ranges and '"enum": [0, 1, 2' not in text:
             entries = [{**e, **dict.fromkeys(SUB_SCORE_NAMES, 12)} for e in entries]  # nothing bounds the scores
+        longest = re.search(r'"reason": \{"type": "string", "maxLength": (\d+)\}', text)
+        if longest:  # a strict server (and a grammar) ends the reason at the schema's maxLength
+            entries = [{**e, "reason": str(e.get("reason", ""))[: int(longest.group(1))]} for e in entries]
         keyed = any("properties" in n for n in _per_type(schema).values())
         if self.one_entry and not keyed:
             entries = entries[:1]  # no required property per term: nothing forces one entry per term

@@ -228,8 +228,68 @@ def test_a_chunk_whose_schema_would_pass_openais_limits_is_split(
     whole = reply_schema((("tags", tuple(t.title for t in classifier.taxonomy)),), "relevant")
     assert over_limits(whole) and "enum values" in str(over_limits(whole))  # 1,100 titles in one enum
     prompts, _ = classifier.prompts_for(post, classifier.terms_for(post))
-    assert len(prompts) == 2 and sum(len(p.terms) for p in prompts) == 1100
+    assert len(prompts) >= 2 and sum(len(p.terms) for p in prompts) == 1100
     assert all(not over_limits(reply_schema(p.groups, p.reply)) for p in prompts)
+
+
+def _many_terms(site: Path, count: int) -> Path:
+    many = site / f"many-{count}"
+    (many / "tags").mkdir(parents=True)
+    for i in range(count):
+        (many / "tags" / f"t{i}.md").write_text(
+            f"---\ntitle: Topic number {i}\nClassificationType: tags\nInstructions: |-\n  Posts about topic {i}.\n---\n",
+            encoding="utf-8",
+        )
+    return many
+
+
+def test_a_chunk_whose_reply_could_pass_the_models_output_limit_is_split(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    from worker.reply import MAX_REPLY_TOKENS, over_limits, reply_schema, reply_tokens
+
+    settings = make_settings(TAGGER_TAXONOMY_DIR=str(_many_terms(site, 400)), TAGGER_CHUNK_SIZE=5000)
+    classifier = make_classifier(settings)
+    whole = reply_schema((("tags", tuple(t.title for t in classifier.taxonomy)),), "all")
+    assert str(over_limits(whole)).startswith("a reply of up to")  # 400 entries: more than 16,384 tokens
+    post = classifier.read(wip(site))
+    prompts, _ = classifier.prompts_for(post, classifier.terms_for(post))
+    assert [len(p.terms) for p in prompts] == [200, 200]
+    assert all(reply_tokens(p.groups) <= MAX_REPLY_TOKENS for p in prompts)
+
+
+def test_the_default_chunk_judges_the_corpus_118_terms_in_one_call_a_post(
+    make_settings: MakeSettings, corpus: Path, site: Path
+) -> None:
+    from worker.reply import MAX_REPLY_TOKENS, over_limits, reply_schema, reply_tokens
+
+    classifier = make_classifier(make_settings(TAGGER_TAXONOMY_DIR=str(corpus / "taxonomy")))
+    assert classifier.settings.chunk_size == Settings(_env_file=None).chunk_size  # type: ignore[call-arg]
+    post = classifier.read(wip(site))
+    prompts, _ = classifier.prompts_for(post, classifier.terms_for(post))
+    assert len(prompts) == 1 and len(prompts[0].terms) == 118 and len(prompts[0].groups) == 3
+    for reply in ("all", "relevant"):
+        assert over_limits(reply_schema(prompts[0].groups, reply)) is None
+    assert reply_tokens(prompts[0].groups) <= MAX_REPLY_TOKENS
+
+
+def test_a_call_asking_many_terms_waits_longer_and_never_asks_more_tokens_than_a_model_gives(
+    make_settings: MakeSettings, fake_llm: FakeLLM, site: Path
+) -> None:
+    from worker.reply import MAX_REPLY_TOKENS
+
+    # 120 terms: twice the terms TAGGER_REQUEST_TIMEOUT (2 s here) is for, so the call waits 4 s for a 3-s reply.
+    many = str(_many_terms(site, 120))
+    settings = make_settings(TAGGER_TAXONOMY_DIR=many, TAGGER_RETRY_ATTEMPTS=1)
+    fake_llm.latency = 3.0
+    result = make_classifier(settings).classify(wip(site), dry_run=True)
+    assert fake_llm.counts["requests"] == 1 and len(result.judgements) == 120
+    fake_llm.latency = 0.0
+    object_mode = make_classifier(make_settings(TAGGER_TAXONOMY_DIR=many, TAGGER_STRUCTURED="json_object"))
+    post = object_mode.read(wip(site))
+    prompts, _ = object_mode.prompts_for(post, object_mode.terms_for(post))
+    body = object_mode.provider.request_body(prompts[0])  # type: ignore[attr-defined]
+    assert body["max_tokens"] == MAX_REPLY_TOKENS  # 200 + 250 a term would be 30,200: OpenAI rejects that
 
 
 def test_the_estimate_prints_all_and_relevant_sync_and_batch_against_one_call_per_term(

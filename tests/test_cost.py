@@ -36,6 +36,27 @@ def test_estimate_matches_what_a_run_then_spends(
     assert estimate(settings, plan(settings).todo).calls == 0
 
 
+def test_the_estimates_output_is_what_the_schema_asks_and_bounds_what_a_strict_server_writes(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
+) -> None:
+    from worker.prompts import load_templates
+    from worker.reply import REASON_ASKED_CHARS, reply_schema
+
+    settings = make_settings(TAGGER_MODEL="gpt-4o-mini")
+    todo = plan(settings).todo
+    guess = estimate(settings, todo)
+    classifier = make_classifier(settings)
+    post = classifier.read(todo[0])
+    prompt = classifier.prompts_for(post, classifier.terms_for(post))[0][0]
+    schema = reply_schema(prompt.groups, "all")
+    assert schema["$defs"]["entry"]["properties"]["reason"]["maxLength"] == REASON_ASKED_CHARS
+    assert "12 words at most" in load_templates().system.template  # the prompt asks what the schema bounds
+    written = sum(classifier.classify(path, dry_run=True).usage.output_tokens for path in todo)
+    reasons = [r for path in todo for r in (j.reason for j in load_record(path).judgements)]
+    assert reasons and max(len(r) for r in reasons) <= REASON_ASKED_CHARS  # the fake cuts as a strict server does
+    assert 0 < written <= guess.output_tokens  # the estimate is a bound, not a wish
+
+
 def test_chunks_are_even(make_settings: Callable[..., Settings], site: Path) -> None:
     classifier = make_classifier(make_settings(TAGGER_CHUNK_SIZE=3))
     post = site / "site" / "posts" / "limiting-wip.md"

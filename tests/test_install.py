@@ -184,7 +184,7 @@ def test_installed_tagger_init_starts_a_site_from_the_packaged_env_example(
     out = _clean(_run(["tagger", "init"], cwd=site, env=installed.env))
     assert "hugo site (hugo.toml)" in out and "next:" in out
     env_file = (site / ".env").read_text(encoding="utf-8")
-    assert "TAGGER_RECORDS_DIR=.tagger" in env_file and "# TAGGER_CHUNK_SIZE=60" in env_file
+    assert "TAGGER_RECORDS_DIR=.tagger" in env_file and "# TAGGER_CHUNK_SIZE=200" in env_file
     example = (site / "categories" / "tags" / "kanban.md").read_text(encoding="utf-8")
     assert "title: Kanban" in example  # the example taxonomy shipped in the wheel
 

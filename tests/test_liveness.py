@@ -581,7 +581,7 @@ def test_job_time_budget_covers_waves_of_chunks(make_settings: Callable[..., obj
     waves = job_timeout(make_settings(TAGGER_CHUNK_SIZE=1, TAGGER_CONCURRENCY=1))  # type: ignore[arg-type]
     settings = make_settings()
     per_wave = 2 * settings.retry_deadline + settings.request_timeout  # type: ignore[attr-defined]
-    assert one_wave == int(per_wave + 120)
+    assert one_wave == int(per_wave + 120)  # 9 terms: within the TIMEOUT_TERMS a request timeout is for
     assert waves == int(9 * per_wave + 120)  # the demo taxonomy's 9 terms, one chunk each, one at a time
 
 

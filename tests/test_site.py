@@ -84,7 +84,7 @@ def test_init_detects_hugo_and_writes_env_records_folder_and_one_term_file_per_t
     # Every setting is in the .env: the ones that matter set, every other one commented out at its default.
     for name in field_names():
         assert re.search(rf"^(# )?{name}=", env, re.M), f"{name} missing from the .env init writes"
-    assert env.index("TAGGER_RECORDS_DIR=") < env.index("# TAGGER_CHUNK_SIZE=60")
+    assert env.index("TAGGER_RECORDS_DIR=") < env.index("# TAGGER_CHUNK_SIZE=200")
     loaded = Settings(_env_file=site / ".env")  # type: ignore[call-arg]
     assert loaded.content_root() == (site / "content").resolve() and loaded.records_dir == site / ".tagger"
     assert loaded.chunk_size == Settings(_env_file=None).chunk_size  # type: ignore[call-arg]

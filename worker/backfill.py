@@ -23,6 +23,7 @@ from worker.queue.enqueue import enqueue_posts
 from worker.queue.fleet import live_workers
 from worker.queue.recovery import recover
 from worker.queue.workers import Backoff
+from worker.reply import reply_tokens
 from worker.settings import Settings
 
 
@@ -117,7 +118,6 @@ def plan(
     return result
 
 
-OUTPUT_TOKENS_PER_TERM = 60
 # TAGGER_REPLY=relevant answers only for the terms that apply: assumed about 15% of those asked (the corpus's own
 # front matter picks 8% of its terms; a model names some more as applying than a selection keeps).
 RELEVANT_SHARE = 0.15
@@ -155,7 +155,8 @@ def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None =
             result.calls += 1
             result.input_tokens += sum(estimate_tokens(m["content"]) for m in prompt.messages)
             share = 1.0 if settings.reply == "all" else RELEVANT_SHARE
-            result.output_tokens += round(OUTPUT_TOKENS_PER_TERM * share * len(prompt.names))
+            # Each entry as the schema asks it (two-digit scores, a reason of its maxLength): a bound, not a wish.
+            result.output_tokens += reply_tokens(prompt.groups, settings.reply, share)
             prefix = estimate_tokens(system)
             # Providers cache a repeated prefix of at least 1,024 tokens, in steps of 128.
             if system in seen and prefix >= CACHE_MIN_TOKENS:

@@ -14,7 +14,16 @@ from worker.prompts import Groups
 from worker.results import SUB_SCORES
 from worker.settings import Weights
 
+# A reason is read up to REASON_CHARS (a server that ignores maxLength is not failed for a long one); the schema asks
+# for at most REASON_ASKED_CHARS, and the prompt for 12 words: what the estimate counts an entry's reason as.
 REASON_CHARS = 600
+REASON_ASKED_CHARS = 80
+# The most a reply may hold (gpt-4o's and gpt-4o-mini's maximum completion tokens): a chunk whose reply could pass
+# it is split.
+MAX_REPLY_TOKENS = 16_384
+# TAGGER_REQUEST_TIMEOUT is for a call of up to this many terms; a call asking more waits proportionally longer
+# (its reply takes longer to write).
+TIMEOUT_TERMS = 60
 # What one term's entry holds besides its sub-scores.
 ENTRY_FIELDS = (*SUB_SCORES, "reason")
 
@@ -70,7 +79,7 @@ def _closed(properties: dict[str, Any]) -> dict[str, Any]:
 def _reply_schema(groups: Groups, reply: str) -> str:
     score = {"type": "integer", "enum": list(range(11))}
     scores = {name: {"$ref": "#/$defs/score"} for name in SUB_SCORES}
-    reason = {"type": "string", "maxLength": REASON_CHARS}
+    reason = {"type": "string", "maxLength": REASON_ASKED_CHARS}
     defs: dict[str, Any] = {"score": score}
     if reply == "all":
         # One required property per term: a strict server or a grammar cannot leave a term out, repeat or add one.
@@ -88,6 +97,25 @@ def _reply_schema(groups: Groups, reply: str) -> str:
     return json.dumps({**_closed({"judgements": _closed(per_type)}), "$defs": defs})
 
 
+def entry_chars(reply: str, title: str) -> int:
+    """Characters of one entry at most, as the schema asks it: two-digit sub-scores, a reason of its maxLength."""
+    entry: dict[str, Any] = {**dict.fromkeys(SUB_SCORES, 10), "reason": "x" * REASON_ASKED_CHARS}
+    text = json.dumps({title: entry})[1:-1] if reply == "all" else json.dumps({"term": title, **entry})
+    return len(text) + 2  # the ", " between entries
+
+
+def reply_tokens(groups: Groups, reply: str = "all", share: float = 1.0) -> int:
+    """Output tokens of a reply to `groups` at most (`share`: of the terms that get an entry), 4 characters a token."""
+    chars = sum(entry_chars(reply, title) for _, titles in groups for title in titles)
+    envelope = len('{"judgements": {}}') + sum(len(t) + 6 for t, _ in groups)
+    return round((chars * share + envelope) / 4)
+
+
+def call_timeout(request_timeout: float, terms: int) -> float:
+    """A call's timeout: TAGGER_REQUEST_TIMEOUT for up to TIMEOUT_TERMS terms, proportionally more beyond."""
+    return request_timeout * max(1.0, terms / TIMEOUT_TERMS)
+
+
 def reply_schema(groups: Groups, reply: str = "all") -> dict[str, Any]:
     """The reply's JSON schema, in OpenAI's strict subset and enforceable by a grammar.
 
@@ -98,15 +126,23 @@ def reply_schema(groups: Groups, reply: str = "all") -> dict[str, Any]:
     return schema
 
 
-# OpenAI's documented limits for a strict schema (Structured Outputs, "Supported schemas"): 5,000 object
+# OpenAI's documented limits for a strict schema (Structured Outputs, "Supported schemas"; read again 2026-12-06,
+# unchanged): 5,000 object
 # properties in all, 10 levels of nesting, 1,000 enum values in all, 120,000 characters of property names, definition
 # names, enum and const values in all, and 15,000 characters for the values of an enum of more than 250 values.
 MAX_PROPERTIES, MAX_NESTING, MAX_ENUM_VALUES, MAX_NAME_CHARS = 5000, 10, 1000, 120_000
 LARGE_ENUM, LARGE_ENUM_CHARS = 250, 15_000
 
 
+def _titles(node: dict[str, Any]) -> tuple[str, ...]:
+    """The titles a type's node of a reply schema asks: its properties (`all`) or its items' enum (`relevant`)."""
+    enum = ((node.get("items") or {}).get("properties") or {}).get("term", {}).get("enum") or []
+    return tuple(node.get("properties") or enum)
+
+
 def over_limits(schema: dict[str, Any]) -> str | None:
-    """Which of OpenAI's strict-mode limits `schema` passes, or None (definitions are counted once)."""
+    """Which of OpenAI's strict-mode limits `schema` passes, or None (definitions are counted once); and whether a
+    reply in it could pass MAX_REPLY_TOKENS."""
     properties = enum_values = name_chars = 0
     deepest = 0
     large_enum = ""
@@ -136,7 +172,11 @@ def over_limits(schema: dict[str, Any]) -> str | None:
             walk(sub, depth)
 
     walk(schema, 1)
+    per_type = (schema.get("properties", {}).get("judgements") or {}).get("properties") or {}
+    groups = tuple((t, _titles(node)) for t, node in per_type.items())
+    most = reply_tokens(groups, "all")  # every term may get an entry (a `relevant` reply may name them all)
     problems = [
+        f"a reply of up to {most} tokens (at most {MAX_REPLY_TOKENS})" if most > MAX_REPLY_TOKENS else "",
         f"{properties} properties (at most {MAX_PROPERTIES})" if properties > MAX_PROPERTIES else "",
         f"{deepest} levels of nesting (at most {MAX_NESTING})" if deepest > MAX_NESTING else "",
         f"{enum_values} enum values (at most {MAX_ENUM_VALUES})" if enum_values > MAX_ENUM_VALUES else "",

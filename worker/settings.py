@@ -176,7 +176,7 @@ class Settings(BaseSettings):
 
     selection: dict[str, SelectionRule] = Field(default_factory=lambda: dict(DEFAULT_RULES), alias="TAGGER_SELECTION")
     weights: Weights = Field(default_factory=Weights, alias="TAGGER_WEIGHTS")
-    chunk_size: int = Field(default=60, ge=1, alias="TAGGER_CHUNK_SIZE")
+    chunk_size: int = Field(default=200, ge=1, alias="TAGGER_CHUNK_SIZE")
     definitions: Literal["compact", "full"] = Field(default="compact", alias="TAGGER_DEFINITIONS")
     reply: Literal["all", "relevant"] = Field(default="all", alias="TAGGER_REPLY")
     # The terms of several types that fit one chunk are judged in one call (the post paid once, not once per type).

@@ -126,6 +126,7 @@ class OfflineProvider:
             judgements.append(
                 TermScores(
                     term=term.title,
+                    type=term.type,  # a call may ask two types that share a title (a category and a tag "Scrum")
                     mentions=round(mentions, 1),
                     alignment=round(alignment, 1),
                     depth=round(depth, 1),

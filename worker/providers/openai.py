@@ -32,7 +32,7 @@ from worker.logs import redact, secrets_of
 from worker.prompts import Groups, Prompt, Templates, estimate_tokens, reask_message
 from worker.providers.base import ModeMemory, NoThrottle, Reply, Throttle
 from worker.providers.modes import FileModeMemory, endpoint_of
-from worker.reply import TermScores, over_limits, parse_reply, reply_schema
+from worker.reply import MAX_REPLY_TOKENS, TermScores, call_timeout, over_limits, parse_reply, reply_schema
 from worker.results import Usage
 from worker.settings import STRUCTURED_MODES, Settings, StructuredMode
 
@@ -256,7 +256,8 @@ class OpenAIProvider:
             body.update(response_format=response_format(schema), stream=False)
         if mode != "json_schema":
             # Without a strict server, a small model can write until the context is full: a bound per term asked.
-            body["max_tokens"] = MAX_TOKENS_BASE + MAX_TOKENS_PER_TERM * _terms_in(schema)
+            # Never more than a model's maximum (OpenAI rejects a larger max_tokens outright).
+            body["max_tokens"] = min(MAX_TOKENS_BASE + MAX_TOKENS_PER_TERM * _terms_in(schema), MAX_REPLY_TOKENS)
         return body
 
     def request_body(self, prompt: Prompt) -> dict[str, Any]:
@@ -372,8 +373,14 @@ class OpenAIProvider:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     def _call(self, messages: list[dict[str, str]], schema: dict[str, Any], mode: StructuredMode) -> str:
-        """One HTTP request; returns the raw response body."""
-        response = self.client.chat.completions.with_raw_response.create(**self.request(messages, schema, mode))
+        """One HTTP request; returns the raw response body.
+
+        The timeout grows with the terms asked past TIMEOUT_TERMS: a model writes a reply naming 200 terms for
+        minutes, not seconds.
+        """
+        timeout = call_timeout(self.settings.request_timeout, _terms_in(schema))
+        body = self.request(messages, schema, mode)
+        response = self.client.chat.completions.with_raw_response.create(**body, timeout=timeout)
         self.throttle.observe(200, response.headers)
         return str(response.text)
 

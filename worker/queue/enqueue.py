@@ -24,6 +24,7 @@ from worker.queue.connection import PRIORITIES
 from worker.queue.keys import FAILURE_CALLBACK, JOB_FUNCTION, REMOTE_FUNCTION, queues
 from worker.queue.payload import RemotePayload, make_payload, publish
 from worker.queue.recovery import track
+from worker.reply import call_timeout
 from worker.settings import Settings
 from worker.signing import sign
 from worker.taxonomy import Taxonomy, taxonomy_for
@@ -206,13 +207,16 @@ def _other_mode_ids(settings: Settings, redis: Redis, relatives: list[str], remo
 def job_timeout(settings: Settings, taxonomy: Taxonomy | None = None) -> int:
     """RQ's job timeout: every wave of chunks (more chunks than TAGGER_CONCURRENCY run in waves) may use
     the provider's whole retry deadline, twice (one re-ask), plus a margin."""
+    largest = settings.chunk_size
     try:
         taxonomy = taxonomy or taxonomy_for(settings)
         chunks = sum(-(-len(taxonomy.of_type(t)) // settings.chunk_size) for t in taxonomy.types())
+        largest = min(largest, len(taxonomy))
     except TaggerError:
         chunks = settings.concurrency  # the workers will say what is wrong with the taxonomy
     waves = max(1, -(-chunks // settings.concurrency))
-    return int(waves * (2 * settings.retry_deadline + settings.request_timeout) + 120)
+    call = call_timeout(settings.request_timeout, largest)  # a call asking many terms waits longer
+    return int(waves * (2 * settings.retry_deadline + call) + 120)
 
 
 def job_data(
