@@ -24,11 +24,13 @@ from tests.commands import tagger
 from tests.conftest import liveness_env, wait_for_group_exit
 from tests.fakellm import FakeLLM
 from worker.posts import read_post
-from worker.queue.fleet import SILENT_MARGIN
-from worker.queue.workers import IDLE_BEAT
 
 pytestmark = pytest.mark.redis
 LIVENESS = 1.0  # seconds without a sign of life after which a worker counts as dead
+# An idle worker's beat and the margin after which `status` presumes a silent worker dead, shortened from 20 s
+# and 10 s (the defaults): the margin still leaves a live worker seconds of slack on a loaded machine.
+IDLE_BEAT = 2
+SILENT_MARGIN = 4.0
 
 
 class Workers:
@@ -67,7 +69,15 @@ class Workers:
 @pytest.fixture
 def workers(queue_env: dict[str, str]) -> Iterator[Workers]:
     # Calls are held for seconds on purpose: the request timeout must not end them first.
-    started = Workers({**queue_env, **liveness_env(LIVENESS), "TAGGER_REQUEST_TIMEOUT": "60"})
+    started = Workers(
+        {
+            **queue_env,
+            **liveness_env(LIVENESS),
+            "TAGGER_REQUEST_TIMEOUT": "60",
+            "TAGGER_IDLE_BEAT": str(IDLE_BEAT),
+            "TAGGER_SILENT_MARGIN": str(SILENT_MARGIN),
+        }
+    )
     yield started
     started.stop_all()
 

@@ -207,6 +207,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0, alias="TAGGER_LEASE_SECONDS")
     abandoned_requeues: int = Field(default=3, ge=0, alias="TAGGER_ABANDONED_REQUEUES")
     shutdown_grace: float = Field(default=120.0, ge=0, alias="TAGGER_SHUTDOWN_GRACE")
+    # An idle worker beats after each wait on the queues (RQ's dequeue timeout; whole seconds, as RQ's TTL).
+    idle_beat: int = Field(default=20, ge=1, alias="TAGGER_IDLE_BEAT")
+    # A worker whose beat is overdue by this is presumed dead: a slow Redis, a loaded machine, clocks apart.
+    silent_margin: float = Field(default=10.0, gt=0, alias="TAGGER_SILENT_MARGIN")
 
     # Remote jobs (workers on other machines): the job carries the post; results come back through Redis.
     job_mode: Literal["shared", "remote"] = Field(default="shared", alias="TAGGER_JOB_MODE")

@@ -36,9 +36,6 @@ from worker.queue.workers import beat_interval, run_worker
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.fleet")
-# A worker silent for its beat interval plus this is presumed dead: room for a slow Redis, a loaded machine
-# and clocks a few seconds apart (the beat's time is the worker's clock).
-SILENT_MARGIN = 10.0
 STRAY_GRACE = 5.0  # seconds an orphaned process of the fleet gets after SIGTERM before SIGKILL
 PR_SET_PDEATHSIG = 1  # prctl(2) options (Linux)
 PR_SET_CHILD_SUBREAPER = 36
@@ -51,14 +48,14 @@ class SeenWorker:
     worker: BaseWorker
     state: str  # the state it last reported (`idle`, `busy`, ...), whether or not it still lives
     heartbeat_age: float  # seconds since its last heartbeat, by this machine's clock
-    alive: bool  # False: silent for longer than its beat interval plus SILENT_MARGIN, presumed dead
+    alive: bool  # False: silent for longer than its beat interval plus TAGGER_SILENT_MARGIN, presumed dead
 
 
 def seen_workers(settings: Settings, redis: Redis) -> list[SeenWorker]:
     """Every RQ worker on tagger's queues still in Redis, judged by its heartbeat's age.
 
-    A killed worker's entry lingers in Redis (WORKER_TTL + 60 s after its last beat) showing the state it died
-    in; a worker whose beat is overdue by more than SILENT_MARGIN is presumed dead.
+    A killed worker's entry lingers in Redis (TAGGER_IDLE_BEAT + 75 s after its last beat) showing the state it
+    died in; a worker whose beat is overdue by more than TAGGER_SILENT_MARGIN is presumed dead.
     """
     names = set(queue_names(settings))
     now = datetime.now(UTC)
@@ -69,7 +66,7 @@ def seen_workers(settings: Settings, redis: Redis) -> list[SeenWorker]:
         beat = worker.last_heartbeat if worker.last_heartbeat.tzinfo else worker.last_heartbeat.replace(tzinfo=UTC)
         age = max(0.0, (now - beat).total_seconds())
         state = str(getattr(worker.get_state(), "value", worker.get_state()))
-        found.append(SeenWorker(worker, state, age, age <= beat_interval(settings, state) + SILENT_MARGIN))
+        found.append(SeenWorker(worker, state, age, age <= beat_interval(settings, state) + settings.silent_margin))
     return found
 
 

@@ -29,10 +29,9 @@ from worker.queue.recovery import orphan_due, pending, recover
 from worker.settings import Settings
 
 log = structlog.get_logger("tagger.workers")
-# RQ's worker TTL: an idle worker heartbeats after each wait on the queues, WORKER_TTL - 15 s (RQ's
-# `dequeue_timeout`); RQ keeps a worker's entry WORKER_TTL + 60 s after its last beat, dead or not.
-WORKER_TTL = 35
-IDLE_BEAT = max(1, WORKER_TTL - 15)
+# RQ's `dequeue_timeout` (an idle worker's wait on the queues, after which it beats) is its worker TTL - 15 s;
+# RQ keeps a worker's entry that TTL + 60 s after its last beat, dead or not.
+RQ_TTL_OVER_DEQUEUE = 15
 MAINTENANCE_INTERVAL = 30  # RQ's registry maintenance, which also restarts a scheduler that died
 DROPPED_KEEP = 1000
 STOPPING = threading.Event()  # set by SIGTERM/SIGINT in a worker process
@@ -243,7 +242,7 @@ def _until_next_pass(settings: Settings, redis: Redis, interval: float) -> float
 
 def beat_interval(settings: Settings, state: str) -> float:
     """Seconds between a worker's heartbeats in an RQ state: a third of a lease while busy, else RQ's idle wait."""
-    return max(0.2, settings.lease_seconds / 3) if state == "busy" else float(IDLE_BEAT)
+    return max(0.2, settings.lease_seconds / 3) if state == "busy" else float(settings.idle_beat)
 
 
 def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRIORITIES, burst: bool = False) -> None:
@@ -271,7 +270,7 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
                     connection=redis,
                     serializer=JSONSerializer,
                     settings=settings,
-                    worker_ttl=WORKER_TTL,
+                    worker_ttl=settings.idle_beat + RQ_TTL_OVER_DEQUEUE,
                     maintenance_interval=MAINTENANCE_INTERVAL,
                 )
                 worker.work(burst=burst, with_scheduler=True)
