@@ -16,6 +16,7 @@ os.environ["RQ_KEY_PREFIX"] = f"rq{SESSION}"
 import contextlib
 import itertools
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -99,6 +100,18 @@ def _no_worker_state_from_another_test() -> Iterator[None]:
     yield
     WorkerState.context = None
     STOPPING.clear()
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_found() -> Iterator[None]:
+    """An RQ worker run in this process (`worker.work()`) installs its SIGINT/SIGTERM handlers in pytest's main
+    thread: they are put back after each test, so a later signal never raises a stopped worker's StopRequested
+    or SystemExit inside another test."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        if handler is not None and signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture

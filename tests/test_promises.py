@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -759,7 +760,8 @@ def run_burst_worker(settings: Settings, redis: redis_lib.Redis, limit: float = 
     def watchdog() -> None:
         if not finished.wait(limit):
             for worker in Worker.all(connection=redis):
-                send_shutdown_command(redis, worker.name)
+                if worker.pid == os.getpid():  # this process's worker, not a worker process another test left
+                    send_shutdown_command(redis, worker.name)
         if not finished.wait(15):
             # RQ's work loop can swallow both the shutdown and mutmut's timeout signal while it blocks on an empty
             # queue: end the whole process loudly rather than hang the run (a hung worker is a failed test).
@@ -768,12 +770,15 @@ def run_burst_worker(settings: Settings, redis: redis_lib.Redis, limit: float = 
             os._exit(3)
 
     threading.Thread(target=watchdog, daemon=True).start()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     try:
         run_worker(settings, redis, burst=True)
     finally:
         finished.set()
     assert time.monotonic() - started < limit, "the burst worker did not stop by itself"
+    # RQ installs its handlers in this (pytest's) process: a worker that returns must put back those it found.
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers, "the worker left its handlers"
 
 
 def test_a_worker_in_process_classifies_and_a_long_call_is_not_taken_for_dead(
@@ -863,8 +868,6 @@ def test_a_worker_waits_longer_each_time_redis_fails_up_to_30_s_and_starts_over_
 
 
 def test_sigterm_between_jobs_stops_the_worker_loop_and_the_process(worker_env: Settings, rq_queue: Queue) -> None:
-    import signal
-
     from rq.exceptions import StopRequested
 
     from worker.queue.workers import STOPPING, TaggerWorker

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -253,6 +254,7 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
     log line, then works again.
     """
     selected = [q for q in queues(settings, redis) if q.name.rsplit("-", 1)[-1] in priorities]
+    handlers = _signal_handlers()  # RQ installs its own for SIGINT/SIGTERM: put back as found when this returns
     stop = threading.Event()
     threading.Thread(target=_reaper, args=(settings, redis, stop), daemon=True).start()
     backoff = Backoff()
@@ -292,3 +294,20 @@ def run_worker(settings: Settings, redis: Redis, priorities: Sequence[str] = PRI
         return  # a signal arrived between two runs of RQ's loop
     finally:
         stop.set()
+        _restore_signal_handlers(handlers)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """The handlers of the stop signals now (a worker run in a process that goes on, a test's, must leave none)."""
+    return {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    """Put back the stop signals' handlers (only the main thread may set them; RQ's are set there too)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
