@@ -5,13 +5,16 @@ from __future__ import annotations
 import hmac
 import io
 import json
+import time
 from typing import Any
 
 import pytest
+import redis as redis_lib
 import structlog
 
 from worker.errors import BadSignature
 from worker.logs import configure, secrets_of
+from worker.queue.modes import MODE_TTL, RedisModeMemory
 from worker.settings import Settings
 from worker.signing import SIGNATURE, canonical, sign, sign_text, verify, verify_text
 
@@ -19,8 +22,8 @@ KEY = "signing-key-for-tests-0123456789"
 DATA = {"post": "posts/a.md", "bytes": "LS0tCg==", "types": None, "n": 3, "ü": "é"}
 
 
-def settings(key: str | None = KEY) -> Settings:
-    values: dict[str, Any] = {"TAGGER_SIGNING_KEY": key} if key else {}
+def settings(key: str | None = KEY, **more: str) -> Settings:
+    values: dict[str, Any] = {"TAGGER_SIGNING_KEY": key, **more} if key else more
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
@@ -94,3 +97,57 @@ def test_the_signing_key_is_a_secret_never_logged_or_shown() -> None:
     configure(configured.model_copy(update={"log_format": "json"}), stream=stream)
     structlog.get_logger("t").info("event", detail=f"key is {KEY}")
     assert KEY not in stream.getvalue() and "***" in stream.getvalue()
+
+
+# --- the structured-output mode remembered per endpoint (worker/queue/modes.py) ------------------------------
+
+ENDPOINT = "http://127.0.0.1:9/v1|fake-model"
+
+
+@pytest.mark.redis
+def test_the_remembered_structured_mode_is_signed_and_bound_to_its_endpoint(
+    redis: redis_lib.Redis, redis_prefix: str
+) -> None:
+    memory = RedisModeMemory(settings(TAGGER_REDIS_PREFIX=redis_prefix), redis)
+    memory.remember(ENDPOINT, "json_object")
+    stored = json.loads(redis.get(memory._key(ENDPOINT)) or b"")
+    assert stored["mode"] == "json_object" and stored[SIGNATURE].startswith("hmac-sha256:")
+    assert KEY not in json.dumps(stored) and 0 < redis.ttl(memory._key(ENDPOINT)) <= MODE_TTL
+    # Another worker (another memory, the same key) trusts it.
+    assert RedisModeMemory(settings(TAGGER_REDIS_PREFIX=redis_prefix), redis).recall(ENDPOINT) == "json_object"
+
+
+@pytest.mark.redis
+def test_a_forged_or_tampered_structured_mode_is_ignored_and_logged_once(
+    redis: redis_lib.Redis, redis_prefix: str
+) -> None:
+    honest = RedisModeMemory(settings(TAGGER_REDIS_PREFIX=redis_prefix), redis)
+    key = honest._key(ENDPOINT)
+    later = int(time.time()) + MODE_TTL
+    honest.remember(ENDPOINT, "json_object")
+    signed = json.loads(redis.get(key) or b"")
+    RedisModeMemory(settings(KEY + "x", TAGGER_REDIS_PREFIX=redis_prefix), redis).remember(ENDPOINT, "prompt")
+    by_another_key = redis.get(key)
+    honest.remember("http://127.0.0.1:9/v1|another-model", "prompt")
+    forgeries = {
+        "a bare mode": "prompt",
+        "unsigned": json.dumps({"mode": "prompt", "until": later}),
+        "signed with another key": by_another_key,
+        "another endpoint's": redis.get(honest._key("http://127.0.0.1:9/v1|another-model")),
+        "altered": json.dumps({**signed, "mode": "prompt"}),
+        "lapsed": json.dumps(sign(settings(), "mode", ENDPOINT, {"mode": "prompt", "until": int(time.time()) - 1})),
+        "not a mode": json.dumps(sign(settings(), "mode", ENDPOINT, {"mode": "pickle", "until": later})),
+        "not JSON": b"pickle\x80",
+    }
+    for name, value in forgeries.items():
+        assert value, name
+        redis.set(key, value)
+        memory = RedisModeMemory(settings(TAGGER_REDIS_PREFIX=redis_prefix), redis)
+        with structlog.testing.capture_logs() as logs:
+            assert memory.recall(ENDPOINT) is None, name  # tagger probes again
+            assert memory.recall(ENDPOINT) is None, name
+        ignored = [e for e in logs if e["event"] == "structured_mode_ignored"]
+        assert len(ignored) == 1 and ignored[0]["endpoint"] == ENDPOINT, (name, logs)
+    # What the probe settles is remembered again, signed, and trusted.
+    honest.remember(ENDPOINT, "json_object")
+    assert RedisModeMemory(settings(TAGGER_REDIS_PREFIX=redis_prefix), redis).recall(ENDPOINT) == "json_object"

@@ -2,7 +2,7 @@
 
 An attacker with Redis access (a shared instance, a compromised CI job, a bug in another service) rewrites job
 results, published taxonomy versions, job payloads, the judgements kept between a job's attempts, the Batch API
-state, or the producer's apply state file. Whatever they write, through the real CLI, real RQ workers and real
+state, the structured-output mode remembered per endpoint, or the producer's apply state file. Whatever they write, through the real CLI, real RQ workers and real
 Redis: no post changes outside the keys tagger owns, no post gains a term outside the local taxonomy or loses a
 term people set, nothing outside the content root is touched, `apply` never shows a traceback (a result that
 fails its checks is that job's `bad_result`), and with TAGGER_SIGNING_KEY set (unknown to the attacker) every
@@ -423,6 +423,42 @@ def test_tampered_kept_judgements_never_pick_foreign_or_unknown_terms(pipeline: 
         assert tagged, "the planted judgements were never used: this test would not see signing fail"
     else:
         assert not tagged
+
+
+# --- the structured-output mode remembered per endpoint -----------------------------------------------------
+
+
+def test_a_planted_structured_mode_never_writes_foreign_keys_and_is_ignored_under_the_key(
+    pipeline: Pipeline, tmp_path: Path, fake_llm: FakeLLM
+) -> None:
+    from worker.providers.modes import endpoint_of
+    from worker.queue.modes import RedisModeMemory
+    from worker.settings import Settings
+
+    before, honest_posts = pipeline.posts(), honest(pipeline, tmp_path)
+    pipeline.enqueue()
+    # The attacker writes just what tagger writes, lacking only the key: the weakest mode, whose replies no
+    # server holds to the schema, for the fleet's endpoint.
+    env = pipeline.worker_env
+    seen_as = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        OPENAI_BASE_URL=env["OPENAI_BASE_URL"],
+        TAGGER_MODEL=env["TAGGER_MODEL"],
+        TAGGER_REDIS_PREFIX=pipeline.prefix,
+    )
+    RedisModeMemory(seen_as, pipeline.redis).remember(endpoint_of(seen_as), "prompt")
+    fake_llm.requests.clear()
+    worked = pipeline.work()
+    run = pipeline.apply()
+    check(pipeline, before, honest_posts)
+    assert run.returncode == 0, run.stdout + run.stderr
+    formats = {(r.get("response_format") or {}).get("type") for r in fake_llm.requests}
+    if "TAGGER_SIGNING_KEY" not in pipeline.env:  # the attack does work without the key: the mode it names
+        assert formats == {None}, formats
+    else:  # ignored, said once, and the server asked in the strict mode again (this one accepts it)
+        assert formats == {"json_schema"}, formats
+        assert worked.stderr.count("structured_mode_ignored") == 1, worked.stderr[-3000:]
+        assert pipeline.posts() == honest_posts
 
 
 # --- the apply state file -----------------------------------------------------------------------------------

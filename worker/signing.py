@@ -1,9 +1,10 @@
 """Optional signing of what tagger keeps in Redis (TAGGER_SIGNING_KEY): HMAC-SHA256 over canonical JSON bytes.
 
 Producers, workers and `apply` share the key; Redis never holds it. With it set, job payloads, published
-taxonomies, kept judgements and results carry a signature, and anything unsigned or badly signed is refused
-(`bad_signature`). Each signature covers what it signs (its purpose) and where it belongs (the job id, the
-taxonomy version), so a signed value cannot be replayed as another kind of value or under another job.
+taxonomies, kept judgements, results, the Batch API state and the structured-output mode remembered per endpoint
+carry a signature, and anything unsigned or badly signed is refused (`bad_signature`). Each signature covers what
+it signs (its purpose) and where it belongs (the job id, the taxonomy version, the endpoint), so a signed value
+cannot be replayed as another kind of value or under another job.
 Without the key nothing is signed and a signature found is ignored.
 """
 
@@ -20,7 +21,7 @@ from worker.settings import Settings
 
 SIGNATURE = "signature"  # the field a signed JSON object carries its signature in
 SCHEME = "hmac-sha256:"
-Purpose = Literal["job", "taxonomy", "judgement", "result", "batch"]
+Purpose = Literal["job", "taxonomy", "judgement", "result", "batch", "mode"]
 
 
 def canonical(data: Any) -> bytes:
