@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests import commands
 from tests.conftest import fill_disk
 from tests.fakellm import FakeLLM
 from worker.backfill import plan, run_inline
@@ -278,6 +280,27 @@ def test_a_full_disk_backfill_is_listed_by_verify_and_healed_by_verify_fix_and_a
     assert healed.stdout.splitlines()[-1] == "verify: 3 posts checked, 0 drifted"
     assert read_post(content / "posts" / "limiting-wip.md").terms("tags") == ["Lean", "Kanban"]
     assert "Kanban" in read_post(content / "posts" / "shipping-daily.md").terms("tags")
+
+
+@pytest.mark.redis
+def test_verify_fix_exits_1_when_it_enqueued_the_drift_and_3_when_redis_does_not_answer(
+    queue_env: dict[str, str], fake_llm: FakeLLM
+) -> None:
+    """A script tells apart drift handed to the workers (1) from a fix that could not be enqueued (3)."""
+    fake_llm.score(SCORES, default=0)
+    down_env = {**queue_env, "REDIS_URL": "redis://127.0.0.1:1/0"}  # nobody answers
+    # A fresh site: no post has a record yet, so every post drifted.
+    down = commands.tagger(down_env, "verify", "--fix")
+    assert down.returncode == 3, down.stdout + down.stderr
+    assert "record_missing" in down.stdout and "drifted: record_missing" in down.stdout  # still checked and listed
+    assert "verify --fix: nothing enqueued, Redis does not answer" in down.stderr and "Traceback" not in down.stderr
+    up = commands.tagger(queue_env, "verify", "--fix")
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert re.search(r"^fix: [1-9][0-9]* enqueued", up.stdout, re.M), up.stdout
+    # Once nothing drifted: 0 with Redis, still 3 without it (failed jobs unchecked, nothing could be enqueued).
+    assert commands.tagger(down_env, "verify", "--inline").returncode == 0
+    assert commands.tagger(queue_env, "verify", "--fix").returncode == 0
+    assert commands.tagger(down_env, "verify", "--fix").returncode == 3
 
 
 @pytest.mark.slow

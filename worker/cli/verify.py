@@ -13,6 +13,10 @@ from worker.cli.app import App, err, pass_app
 from worker.logs import redact_url
 from worker.providers import OFFLINE_NOTE
 
+# Exit codes: nothing drifted (or --inline healed it all); posts drifted (listed, and enqueued with --fix); --fix
+# could not enqueue, Redis does not answer (posts still checked and listed). 2 is click's, for a usage error.
+CLEAN, DRIFTED, NOT_ENQUEUED = 0, 1, 3
+
 
 @click.command("verify")
 @click.argument("folder", metavar="[DIR]", required=False, type=click.Path(path_type=Path))
@@ -29,8 +33,10 @@ def verify(app: App, folder: Path | None, as_json: bool, fix: bool, inline: bool
     removed by people (terms_missing), the post is not the file tagger last wrote or read (file_changed), it was
     judged with an older taxonomy, prompt or model or has changed since (stale), or a failed job is pending for
     it (failed_job, when Redis answers); a post that cannot be read is listed as unreadable. Prints
-    `kind post: detail` per drifted post and a count per kind; exit 1 when any drifted. --fix enqueues them;
-    --inline classifies them here and exits by a second verification.
+    `kind post: detail` per drifted post and a count per kind. --fix enqueues them; --inline classifies them
+    here and exits by a second verification. Exit 0 when none drifted (with --inline: none left), 1 when posts
+    drifted (--fix enqueued them), 3 when --fix could not enqueue because Redis does not answer (the posts are
+    still checked and listed).
     """
     settings = app.configured()
     redis = None
@@ -38,17 +44,22 @@ def verify(app: App, folder: Path | None, as_json: bool, fix: bool, inline: bool
         try:
             redis = app.redis()
         except RedisError as exc:
-            if fix:
-                raise
-            redis = None
-            err(f"tagger: failed jobs not checked: Redis at {redact_url(settings.redis_url)} does not answer ({exc})")
+            down = f"Redis at {redact_url(settings.redis_url)} does not answer ({exc})"
+            err(f"tagger: failed jobs not checked: {down}")
     report = verify_lib.verify(settings, folder, types or None, redis)
     _show(report, as_json)
+    if fix and not inline and redis is None:
+        err("verify --fix: nothing enqueued, Redis does not answer (`verify --inline` heals in this process)")
+        raise click.exceptions.Exit(NOT_ENQUEUED)
     if not report.drifted:
         return
     if fix and not inline:
         assert redis is not None
-        enqueued = verify_lib.fix_queued(settings, report, redis, types or None)
+        try:
+            enqueued = verify_lib.fix_queued(settings, report, redis, types or None)
+        except RedisError as exc:
+            err(f"verify --fix: Redis stopped answering while enqueuing ({exc}); run `verify --fix` again")
+            raise click.exceptions.Exit(NOT_ENQUEUED) from exc
         actions: dict[str, int] = {}
         for item in enqueued:
             actions[item.action] = actions.get(item.action, 0) + 1
@@ -74,7 +85,7 @@ def verify(app: App, folder: Path | None, as_json: bool, fix: bool, inline: bool
             )
         if not again.drifted:
             return
-    raise click.exceptions.Exit(1)
+    raise click.exceptions.Exit(DRIFTED)
 
 
 def _show(report: verify_lib.Verification, as_json: bool) -> None:
