@@ -9,8 +9,10 @@ Usage: .venv/bin/python benchmarks/cost.py [--batch-only | --paid-once]
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._support import fake_settings, need_corpus, scratch_posts
 from tests.fakellm import FakeLLM
 from worker import batch_backfill as batch
-from worker.backfill import estimate_ratios, plan, run_inline
+from worker.backfill import estimate, estimate_ratios, plan, run_inline
 from worker.classifier import make_classifier
 from worker.evaluation import dollars
 from worker.logs import configure
@@ -29,11 +31,12 @@ from worker.settings import DEFAULT_PRICES, Settings
 from worker.taxonomy import taxonomy_for
 
 PRICE = DEFAULT_PRICES["gpt-4o-mini"]
+CHUNK = Settings(_env_file=None).chunk_size  # type: ignore[call-arg]
 CONFIGURATIONS = (  # label, TAGGER_CHUNK_SIZE, TAGGER_DEFINITIONS, TAGGER_REPLY
-    ("defaults: compact, all", 60, "compact", "all"),
-    ("compact, relevant", 60, "compact", "relevant"),
-    ("full, all", 60, "full", "all"),
-    ("full, relevant", 60, "full", "relevant"),
+    ("defaults: compact, all", CHUNK, "compact", "all"),
+    ("compact, relevant", CHUNK, "compact", "relevant"),
+    ("full, all", CHUNK, "full", "all"),
+    ("full, relevant", CHUNK, "full", "relevant"),
     ("one call per term, compact", 1, "compact", "all"),
     ("one call per term, full", 1, "full", "all"),
 )
@@ -84,12 +87,24 @@ def sync_vs_batch(corpus: Path) -> None:
     print(f"posts written identically by both: {len(sync_posts)}/{n}")
 
 
+RECORDS = Path(tempfile.gettempdir()) / f"tagger-cost-records-{os.getpid()}"
+
+
+def own_records(posts: list[Path]) -> dict[str, str]:
+    """A records folder of its own for one run (and the posts' folder as the content root, so records go there):
+    a dry run keeps its judgements, and the next configuration must not reuse them."""
+    RECORDS.mkdir(exist_ok=True)
+    return {"TAGGER_CONTENT_DIR": os.path.commonpath(posts), "TAGGER_RECORDS_DIR": tempfile.mkdtemp(dir=RECORDS)}
+
+
 def run(
     fake: FakeLLM, posts: list[Path], taxonomy: Path, chunk_size: int, shortlist: float = 0
 ) -> tuple[dict[str, int], list[set[tuple[str, str]]]]:
     """Classify (dry run) every post; return the server's counters and the terms the LLM judged per post."""
     before = dict(fake.counts)
-    settings = fake_settings(fake, taxonomy, TAGGER_CHUNK_SIZE=chunk_size, TAGGER_SHORTLIST_MIN=shortlist)
+    settings = fake_settings(
+        fake, taxonomy, TAGGER_CHUNK_SIZE=chunk_size, TAGGER_SHORTLIST_MIN=shortlist, **own_records(posts)
+    )
     classifier = make_classifier(settings)
     judged = []
     for path in posts:
@@ -102,7 +117,12 @@ def spend(fake: FakeLLM, posts: list[Path], taxonomy: Path, chunk_size: int, def
     """Usage of classifying (dry run) every post under one configuration, starting with a cold prefix cache."""
     fake._seen_prefixes.clear()
     settings = fake_settings(
-        fake, taxonomy, TAGGER_CHUNK_SIZE=chunk_size, TAGGER_DEFINITIONS=definitions, TAGGER_REPLY=reply
+        fake,
+        taxonomy,
+        TAGGER_CHUNK_SIZE=chunk_size,
+        TAGGER_DEFINITIONS=definitions,
+        TAGGER_REPLY=reply,
+        **own_records(posts),
     )
     classifier = make_classifier(settings)
     usage = Usage()
@@ -138,18 +158,18 @@ def dollars_table(posts: list[Path], taxonomy: Path) -> None:
 def paid_once(corpus: Path) -> None:
     """`backfill --estimate`'s ratios on the corpus: all and relevant, sync and batch, against one call per term.
 
-    Each configuration (types packed into one call or one call per type; chunks of 60 or 120) is priced in the
+    Each configuration (types packed into one call or one call per type; chunks of 60 or the default) is priced in the
     same run against the same baseline (one call per post and term, synchronous), at gpt-4o-mini's list prices.
     """
     content = scratch_posts(corpus / "posts")
     try:
         todo = sorted(content.rglob("index.md"))
         print("the post paid once: dollars per post against one call per term synchronously (backfill --estimate)")
-        print(f"  {'configuration':<34}{'all sync':>10}{'all batch':>11}{'rel. sync':>11}{'rel. batch':>11}")
+        print(f"  {'configuration':<40}{'all sync':>10}{'all batch':>11}{'rel. sync':>11}{'rel. batch':>11}")
         for label, pack, chunk in (
             ("one call per type (before)", False, 60),
             ("types packed, chunks of 60", True, 60),
-            ("types packed, chunks of 120", True, 120),
+            (f"types packed, chunks of {CHUNK} (default)", True, CHUNK),
         ):
             settings = Settings(  # type: ignore[call-arg]
                 _env_file=None,
@@ -171,12 +191,32 @@ def paid_once(corpus: Path) -> None:
                     (("relevant", True), 10),
                 )
             )
-            print(f"  {label:<34}{cells}")
+            print(f"  {label:<40}{cells}")
+        relevant = settings.model_copy(update={"reply": "relevant"})  # the default chunk, types packed
+        est = estimate(relevant, todo)
+        base = estimate(relevant.model_copy(update={"chunk_size": 1, "reply": "all"}), todo)
+        n = est.posts
+        uncached = est.input_tokens - est.cached_tokens
+        print(
+            f"where a post's dollars go (relevant, sync, default chunk): {est.calls / n:.1f} calls, "
+            f"${(est.cost or 0) / n:.5f} = cached prefix (rubric and definitions) {est.cached_tokens / n:.0f} tokens "
+            f"${est.cached_tokens * PRICE.cached_input / 1e6 / n:.5f} + uncached (the post) {uncached / n:.0f} tokens "
+            f"${uncached * PRICE.input / 1e6 / n:.5f} + output {est.output_tokens / n:.0f} tokens "
+            f"${est.output_tokens * PRICE.output / 1e6 / n:.5f}; one call per term ${(base.cost or 0) / n:.5f}"
+        )
     finally:
         shutil.rmtree(content, ignore_errors=True)
 
 
 def main() -> None:
+    try:
+        measure()
+    finally:
+        shutil.rmtree(RECORDS, ignore_errors=True)
+
+
+def measure() -> None:
+    """Every table, or the one named on the command line."""
     configure(Settings(_env_file=None, TAGGER_LOG_LEVEL="WARNING"))  # type: ignore[call-arg]
     corpus = need_corpus()
     if "--batch-only" in sys.argv:
