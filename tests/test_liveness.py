@@ -214,16 +214,14 @@ def test_burst_workers_alone_recover_a_killed_workers_job(
     fake_llm.hold()  # every call waits at the model until released: the kill lands mid-job, however slow the machine
     wip, daily = posts(site) / "limiting-wip.md", posts(site) / "shipping-daily.md"
     killed_id = tagger(queue_env, "enqueue", str(wip)).stdout.split()[0]
-    # A 15 s lease: the killed job's entry expires 11-16 s after the kill, after the burst worker has started
-    # (its start-up recovery must not be what saves the job).
-    worker = spawn({**queue_env, "TAGGER_REQUEST_TIMEOUT": "60", "TAGGER_LEASE_SECONDS": "15"}, "work")
+    worker = spawn({**queue_env, "TAGGER_REQUEST_TIMEOUT": "60", "TAGGER_LEASE_SECONDS": "3"}, "work")
     assert fake_llm.wait_held(1, timeout=60)
     tagger(queue_env, "enqueue", str(daily))
-    kill_session(worker)
-    # The burst worker's own reaper passes every 30 s: only its look before quitting can find the job in time.
+    # The burst worker starts (and makes its start-up recovery) while the first worker still lives, so only its
+    # look before quitting can find the job: its reaper passes every half of its 600 s lease.
     burst = subprocess.Popen(
         [sys.executable, "-m", "worker", "work", "--burst"],
-        env={**queue_env, "TAGGER_LEASE_SECONDS": "60", "TAGGER_REQUEST_TIMEOUT": "60"},
+        env={**queue_env, "TAGGER_LEASE_SECONDS": "600", "TAGGER_REQUEST_TIMEOUT": "60"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -232,9 +230,8 @@ def test_burst_workers_alone_recover_a_killed_workers_job(
     try:
         assert fake_llm.wait_held(2, timeout=60), "the burst worker never took the other post"
         killed = Job.fetch(killed_id, connection=redis, serializer=JSONSerializer)
-        assert killed.get_status() == JobStatus.STARTED, (
-            "recovered at the burst worker's start: the machine was too slow"
-        )
+        assert killed.get_status() == JobStatus.STARTED, "the job was recovered while its worker lived"
+        kill_session(worker)
         registry = StartedJobRegistry(queue=queue_of(queue_env, redis, "default"))
         assert wait_for(lambda: killed_id in registry.get_expired_job_ids(), 30)  # the dead worker's lease is over
         fake_llm.release()
@@ -242,6 +239,7 @@ def test_burst_workers_alone_recover_a_killed_workers_job(
         assert burst.returncode == 0, err[-2000:]
     finally:
         fake_llm.release()
+        kill_session(worker)
         if burst.poll() is None:
             os.killpg(burst.pid, signal.SIGKILL)
             burst.wait(timeout=30)

@@ -1136,7 +1136,11 @@ def test_a_lost_job_is_requeued_when_its_grace_ends_not_up_to_half_a_lease_later
         stop.set()
 
 
-@pytest.mark.parametrize("stored", [b"not a time", b"nan", b"inf", str(time.time() + 3600).encode()])
+@pytest.mark.parametrize(
+    "stored",
+    [b"not a time", b"nan", b"inf", str(time.time() + 3600).encode()],
+    ids=["not a time", "nan", "inf", "an hour ahead"],  # the same names in every collecting process (xdist)
+)
 def test_a_first_seen_time_in_redis_that_is_not_one_counts_as_seen_now(
     worker_env: Settings, rq_queue: Queue, site: Path, stored: bytes
 ) -> None:
