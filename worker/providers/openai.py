@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import openai
+import openai.resources.chat.chat
+import openai.resources.chat.completions.completions
 import structlog
 from openai.types.chat import ChatCompletion
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
@@ -37,6 +39,8 @@ from worker.results import Usage
 from worker.settings import STRUCTURED_MODES, Settings, StructuredMode
 
 log = structlog.get_logger("tagger.openai")
+# The chat resource above is one the SDK loads on first use: imported with this module, it is loaded when a worker
+# starts (or once in the supervisor, before it forks its workers), not during each worker's first job (~80-130 ms).
 # max_tokens sent without a strict schema (json_object, prompt): an entry is about 60 tokens; a reason may be longer.
 MAX_TOKENS_BASE, MAX_TOKENS_PER_TERM = 200, 250
 # A `TAGGER_REPLY=relevant` reply naming no term for a post this long is suspicious enough to re-ask once.
