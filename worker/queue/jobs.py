@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 from rq import Queue, get_current_job
 from rq.exceptions import AbandonedJobError, StopRequested
@@ -86,7 +87,6 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
         assert context.classifier is not None
         result = context.classifier.classify(path, types=types)
     usage = result.usage
-    count_usage(redis, settings, usage)
     begun.log.info(
         "written" if result.written else "skipped",
         calls=usage.calls,
@@ -96,7 +96,7 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
         duration=begun.seconds(),
         llm_seconds=result.llm_seconds,
     )
-    rerun = _rerun_if_edited(redis, settings, job)
+    rerun = _finish(redis, settings, job, usage)
     return {
         "post": relative,
         "written": result.written,
@@ -106,25 +106,28 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
     }
 
 
-def count_usage(redis: Redis, settings: Settings, usage: Usage) -> None:
-    """Add one finished job and its tokens and calls to this minute's counters."""
+def count_usage(pipe: Pipeline, settings: Settings, usage: Usage) -> None:
+    """Add one finished job and its tokens and calls to this minute's counters (queued on `pipe`)."""
     minute = int(time.time() // 60)
-    with redis.pipeline() as pipe:
-        for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
-            pipe.incrby(keys.stats(settings, name, minute), amount)
-            pipe.expire(keys.stats(settings, name, minute), 3 * 3600)
-        pipe.execute()
+    for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
+        pipe.incrby(keys.stats(settings, name, minute), amount)
+        pipe.expire(keys.stats(settings, name, minute), 3 * 3600)
 
 
-def _rerun_if_edited(redis: Redis, settings: Settings, job: Job) -> str | None:
-    """Enqueue the post's run after this one when a producer asked for it while this job ran; its id, or None.
+def _finish(redis: Redis, settings: Settings, job: Job, usage: Usage) -> str | None:
+    """End the job in one transaction (its usage counted, itself marked past its look for reruns); then enqueue the
+    post's run after this one when a producer asked for it while this job ran: its id, or None.
 
-    The job first marks itself past this look (producers watch its hash): a producer asking from then on
-    enqueues a run itself instead of setting a request nobody would read.
+    Marked past the look (producers watch its hash), a producer asking from then on enqueues a run itself instead of
+    setting a request nobody would read; in the same transaction, the request set until then is read and deleted.
     """
     job.meta[RERUN_CHECKED] = True
-    job.save_meta()
-    if not redis.delete(keys.rerun(settings, job.id)):
+    with redis.pipeline() as pipe:
+        count_usage(pipe, settings, usage)
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))  # Job.save_meta, inside the transaction
+        pipe.delete(keys.rerun(settings, job.id))
+        asked = pipe.execute()[-1]
+    if not asked:
         return None
     queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)  # the same queue
     again = other_id(job.id)

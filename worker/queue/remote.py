@@ -138,8 +138,10 @@ def classify_remote(data: dict[str, Any]) -> dict[str, Any]:
     # Each chunk's judgements are kept as soon as they are in: a retry, even after a kill -9, asks only the rest.
     with structlog.contextvars.bound_contextvars(job_id=job.id, post=payload.post):
         outcome, usage, llm_seconds = decide_remote(classifier, payload, judged, on_chunk=keep_chunk)
-    redis.delete(keys.judged_chunks(settings, job.id))  # the outcome's record holds them now
-    count_usage(redis, settings, usage)
+    with redis.pipeline() as pipe:
+        pipe.delete(keys.judged_chunks(settings, job.id))  # the outcome's record holds them now
+        count_usage(pipe, settings, usage)
+        pipe.execute()
     bound.info(
         "decided",
         changes=sorted(outcome.changes),
