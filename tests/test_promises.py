@@ -1076,6 +1076,46 @@ def test_a_worker_ends_its_pubsub_thread_at_once_even_when_it_waits_on_its_60_s_
     assert time.monotonic() - started < 3
 
 
+def test_rqs_repeated_beats_and_state_writes_between_two_jobs_are_sent_once(
+    worker_env: Settings, rq_queue: Queue
+) -> None:
+    """RQ beats three times and writes the idle state twice between two jobs, milliseconds apart: a round trip each
+    was time between jobs. Repeats within BEAT_SPACING are not sent; a change, a pipelined beat or a later one is."""
+    from worker.queue.workers import BEAT_SPACING, TaggerWorker
+
+    redis = rq_queue.connection
+    worker = TaggerWorker([rq_queue], connection=redis, serializer=JSONSerializer, settings=worker_env)
+    worker.register_birth()
+    try:
+        worker.heartbeat()
+        first = redis.hget(worker.key, "last_heartbeat")
+        worker.heartbeat()
+        worker.heartbeat()
+        assert redis.hget(worker.key, "last_heartbeat") == first  # not sent again
+        assert redis.ttl(worker.key) > worker.worker_ttl  # the first beat keeps the worker seen
+        with redis.pipeline() as pipe:
+            worker.heartbeat(pipeline=pipe)  # inside another round trip (RQ's suspension check): always sent
+            pipe.execute()
+        pipelined = redis.hget(worker.key, "last_heartbeat")
+        assert pipelined != first
+        worker.beaten -= BEAT_SPACING  # as if a second had passed (a job ran)
+        worker.heartbeat()
+        assert redis.hget(worker.key, "last_heartbeat") != pipelined
+
+        worker.set_state("idle")
+        redis.hset(worker.key, "state", "probe")  # shows whether the next write reaches Redis
+        worker.set_state("idle")
+        assert redis.hget(worker.key, "state") == b"probe"  # the same state again at once: not written
+        worker.set_state("busy")
+        assert redis.hget(worker.key, "state") == b"busy"  # a change always is
+        worker.state_written -= BEAT_SPACING
+        redis.hset(worker.key, "state", "probe")
+        worker.set_state("busy")
+        assert redis.hget(worker.key, "state") == b"busy"  # and the same state a second later
+    finally:
+        worker.register_death()
+
+
 def test_a_scheduler_that_died_holding_its_locks_has_them_released_by_its_worker(
     worker_env: Settings, rq_queue: Queue
 ) -> None:
