@@ -19,8 +19,8 @@ from worker.backfill import plan, run_inline
 from worker.classifier import Classifier, make_classifier
 from worker.decide import select
 from worker.errors import AuthError, InvalidReply, QuotaExhausted, RateLimited, RecordWriteFailed, Refused, Truncated
-from worker.posts import read_post
-from worker.records import load_record, record_path
+from worker.posts import Staged, read_post
+from worker.records import RecordStore, load_record, record_path
 from worker.reply import TermScores, confidence
 from worker.results import Classification, Decision, Judgement, level
 from worker.settings import Settings, Weights
@@ -308,6 +308,33 @@ def test_a_kill_between_record_and_post_is_settled_from_the_post_hash(
     result = classifier.classify(path)
     assert read_post(path).terms("tags") == ["Lean", "Kanban"]  # not mistaken for "a person removed Kanban"
     assert tags_decision(result).kept_human == ["Lean"] and load_record(path).assigned["tags"] == ["Kanban"]
+
+
+def test_a_confirmation_a_power_cut_lost_is_settled_from_the_post_hash_with_no_call(
+    classifier: Classifier, fake_llm: FakeLLM, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The confirming record's rename is not fsynced (one wait for the disk less per write): what a power cut can
+    lose is that rename, leaving the announcing record beside the replaced post, as a kill just before it would."""
+    path = wip(site)
+    real = RecordStore.commit
+
+    def lost(self: RecordStore, post_path: Path, staged: Staged, mode: int | None = None, durable: bool = True) -> None:
+        if durable:
+            real(self, post_path, staged, mode)
+        else:
+            staged.discard()  # the rename a power cut undid: only fsynced names survive it
+
+    monkeypatch.setattr(RecordStore, "commit", lost)
+    classifier.classify(path)
+    monkeypatch.undo()
+    assert read_post(path).terms("tags") == ["Lean", "Kanban"] and load_record(path).pending is not None
+    due = classifier.due(read_post(path), load_record(path))
+    assert due is not None and due.kind == "unsettled"  # what `verify` lists until then
+    calls = fake_llm.counts["requests"]
+    result = classifier.classify(path)
+    assert fake_llm.counts["requests"] == calls  # settled from the post's hash, judged from the record
+    assert tags_decision(result).kept_human == ["Lean"] and load_record(path).assigned["tags"] == ["Kanban"]
+    assert load_record(path).pending is None and classifier.due(read_post(path), load_record(path)) is None
 
 
 def test_old_temp_files_are_cleaned_on_the_next_run_and_young_ones_kept(classifier: Classifier, site: Path) -> None:

@@ -736,10 +736,11 @@ def stage_file(path: Path, data: bytes) -> Staged:
     return Staged(path, Path(tmp))
 
 
-def replace_file(staged: Staged, expected: bytes | None = None, mode: int | None = None) -> None:
+def replace_file(staged: Staged, expected: bytes | None = None, mode: int | None = None, durable: bool = True) -> None:
     """The second half of an atomic write: rename the staged file over its path, then fsync the folder.
 
-    `expected`, `mode`: as for `atomic_write`. The temp file is removed when the rename is not made.
+    `expected`, `mode`: as for `atomic_write`. The temp file is removed when the rename is not made. Not `durable`:
+    the folder is not fsynced, so a power cut may lose the rename (never the file's bytes, fsynced before it).
     """
     path, tmp = staged.path, staged.temp
     try:
@@ -766,6 +767,8 @@ def replace_file(staged: Staged, expected: bytes | None = None, mode: int | None
     except BaseException:
         staged.discard()
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

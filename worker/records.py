@@ -272,14 +272,15 @@ class RecordStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return stage_file(path, dumps(record.model_copy(update={"post": self.relative(post_path)})))
 
-    def commit(self, post_path: Path, staged: Staged, mode: int | None = None) -> None:
-        """Rename a staged record into place (with the post's file mode, minus execute bits) and fsync its folder."""
+    def commit(self, post_path: Path, staged: Staged, mode: int | None = None, durable: bool = True) -> None:
+        """Rename a staged record into place (with the post's file mode, minus execute bits) and, `durable`, fsync
+        its folder."""
         if mode is None:
             try:
                 mode = post_path.stat().st_mode & 0o666
             except OSError:
                 mode = 0o644
-        replace_file(staged, mode=mode)
+        replace_file(staged, mode=mode, durable=durable)
         legacy = record_path(post_path)
         if staged.path != legacy:
             legacy.unlink(missing_ok=True)  # migrated into the mirror tree: out of the published site

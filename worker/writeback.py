@@ -50,7 +50,7 @@ def write_back(
     )
     # The order that matters is of renames: the announcing record is durable before the post is replaced, and
     # the post before the confirmation. The data behind each rename is written and fsynced beforehand in a helper
-    # thread, beside the step before it (fsyncs running together cost about one): 4 waits for the disk, not 6.
+    # thread, beside the step before it (fsyncs running together cost about one): 3 waits for the disk, not 6.
     staging = in_background(stage_file, post.path, new_text.encode("utf-8"))
     # Announce the write first: a failed record write leaves the post untouched, and a kill or any other
     # failure after this line is settled by `reconcile` from the post's file hash at the next run.
@@ -84,7 +84,9 @@ def write_back(
         # The announced record is settled from the post's file hash at the next run, as after a kill.
         raise PostWriteFailed(f"cannot replace the post: {exc.strerror or exc}", path=path) from exc
     try:
-        store.commit(path, confirming.result())
+        # Not made durable (no fsync of its folder): a confirmation a power cut loses leaves the announcing record,
+        # which the next run settles from the post's hash with no call, as after a kill before this line.
+        store.commit(path, confirming.result(), durable=False)
     except OSError as exc:
         # The announced record already names this write: the next run confirms it from the file hash.
         log.warning(
