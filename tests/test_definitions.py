@@ -175,3 +175,20 @@ def test_a_judgement_cached_by_the_previous_version_is_asked_again(
     keep, todo = classifier.split_cached(post, classifier.terms_for(post), old)
     assert not keep and len(todo) == len(classifier.taxonomy)
     assert re.fullmatch(r"p-[0-9a-f]{12}-compact\.c\d+-all-json_schema-packed", classifier.prompt_version)
+
+
+def test_an_exclusion_written_as_a_paragraph_under_its_heading_is_kept(tmp_path: Path) -> None:
+    # As two of the corpus's terms write it (Value Stream Management, Tenet): until now read as no exclusion at all.
+    path = tmp_path / "tenet.md"
+    path.write_text(
+        "---\ntitle: Tenet\nClassificationType: concepts\nInstructions: |-\n  Guiding rules of a method.\n\n"
+        "  **Key Topics:**\n  - Tenets of Scrum\n\n  **Exclusions:**  \n  Discussions that do not focus on guiding\n"
+        "  rules, such as general opinions.\n\n  Ensure that all discussions stay on tenets.\n---\n",
+        encoding="utf-8",
+    )
+    term, problems = term_from_file(path)
+    assert term is not None and not problems
+    assert term.exclusions == ("Discussions that do not focus on guiding rules, such as general opinions.",)
+    definition = render_term(load_templates(), term)
+    assert "Exclude: not focus on guiding rules, such as general opinions" in definition
+    assert "Ensure that" not in definition  # advice to writers after the exclusion is neither scope nor exclusion

@@ -110,6 +110,7 @@ def split_instructions(text: str, placeholders_found: list[str] | None = None) -
     topics: list[str] = []
     exclusions: list[str] = []
     section = "scope"
+    prose = False  # the exclusions written as a paragraph under their heading, not as bullets
     for line in text.splitlines():
         bullet = _BULLET.match(line)
         heading = None if bullet else _HEADING.match(line)
@@ -121,6 +122,7 @@ def split_instructions(text: str, placeholders_found: list[str] | None = None) -
             rest = _EXCLUDE.split(_clean(line), maxsplit=1)[-1].strip(" :-")
             if rest:
                 exclusions.append(rest)
+            prose = bool(rest)  # "**Strictly exclude** discussions that ..." may go on on the next line
             continue
         if PLACEHOLDER.match(_clean(bullet.group("text") if bullet else line)):
             if placeholders_found is not None:
@@ -129,11 +131,22 @@ def split_instructions(text: str, placeholders_found: list[str] | None = None) -
         if bullet:
             item = _clean(bullet.group("text"))
             {"topics": topics, "exclude": exclusions, "scope": scope}[section].append(item)
+            prose = False
         elif line.strip():
             if section == "topics" and topics:
                 section = "after"  # prose after the topic list is neither scope nor a topic
             if section in ("scope", "after"):
                 scope.append(_clean(line))
+            elif section == "exclude" and (prose or not exclusions) and not line.rstrip().endswith(":"):
+                # "**Strictly exclude:**" then a paragraph: that paragraph is the exclusion (prose after bullets
+                # is not, such as "Ensure that all discussions remain focused ...", nor "Do not use it for:").
+                if prose:
+                    exclusions[-1] = f"{exclusions[-1]} {_clean(line)}"
+                else:
+                    exclusions.append(_clean(line))
+                prose = True
+        else:
+            prose = False
     return " ".join(s for s in scope if s), topics, exclusions
 
 
