@@ -167,11 +167,12 @@ def workers_alive(redis: redis_lib.Redis, env: dict[str, str]) -> bool:
     "args", [("work",), ("work", "--burst"), ("work", "--processes", "2")], ids=["work", "burst", "processes"]
 )
 @pytest.mark.slow
-def test_a_worker_that_cannot_start_says_why_in_one_line_and_exits_1_at_once(
+def test_a_worker_that_cannot_start_says_why_in_one_line_and_exits_78_at_once(
     queue_env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     """In a folder without its taxonomy (or a remote worker started without TAGGER_JOB_MODE=remote)."""
     from tests.test_liveness import tagger
+    from worker.queue.startup import EXIT_CONFIG
 
     empty = tmp_path / "worker-machine"
     empty.mkdir()
@@ -180,7 +181,7 @@ def test_a_worker_that_cannot_start_says_why_in_one_line_and_exits_1_at_once(
     run = subprocess.run(
         [sys.executable, "-m", "worker", *args], env=env, cwd=empty, capture_output=True, text=True, timeout=60
     )
-    assert run.returncode == 1 and time.monotonic() - started < 30
+    assert run.returncode == EXIT_CONFIG and time.monotonic() - started < 30
     [line] = run.stderr.strip().splitlines()  # one line, no traceback, no restart
     assert line.startswith("tagger: taxonomy: no taxonomy folder at ") and "TAGGER_JOB_MODE=remote" in line
     assert run.stdout == ""

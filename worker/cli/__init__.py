@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from redis import RedisError
 
 from worker import __version__
-from worker.cli.app import App, Fail, use_env_file
+from worker.cli.app import App, Fail, Misconfigured, use_env_file
 from worker.cli.apply import apply_command
 from worker.cli.batch_commands import batch
 from worker.cli.classify import classify
@@ -23,6 +23,7 @@ from worker.cli.taxonomy import taxonomy
 from worker.cli.verify import verify
 from worker.errors import TaggerError
 from worker.logs import redact, redact_url, secrets_of
+from worker.queue.startup import EXIT_CONFIG
 
 
 def one_line(exc: BaseException, app: App | None) -> str:
@@ -65,6 +66,12 @@ EXAMPLES = {
 }
 
 
+class MisconfiguredFail(Fail):
+    """The one line, and exit EXIT_CONFIG: a worker that cannot start until its settings or files are fixed."""
+
+    exit_code = EXIT_CONFIG
+
+
 class TaggerGroup(click.Group):
     """The command group; it turns tagger's own errors, Redis errors and bad settings into one line."""
 
@@ -88,6 +95,8 @@ class TaggerGroup(click.Group):
             return result
         except (TaggerError, RedisError, ValidationError) as exc:
             raise Fail(one_line(exc, ctx.find_object(App))) from exc
+        except Misconfigured as exc:
+            raise MisconfiguredFail(one_line(exc.cause, ctx.find_object(App))) from exc.cause
 
 
 @click.group(

@@ -31,6 +31,16 @@ class Fail(click.ClickException):
         click.echo(f"tagger: {self.message}", err=True)
 
 
+class Misconfigured(Exception):
+    """What keeps `tagger work` from starting until someone fixes the settings or the files (not Redis trouble):
+    the group prints it as one line, like any expected error, and exits EXIT_CONFIG, not 1, so a service manager
+    can be told not to restart it (`RestartPreventExitStatus=` in deploy/tagger-worker.service)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 @dataclass
 class App:
     """The CLI context, one per run and passed to every command: the env file, the settings, logging and Redis.

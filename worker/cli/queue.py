@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 from redis import Redis
 
 from worker import backfill as backfill_lib
 from worker.apply import remember
 from worker.classifier import NO_FRONT_MATTER
-from worker.cli.app import App, Fail, err, pass_app, progress
+from worker.cli.app import App, Fail, Misconfigured, err, pass_app, progress
+from worker.errors import TaggerError
 from worker.paths import content_root
 from worker.providers import OFFLINE_NOTE
 from worker.queue.cancel import cancel as cancel_jobs
@@ -278,13 +280,25 @@ def work(app: App, burst: bool, processes: int, priorities: tuple[str, ...]) -> 
     RQ workers with tagger's settings: JSON serializer, the scheduler for delayed retries, recovery of jobs
     whose worker died, Redis trouble waited out. The processes are supervised (one that dies is restarted);
     SIGTERM/SIGINT lets each current job finish within TAGGER_SHUTDOWN_GRACE, a second one stops at once.
+
+    Exit codes: 78 (EX_CONFIG) when it cannot start until its settings or files are fixed (one line says what;
+    never restarted, and deploy/tagger-worker.service tells systemd not to either); 1 on any other error, Redis
+    not answering included (it may answer later: restarting is right then).
     """
-    settings = app.configured(quiet=False)
-    # Checked once here: what is wrong is one line and exit 1, not a traceback from every child, restarted.
-    serving = check_start(settings, app.redis(), priorities or None)
+    # Checked once here: what is wrong is one line and EXIT_CONFIG, not a traceback from every child, restarted.
+    # Redis not answering is exit 1: it may answer later, so a service manager's restart is right then.
+    try:
+        settings = app.configured(quiet=False)
+        serving = check_start(settings, app.redis(), priorities or None)
+    except ValidationError as exc:
+        raise Misconfigured(exc) from exc
+    except TaggerError as exc:
+        if exc.transient:
+            raise
+        raise Misconfigured(exc) from exc
     click.echo(serving.line(processes, burst))
     code = run_processes(settings, processes, priorities or None, burst)
     if code == EXIT_CONFIG:
-        raise click.exceptions.Exit(1)  # the worker said why in one line; it is not restarted
+        raise click.exceptions.Exit(EXIT_CONFIG)  # the worker said why in one line; it is not restarted
     if code:
         raise Fail(f"a worker process exited with code {code}")
