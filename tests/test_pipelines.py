@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import redis as redis_lib
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger, tagger_process
 from tests.fakellm import FakeLLM
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]  # they start tagger and worker processes
@@ -64,12 +64,6 @@ KILL_HOOK = textwrap.dedent(
         subprocess.run = _running
     """
 )
-
-
-def tagger(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180
-    )
 
 
 def git(checkout: Path, *args: str) -> str:
@@ -141,7 +135,9 @@ def test_apply_commit_killed_anywhere_then_run_again_commits_every_write(
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILL_HOOK, "utf-8")
-    killed = tagger({**env, "PYTHONPATH": str(hook), "TAGGER_TEST_KILL_AT": kill_at}, "apply", "--commit", cwd=checkout)
+    killed = tagger_process(  # a process: the hook kills it
+        {**env, "PYTHONPATH": str(hook), "TAGGER_TEST_KILL_AT": kill_at}, "apply", "--commit", cwd=checkout
+    )
     assert killed.returncode == -9, f"the hook did not kill apply at {kill_at}: {killed.stdout}{killed.stderr}"
     rerun = tagger(env, "apply", "--commit", cwd=checkout)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

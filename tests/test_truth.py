@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -252,9 +251,7 @@ def test_a_full_disk_backfill_is_listed_by_verify_and_healed_by_verify_fix_and_a
     fill_disk(small_tmpfs)
 
     def tagger(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120
-        )
+        return commands.tagger(env, *args, timeout=120)
 
     before = digest(content)
     backfill = tagger("backfill", str(content), "--inline")
@@ -311,9 +308,7 @@ def test_a_failed_job_pending_for_a_post_is_listed_until_it_is_run_again(
     fake_llm.score(SCORES, default=0)
 
     def tagger(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "worker", *args], env=queue_env, capture_output=True, text=True, timeout=120
-        )
+        return commands.tagger(queue_env, *args, timeout=120)
 
     path = posts_of(site) / "limiting-wip.md"
     path.chmod(0o444)  # its job fails at once (post_read_only), not retried

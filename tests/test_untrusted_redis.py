@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
+from tests.commands import tagger
 from tests.conftest import SESSION_PATTERNS
 from tests.fakellm import FakeLLM
 from tests.owned_bytes import assert_only_owned_changed
@@ -43,12 +43,6 @@ EVIL = "PWNED by tampered result"
 # Terms of the attacker's own, of reserved types and of a real type, scored 100 by the (fake) model.
 EVIL_TERMS = {"title": EVIL, "draft": "true", "ClassificationContentOrigin": "Human", "tags": "Not A Real Term"}
 TYPES = ("tags", "categories", "concepts")
-
-
-def tagger(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180
-    )
 
 
 @dataclass
@@ -184,7 +178,7 @@ def honest(pipeline: Pipeline, tmp_path: Path) -> dict[str, str]:
 def check(pipeline: Pipeline, before: dict[str, str], honest_posts: dict[str, str]) -> None:
     """The promises that hold whatever was tampered with."""
     for run in pipeline.runs:  # a worker's log keeps a failed job's traceback for on-call; a command shows none
-        if run.args[3] != "work":
+        if "work" not in run.args[:4]:  # `python -m worker work` (a process); other commands ran as `tagger ...`
             assert "Traceback" not in run.stdout + run.stderr, run.stdout + run.stderr
     assert pipeline.outside.read_text("utf-8") == before["posts/limiting-wip.md"], "a file outside the root changed"
     known = {t: {normal_form(term.title) for term in load_taxonomy(pipeline.taxonomy_dir).of_type(t)} for t in TYPES}
