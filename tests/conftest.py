@@ -1,8 +1,8 @@
 """Shared fixtures: the fake OpenAI server, settings pointing at it, a scratch site, the corpus, Redis.
 
 Redis hygiene: every key a test creates lives under this session's prefixes (`rq<session>`, `tagger<session>`)
-and is deleted by the fixture that made the prefix; a key still there after a test's own clean-up is reported,
-deleted (so the next test starts clean, whatever the order) and fails the run at the end of the session.
+and is deleted by the fixture that made the prefix; a key still there after a test's own clean-up is deleted (so
+the next test starts clean, whatever the order) and fails that test at its teardown, and the run.
 """
 
 from __future__ import annotations
@@ -204,10 +204,11 @@ def redis_url() -> Iterator[str]:
     # Delete only the keys this session created (its own prefixes), never the whole database.
     client = redis_lib.Redis.from_url(url)
     left = delete_keys(client, *SESSION_PATTERNS)
-    if left:
-        _leftovers.append(f"end of session: {left}")
     if process:
         process.terminate()
+    if left:
+        _leftovers.append(f"end of session: {left}")
+        pytest.fail(f"Redis keys left behind at the end of the session (deleted now): {left[:20]}", pytrace=False)
 
 
 def delete_keys(client: redis_lib.Redis, *patterns: str) -> list[str]:
@@ -230,7 +231,10 @@ def _redis_hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
         return  # no Redis in this run: nothing to check
     left = delete_keys(redis_lib.Redis.from_url(url), *SESSION_PATTERNS)
     if left:
-        _leftovers.append(f"{request.node.nodeid}: {left[:20]}{' ...' if len(left) > 20 else ''}")
+        named = f"{left[:20]}{' ...' if len(left) > 20 else ''}"
+        _leftovers.append(f"{request.node.nodeid}: {named}")
+        # The test errors here, not only the session at its end: an xdist worker's exit status never reaches the run.
+        pytest.fail(f"Redis keys left behind by the test (deleted now): {named}", pytrace=False)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
