@@ -154,13 +154,17 @@ def main() -> None:
                 f"{remote_rate / shared_rate:.0%}; median job data {remote.job_bytes / 1024:.1f} KiB against "
                 f"{slow.job_bytes / 1024:.2f} KiB; apply of {args.posts} results {remote.apply_seconds:.1f}s"
             )
+            print(
+                f"remote jobs: {remote_rate:.2f} posts/s against an ideal of {args.workers / args.latency:.2f} posts/s "
+                f"= {remote_rate * args.latency / args.workers:.1%} (first job start to last job end)"
+            )
     ideal = args.workers / args.latency
     measured = args.posts / slow.busy
     job = statistics.median(fast.job_seconds)
     outside = statistics.median(j - w for j, w in zip(fast.job_seconds, fast.llm_seconds, strict=True))
     print(f"posts {args.posts}, workers {args.workers}, fake latency {args.latency}s, one call per post")
     print(
-        f"throughput: {measured:.2f} posts/s against an ideal of {ideal:.2f} posts/s = {measured / ideal:.0%} "
+        f"throughput: {measured:.2f} posts/s against an ideal of {ideal:.2f} posts/s = {measured / ideal:.1%} "
         f"(first job start to last job end; {slow.wall:.1f}s with process start-up)"
     )
     print(
