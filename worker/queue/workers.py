@@ -115,7 +115,7 @@ class TaggerWorker(SimpleWorker):
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's, without writing again, as RQ does between two jobs, the state written less than BEAT_SPACING ago."""
         written = time.monotonic()
-        if pipeline is None and state == self._state and written - self.state_written < BEAT_SPACING:
+        if pipeline is None and state == self.get_state() and written - self.state_written < BEAT_SPACING:
             return
         super().set_state(state, pipeline)
         self.state_written = written
