@@ -29,18 +29,19 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # Two processes (pytest-xdist): most tests wait on workers, timers and the fake model, so two overlap on 2 cores.
-# Each test has its own Redis prefixes, folders and ports; `--dist loadgroup` keeps tests/test_install.py's build
-# and install in one process. `.venv/bin/pytest` alone still runs everything in one process.
+# Each test has its own Redis prefixes, folders and ports; `--dist loadfile` keeps a file's tests in one process, so
+# a module fixture (tests/test_install.py's build and install) is made once (xdist's loadgroup does not group under
+# pytest 9). `.venv/bin/pytest` alone still runs everything in one process.
 PYTEST_PROCESSES ?= 2
 pytest: $(STAMP)
-	$(BIN)/pytest -q -n $(PYTEST_PROCESSES) --dist loadgroup
+	$(BIN)/pytest -q -n $(PYTEST_PROCESSES) --dist loadfile
 
 test: lint typecheck docs pytest
 
 # The inner loop: the in-process tests (no worker, CLI or server processes; tests that start one are marked
 # `slow`, which tests/conftest.py enforces), under a minute. `make test` (CI) still runs everything.
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow" -n $(PYTEST_PROCESSES) --dist loadgroup
+	$(BIN)/pytest -q -m "not slow" -n $(PYTEST_PROCESSES) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cost.py

@@ -22,8 +22,7 @@ import pytest
 
 from worker.prompts import load_templates
 
-# One build and one install per run: with `-n`, every test of this file goes to the same xdist worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
@@ -63,7 +62,7 @@ def _clean(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="session")  # with xdist, a module fixture is built again when other files' tests interleave
+@pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
     out = tmp_path_factory.mktemp("dist")
     build = subprocess.run(
@@ -128,7 +127,7 @@ def test_sdist_holds_the_sources_and_no_tests_benchmarks_or_venv(dist: Dist) -> 
     assert not leaked, leaked
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def installed(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = tmp_path_factory.mktemp("installed")
     assert not root.is_relative_to(REPO)
