@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,11 +17,13 @@ import yaml
 from worker.errors import BadPost, PostChanged, PostMissing
 from worker.posts import (
     ORIGIN_KEY,
+    TEMP_SUFFIX,
     clean_stale_temps,
     foreign_changes,
     normal_form,
     read_post,
     render_changes,
+    stage_file,
     write_atomic,
 )
 
@@ -219,6 +222,23 @@ def test_stale_temp_files_are_cleaned_and_young_ones_kept(tmp_path: Path) -> Non
     os.utime(other, (time.time() - 3600, time.time() - 3600))
     assert clean_stale_temps(tmp_path) == [old]
     assert not old.exists() and young.exists() and other.exists()
+
+
+def test_a_temp_file_of_a_dead_writer_of_this_host_goes_at_once_others_wait_for_their_age(tmp_path: Path) -> None:
+    # A writer killed -9 mid-write leaves a temp file that names it: a rerun need not wait 15 minutes to tidy up.
+    # (tests/test_pipelines.py kills a real `apply` at each write and checks that its rerun leaves a clean tree.)
+    live = stage_file(tmp_path / ("p" * 240 + ".md"), b"being written").temp  # this process's: alive
+    assert len(live.name.encode()) < 255  # a long post name still gives a temp name a file system takes
+    host, pid = socket.gethostname(), os.getpid()
+    assert f"~{host}~{pid}~" in live.name
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    dead = tmp_path / f".q.md~{host}~{no_such_pid}~abc{TEMP_SUFFIX}"
+    elsewhere = tmp_path / f".r.md~another-host~{no_such_pid}~abc{TEMP_SUFFIX}"  # a shared folder's other writer
+    unnamed = tmp_path / f".s.md.abc{TEMP_SUFFIX}"  # an older tagger's name: no writer to ask
+    for path in (dead, elsewhere, unnamed):
+        path.write_bytes(b"partial")
+    assert clean_stale_temps(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and elsewhere.exists() and unnamed.exists()
 
 
 # --- hostile front matter: each case must end within seconds and a few tens of MB -------------------------

@@ -18,7 +18,7 @@ import structlog
 
 from worker.decide import Decided, Due, decide, drift, retired
 from worker.errors import InvalidReply, PostChanged, TaggerError
-from worker.posts import Post, check_writable, clean_stale_temps, read_post
+from worker.posts import Post, check_writable, read_post
 from worker.prompts import CHARS_PER_TOKEN, PostText, Prompt, Templates, build_prompt, prompt_version
 from worker.providers import OfflineProvider, Provider
 from worker.providers.base import ModeMemory, Throttle
@@ -95,10 +95,6 @@ class Classifier:
                 )  # fmt: skip
             if not dry_run and not post.human_only:
                 check_writable(path)  # a locked post is not judged either: no call spent on what cannot be written
-            if not dry_run:
-                for folder in {path.parent, self.records.path_for(path).parent}:
-                    for stale in clean_stale_temps(folder):
-                        log.info("stale_temp_removed", file=str(stale))
             stored = self.records.load(path)
             record = reconcile(stored, post)
             chunks: list[Judgement] = []

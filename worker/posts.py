@@ -9,6 +9,7 @@ import hashlib
 import math
 import os
 import re
+import socket
 import stat
 import tempfile
 import time
@@ -35,6 +36,9 @@ MAX_YAML_NODES = 10_000
 TEMP_SUFFIX = ".tagger-tmp"
 # A temp file older than this was left by a killed process: a live write takes seconds, not minutes.
 STALE_TEMP_SECONDS = 15 * 60
+# A temp file's name carries its writer (`.NAME~HOST~PID~RANDOM.tagger-tmp`), so one left by a dead process of this
+# host goes at once; one of another host (a shared folder) waits for STALE_TEMP_SECONDS.
+TEMP_MARK = "~"
 Format = Literal["yaml", "toml", "none"]
 Change = list[str] | str | None  # a list of terms, a scalar, or None to remove a key tagger added
 
@@ -724,7 +728,7 @@ def stage_file(path: Path, data: bytes) -> Staged:
     Split from the rename so a caller can make the data durable while it does something that must come first
     (the write-back announces the write in the record meanwhile): fsyncs running together cost about one.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -779,7 +783,8 @@ def replace_file(staged: Staged, expected: bytes | None = None, mode: int | None
 def clean_stale_temps(folder: Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove tagger's own temp files (`.*.tagger-tmp`) that killed processes left in `folder`.
 
-    Only files older than `older_than` seconds: a temp file a live process is writing is young.
+    A temp file whose writer was a process of this host that has ended goes at once; any other only when older
+    than `older_than` seconds (a temp file a live process is writing is young).
     """
     removed: list[Path] = []
     cutoff = time.time() - older_than
@@ -789,9 +794,33 @@ def clean_stale_temps(folder: Path, older_than: float = STALE_TEMP_SECONDS) -> l
         return removed
     for path in candidates:
         try:
-            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+            if path.is_file() and not path.is_symlink() and (_writer_gone(path) or path.stat().st_mtime < cutoff):
                 path.unlink()
                 removed.append(path)
         except OSError:
             continue
     return removed
+
+
+def _temp_prefix(name: str) -> str:
+    """`.NAME~HOST~PID~`, the name cut so the whole stays far under a file system's 255 bytes."""
+    while len(name.encode("utf-8")) > 100:
+        name = name[:-1]
+    return f".{name}{TEMP_MARK}{socket.gethostname()[:64]}{TEMP_MARK}{os.getpid()}{TEMP_MARK}"
+
+
+def _writer_gone(temp: Path) -> bool:
+    """Whether the temp file names a process of this host that no longer runs (False when it cannot tell)."""
+    parts = temp.name.removesuffix(TEMP_SUFFIX).rsplit(TEMP_MARK, 3)
+    if len(parts) != 4 or parts[1] != socket.gethostname()[:64] or not parts[2].isdigit():
+        return False  # another host's, or named by an older tagger: only its age tells
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it runs (as another user) or cannot be asked
+    return False

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from worker.errors import PostChanged, PostReadOnly, PostWriteFailed, RecordWriteFailed
-from worker.posts import Post, Staged, file_hash, replace_file, stage_file
+from worker.posts import Post, Staged, clean_stale_temps, file_hash, replace_file, stage_file
 from worker.records import EARLIER_KEPT, Pending, Record, RecordStore
 
 log = structlog.get_logger("tagger.classifier")  # the name its events always had: log filters keep working
@@ -32,6 +32,9 @@ def write_back(
     `record` is `stored` reconciled with `post`. A post that changed since it was read raises PostChanged
     after its new judgements are cached in the record (so judging it again is cheap).
     """
+    for folder in {path.parent, store.path_for(path).parent}:
+        for stale in clean_stale_temps(folder):  # a killed writer's, before this write adds its own
+            log.info("stale_temp_removed", file=str(stale))
     if new_text is None:
         save(store, path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=stored)
         return False
