@@ -56,6 +56,27 @@ def test_the_post_is_paid_once_and_terms_written(classifier: Classifier, fake_ll
     assert {j.model for j in record.judgements} == {"fake-model"}
 
 
+def test_decide_for_some_types_asks_and_changes_only_those_and_hands_each_chunk_over(
+    classifier: Classifier, fake_llm: FakeLLM, site: Path
+) -> None:
+    # `--type tags` and remote jobs (which keep each chunk judged as it comes) both go through Classifier.decide.
+    fake_llm.score(default=95)
+    assert classifier.classify(wip(site)).written  # every type has AI terms now
+    wip(site).write_text(wip(site).read_text(encoding="utf-8") + "\nA new paragraph.\n", encoding="utf-8")
+    before = read_post(wip(site))  # edited: its cached judgements no longer count
+    assert all(before.terms(t) for t in classifier.taxonomy.types())
+    tags = {t.title for t in classifier.taxonomy if t.type == "tags"}
+    fake_llm.score(default=0)  # a new model, say: no tag fits any more
+    asked = len(fake_llm.requests)
+    handed: list[Judgement] = []
+    decided = classifier.decide(before, load_record(wip(site)), types=["tags"], on_chunk=handed.extend)
+    assert {n for request in fake_llm.requests[asked:] for n in asked_names(request)} == tags  # no other type asked
+    assert sorted(j.term for j in handed) == sorted(j.term for j in decided.result.judgements) == sorted(tags)
+    assert set(decided.changes) == {"tags"}  # the other types' AI terms stay
+    assert decided.changes["tags"] == ["Lean"]  # the person's tag; tagger's own are taken back
+    assert read_post(wip(site)).raw == before.raw  # deciding writes nothing
+
+
 def test_unchanged_post_costs_no_call_and_changed_term_costs_one(
     classifier: Classifier, fake_llm: FakeLLM, site: Path, make_settings: MakeSettings
 ) -> None:
