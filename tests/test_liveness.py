@@ -100,8 +100,13 @@ def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
 
 def follow_backfill(env: dict[str, str], site: Path) -> subprocess.Popen[str]:
     """`tagger backfill --wait` of the whole site, running while the test breaks things under it."""
+    # As from a terminal, where Ctrl-C is at its default. This process may have SIGINT ignored when it forks (seen
+    # twice in full runs under xdist: SigIgn held SIGINT and SIGQUIT, as glibc's system() sets them in its caller
+    # while it waits); a child inherits that, and Python (like any program) keeps a signal ignored that it was
+    # started with, so Ctrl-C would not reach `backfill --wait` at all.
+    terminal = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "backfill", "--wait", str(site / "site")],
+        [sys.executable, "-c", terminal, "-m", "worker", "backfill", "--wait", str(site / "site")],
         env={**env, "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
