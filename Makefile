@@ -56,8 +56,8 @@ dist: $(STAMP)
 	$(BIN)/python -m build --outdir dist
 
 # Mutation testing (a measurement, not part of `make test`): mutmut mutates the guarantee-critical functions named
-# in tests/mutation-scope.txt and runs the fast in-process tests ([tool.mutmut] in pyproject.toml) against each
-# mutant. Niced, three children: about an hour on the project's 2-core machine. Results: docs/benchmarks.md.
+# in tests/mutation-scope.txt and runs against each mutant the in-process tests that reach it ([tool.mutmut] in
+# pyproject.toml). Niced, three children: two hours or more on the project's 2-core machine. Results: docs/benchmarks.md.
 MUTATION_SCOPE := tests/mutation-scope.txt
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
