@@ -38,6 +38,16 @@ def scratch_posts(source: Path, copies: int = 1) -> Path:
     return root
 
 
+def demo_site(posts: int) -> Path:
+    """A scratch content folder with `posts` copies of the demo posts that tagger may write (not `Human` ones)."""
+    root = Path(tempfile.mkdtemp(prefix="tagger-demo-"))
+    demo = [p for p in sorted((REPO / "examples" / "site").rglob("*.md")) if "Human" not in p.read_text()]
+    for n in range(posts):
+        source = demo[n % len(demo)]
+        shutil.copyfile(source, root / f"{n:05d}-{source.name}")
+    return root
+
+
 @contextmanager
 def redis_url() -> Iterator[str]:
     """A Redis on 127.0.0.1:6379 when one answers, else a redis-server started for the run."""

@@ -16,7 +16,6 @@ import pstats
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ os.environ["RQ_KEY_PREFIX"] = f"rq{PREFIX}"  # RQ reads it at import: set before
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import REPO, delete_prefix, redis_url  # noqa: E402
+from benchmarks._support import REPO, delete_prefix, demo_site, redis_url  # noqa: E402
 
 SERVER = """
 import sys, time
@@ -35,16 +34,6 @@ fake = FakeLLM(latency=0.0).start()
 print(fake.base_url, flush=True)
 sys.stdin.read()
 """
-
-
-def make_site(posts: int) -> Path:
-    """A scratch content folder with `posts` copies of the demo posts that tagger may write."""
-    root = Path(tempfile.mkdtemp(prefix="tagger-pj-"))
-    demo = [p for p in sorted((REPO / "examples" / "site").rglob("*.md")) if "Human" not in p.read_text()]
-    for n in range(posts):
-        source = demo[n % len(demo)]
-        shutil.copyfile(source, root / f"{n:05d}-{source.name}")
-    return root
 
 
 def main() -> None:
@@ -61,7 +50,7 @@ def main() -> None:
     )
     assert server.stdout is not None
     base_url = server.stdout.readline().strip()
-    site = make_site(args.posts)
+    site = demo_site(args.posts)
     try:
         with redis_url() as url:
             os.environ.update(

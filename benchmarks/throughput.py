@@ -25,18 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import REPO, delete_prefix, redis_url
+from benchmarks._support import REPO, delete_prefix, demo_site, redis_url
 from tests.fakellm import FakeLLM
-
-
-def make_site(posts: int) -> Path:
-    """A scratch content folder with `posts` copies of the demo posts that tagger may write."""
-    root = Path(tempfile.mkdtemp(prefix="tagger-tp-"))
-    demo = [p for p in sorted((REPO / "examples" / "site").rglob("*.md")) if "Human" not in p.read_text()]
-    for n in range(posts):
-        source = demo[n % len(demo)]
-        shutil.copyfile(source, root / f"{n:05d}-{source.name}")
-    return root
 
 
 @dataclass
@@ -74,7 +64,7 @@ def job_sizes(env: dict[str, str]) -> float:
 def run(url: str, posts: int, workers: int, latency: float, remote: bool = False) -> Run:
     """Enqueue `posts` posts, run `workers` burst workers, read their job events."""
     fake = FakeLLM(latency=latency).start()
-    site = make_site(posts)
+    site = demo_site(posts)
     prefix = f"tp{os.getpid()}{int(latency * 1000)}{'r' if remote else ''}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TAGGER_", "REDIS_"))}
     env.update(
