@@ -213,7 +213,10 @@ def test_a_worker_process_failing_its_start_stops_the_fleet_instead_of_restartin
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("tagger: ")]
-    assert len(lines) == 2 and all(line.startswith("tagger: taxonomy: no taxonomy folder") for line in lines)
+    # One line per worker that reached its check; the supervisor stops the fleet at the first, so the other may be
+    # stopped before it says anything (seen in a clean-clone run). A restarted worker would make a third line.
+    assert 1 <= len(lines) <= 2, lines
+    assert all(line.startswith("tagger: taxonomy: no taxonomy folder") for line in lines)
 
 
 @pytest.mark.slow
