@@ -1,8 +1,9 @@
 """Cost benchmark: LLM calls, tokens and dollars per post, tagger's configurations against one call per term.
 
-All are measured in the same run through the real openai SDK against the fake server (tokens estimated at
-4 characters a token, the same way for all; the fake's replies follow the requested schema with reasons of
-about 20 words, so output tokens are realistic). Dollars at gpt-4o-mini's price in the default TAGGER_PRICES.
+All are measured in the same run through the real openai SDK against the fake server (tokens estimated as
+`backfill --estimate` does, near OpenAI's tokenizer, the same way for all; the fake's replies follow the requested
+schema with reasons of about 20 words, so output tokens are realistic). Dollars at gpt-4o-mini's price in the
+default TAGGER_PRICES.
 Last, dollars per post for a synchronous backfill against a Batch API backfill (`backfill --batch`).
 Usage: .venv/bin/python benchmarks/cost.py [--batch-only | --paid-once]
 """
@@ -199,7 +200,8 @@ def paid_once(corpus: Path) -> None:
         uncached = est.input_tokens - est.cached_tokens
         print(
             f"where a post's dollars go (relevant, sync, default chunk): {est.calls / n:.1f} calls, "
-            f"${(est.cost or 0) / n:.5f} = cached prefix (rubric and definitions) {est.cached_tokens / n:.0f} tokens "
+            f"${(est.cost or 0) / n:.5f} = cached prefix (rubric, definitions, schema) "
+            f"{est.cached_tokens / n:.0f} tokens "
             f"${est.cached_tokens * PRICE.cached_input / 1e6 / n:.5f} + uncached (the post) {uncached / n:.0f} tokens "
             f"${uncached * PRICE.input / 1e6 / n:.5f} + output {est.output_tokens / n:.0f} tokens "
             f"${est.output_tokens * PRICE.output / 1e6 / n:.5f}; one call per term ${(base.cost or 0) / n:.5f}"

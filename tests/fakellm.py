@@ -17,6 +17,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from worker.prompts import estimate_tokens
+
 FAULTS = (
     "rate_limit",
     "quota",
@@ -358,10 +360,18 @@ class FakeLLM:
     ) -> dict[str, Any]:
         messages = body.get("messages", [])
         system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
-        prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
-        prefix = hashlib.sha256(system.encode()).hexdigest()
+        # Counted as tagger's estimate counts (worker.prompts.estimate_tokens); a strict schema is billed as input
+        # and cached with the system message, as OpenAI's prompt caching guide says.
+        fmt = body.get("response_format")
+        strict = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt, dict) else None
+        head = system + (json.dumps(strict) if strict else "")
+        rest = [str(m.get("content", "")) for m in messages if m.get("role") != "system"]
+        prompt_tokens = estimate_tokens(head) + sum(estimate_tokens(t) for t in rest)
+        prefix = hashlib.sha256(head.encode()).hexdigest()
+        head_tokens = estimate_tokens(head)
         with self._lock:
-            cached = len(system) // 4 // 128 * 128 if prefix in self._seen_prefixes else 0
+            # OpenAI caches a repeated prefix from 1,024 tokens, in steps of 128.
+            cached = head_tokens // 128 * 128 if prefix in self._seen_prefixes and head_tokens >= 1024 else 0
             self._seen_prefixes.add(prefix)
             self.counts["prompt_tokens"] += prompt_tokens
             self.counts["cached_tokens"] += cached
@@ -380,8 +390,8 @@ class FakeLLM:
             ],
             "usage": {
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(content or "") // 4 + 1,
-                "total_tokens": prompt_tokens + len(content or "") // 4 + 1,
+                "completion_tokens": estimate_tokens(content or ""),
+                "total_tokens": prompt_tokens + estimate_tokens(content or ""),
                 "prompt_tokens_details": {"cached_tokens": cached},
             },
         }

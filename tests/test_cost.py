@@ -31,7 +31,7 @@ def test_estimate_matches_what_a_run_then_spends(
     for path in todo:
         make_classifier(settings).classify(path)
     assert fake_llm.counts["requests"] == guess.calls
-    # the fake server counts tokens the same way (4 characters a token), so the estimate is close
+    # the fake server counts tokens the same way (estimate_tokens, the schema with them), so the estimate is close
     assert abs(fake_llm.counts["prompt_tokens"] - guess.input_tokens) <= guess.calls * 2
     assert estimate(settings, plan(settings).todo).calls == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ from worker.queue.enqueue import enqueue_posts
 from worker.queue.fleet import live_workers
 from worker.queue.recovery import recover
 from worker.queue.workers import Backoff
-from worker.reply import reply_tokens
+from worker.reply import reply_schema, reply_tokens
 from worker.settings import Settings
 
 
@@ -151,9 +152,11 @@ def estimate(settings: Settings, todo: list[Path], types: Sequence[str] | None =
         prompts, _ = classifier.prompts_for(post, asked)
         result.posts += 1
         for prompt in prompts:
-            system = prompt.messages[0]["content"]
+            # The reply schema is billed as input too, and rides in the prefix (in response_format, or at the end
+            # of the system message without a strict server): one prefix, cached as a whole.
+            system = prompt.messages[0]["content"] + json.dumps(reply_schema(prompt.groups, prompt.reply))
             result.calls += 1
-            result.input_tokens += sum(estimate_tokens(m["content"]) for m in prompt.messages)
+            result.input_tokens += estimate_tokens(system) + estimate_tokens(prompt.messages[1]["content"])
             share = 1.0 if settings.reply == "all" else RELEVANT_SHARE
             # Each entry as the schema asks it (two-digit scores, a reason of its maxLength): a bound, not a wish.
             result.output_tokens += reply_tokens(prompt.groups, settings.reply, share)

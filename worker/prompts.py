@@ -50,7 +50,16 @@ _ITEM_LEADS = (
     re.compile(r"^(?:any\s+)?(?:content|discussions?|topics?|posts?)(?:\s+(?:that|which|on|about))?\s+(?=\w)", re.I),
 )
 _AUXILIARY_NOT = re.compile(r"^(?:do|does)\s+(?=not\b)", re.I)
+# The post's budget (TAGGER_MAX_POST_TOKENS) is cut in characters, at 4 a token: a bound, not an estimate.
 CHARS_PER_TOKEN = 4
+# estimate_tokens: the pieces a BPE tokenizer seldom merges across. Fit to OpenAI's o200k_base tokenizer on the
+# nkdagility corpus (posts, term definitions, reply schemas, replies) and a quarter of the hugo-docs pages; each
+# within 10% in total (docs/benchmarks.md), where 4 characters a token overstated definitions by half.
+_LETTERS = re.compile(r"[A-Za-z]+")
+_NUMBERS = re.compile(r"\d{1,3}")
+_SYMBOLS = re.compile(r"[^\sA-Za-z\d]")
+LETTERS_PER_TOKEN = 9
+TOKENS_PER_SYMBOL = 0.7
 # TAGGER_REPLY: the templates' $reply_rule (system) and $reply_again (re-ask) for each reply shape.
 REPLY_RULES = {
     "all": (
@@ -111,8 +120,12 @@ class Prompt:
 
 
 def estimate_tokens(text: str) -> int:
-    """Tokens in `text`, estimated at 4 characters a token (no tokenizer download needed)."""
-    return len(text) // CHARS_PER_TOKEN + 1
+    """Tokens in `text`, estimated without a tokenizer (none to download): a token per word of up to 9 letters
+    (one per 9 letters beyond), per number of up to 3 digits, per letter of another script, 0.7 per symbol."""
+    words = sum((len(w) + LETTERS_PER_TOKEN - 1) // LETTERS_PER_TOKEN for w in _LETTERS.findall(text))
+    symbols = _SYMBOLS.findall(text)
+    wide = sum(1 for c in symbols if not c.isascii())  # CJK, accented letters: about a token each
+    return round(words + len(_NUMBERS.findall(text)) + wide + TOKENS_PER_SYMBOL * (len(symbols) - wide)) + 1
 
 
 def template_files(folder: Path | None = None) -> dict[str, Traversable]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from worker.prompts import Groups
+from worker.prompts import Groups, estimate_tokens
 from worker.results import SUB_SCORES
 from worker.settings import Weights
 
@@ -97,18 +97,22 @@ def _reply_schema(groups: Groups, reply: str) -> str:
     return json.dumps({**_closed({"judgements": _closed(per_type)}), "$defs": defs})
 
 
-def entry_chars(reply: str, title: str) -> int:
-    """Characters of one entry at most, as the schema asks it: two-digit sub-scores, a reason of its maxLength."""
-    entry: dict[str, Any] = {**dict.fromkeys(SUB_SCORES, 10), "reason": "x" * REASON_ASKED_CHARS}
+# A reason as the prompt asks it: words, not one 80-letter run (a tokenizer counts a word, not its letters).
+_REASON_WORDS = ("the post applies this term's key topics to its own teams in detail " * 2)[:REASON_ASKED_CHARS]
+
+
+def entry_tokens(reply: str, title: str) -> int:
+    """Tokens of one entry at most, as the schema asks it: two-digit sub-scores, a reason of its maxLength."""
+    entry: dict[str, Any] = {**dict.fromkeys(SUB_SCORES, 10), "reason": _REASON_WORDS}
     text = json.dumps({title: entry})[1:-1] if reply == "all" else json.dumps({"term": title, **entry})
-    return len(text) + 2  # the ", " between entries
+    return estimate_tokens(text + ", ")
 
 
 def reply_tokens(groups: Groups, reply: str = "all", share: float = 1.0) -> int:
-    """Output tokens of a reply to `groups` at most (`share`: of the terms that get an entry), 4 characters a token."""
-    chars = sum(entry_chars(reply, title) for _, titles in groups for title in titles)
-    envelope = len('{"judgements": {}}') + sum(len(t) + 6 for t, _ in groups)
-    return round((chars * share + envelope) / 4)
+    """Output tokens of a reply to `groups` at most (`share`: of the terms that get an entry)."""
+    entries = sum(entry_tokens(reply, title) for _, titles in groups for title in titles)
+    envelope = estimate_tokens('{"judgements": {}}' + "".join(f'"{t}": [], ' for t, _ in groups))
+    return round(entries * share + envelope)
 
 
 def call_timeout(request_timeout: float, terms: int) -> float:
