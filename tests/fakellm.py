@@ -366,9 +366,9 @@ class FakeLLM:
         strict = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt, dict) else None
         head = system + (json.dumps(strict) if strict else "")
         rest = [str(m.get("content", "")) for m in messages if m.get("role") != "system"]
-        prompt_tokens = estimate_tokens(head) + sum(estimate_tokens(t) for t in rest)
-        prefix = hashlib.sha256(head.encode()).hexdigest()
         head_tokens = estimate_tokens(head)
+        prompt_tokens = head_tokens + sum(estimate_tokens(t) for t in rest)
+        prefix = hashlib.sha256(head.encode()).hexdigest()
         with self._lock:
             # OpenAI caches a repeated prefix from 1,024 tokens, in steps of 128.
             cached = head_tokens // 128 * 128 if prefix in self._seen_prefixes and head_tokens >= 1024 else 0
