@@ -77,8 +77,9 @@ def test_an_auth_error_echoing_the_key_is_kept_without_it_and_failed_show_ends_w
         (json.dumps({"kind": "auth", "message": "line\none\x1b[31m" + "y" * 5000, "at": 1.0}).encode(), "auth", ""),
         (json.dumps({"kind": "auth", "message": "m", "at": "NaN"}).encode(), "unreadable", "not valid"),
         (json.dumps(["auth", "m", 1]).encode(), "unreadable", "not valid"),
+        (b"[" * 100_000 + b"]" * 100_000, "unreadable", "nested too deeply"),
     ],
-    ids=["not-json", "odd-kind", "long-multiline-message", "nan-time", "a-list"],
+    ids=["not-json", "odd-kind", "long-multiline-message", "nan-time", "a-list", "nested-too-deeply"],
 )
 def test_the_stored_provider_error_is_validated_when_read_back(
     make_settings: Callable[..., Settings],
@@ -97,6 +98,46 @@ def test_the_stored_provider_error_is_validated_when_read_back(
     seen = last_provider_error(settings, redis)
     assert seen is not None and seen.kind == kind and message in seen.message
     assert "\n" not in seen.message and "\x1b" not in seen.message and len(seen.message) <= MESSAGE_CHARS
+
+
+def test_failed_lists_planted_dropped_entries_and_odd_job_meta_instead_of_crashing(
+    make_settings: Callable[..., Settings], redis: redis_lib.Redis, redis_prefix: str
+) -> None:
+    """Redis is untrusted input: `tagger failed` shows what it can of a planted value and goes on."""
+    from rq import Queue
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from worker.oncall import failures
+    from worker.queue import keys
+
+    settings = make_settings(TAGGER_REDIS_PREFIX=redis_prefix)
+    for planted in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b"not json",
+        b'{"job_id": 1}',
+        b'{"job_id": "j", "queue": "q", "reason": "r", "at": "NaN"}',
+    ):
+        redis.lpush(keys.dropped(settings), planted)
+    honest = {"job_id": "bad id", "queue": f"{redis_prefix}-default", "reason": "ValueError: Job ID", "at": 5.0}
+    redis.lpush(keys.dropped(settings), json.dumps(honest))
+    queue = Queue(f"{redis_prefix}-default", connection=redis, serializer=JSONSerializer)
+    odd = Job.create("worker.queue.jobs.classify_job", connection=redis, serializer=JSONSerializer, id="odd-meta")
+    odd.meta = {"post": "p.md", "kind": "crash", "attempts": "many", "failed_at": float("inf")}
+    odd.save()
+    registry = FailedJobRegistry(queue=queue)
+    registry.add(odd, exc_string="boom")
+    try:
+        listed = failures(settings, redis)
+    finally:
+        registry.remove(odd)
+        odd.delete()
+    dropped = [f for f in listed if f.kind == "bad_job_id"]
+    assert len(dropped) == 5 and sum("unreadable" in f.message for f in dropped) == 4
+    assert any(f.job_id == "bad id" and f.failed_at == 5.0 and "Job ID" in f.message for f in dropped)
+    [job] = [f for f in listed if f.job_id == "odd-meta"]
+    assert (job.post, job.attempts, job.failed_at) == ("p.md", 0, 0.0)
 
 
 WARNING = "no live worker listens to"

@@ -25,6 +25,7 @@ from worker.posts import (
     render_changes,
     stage_file,
     write_atomic,
+    writer_id,
 )
 
 OWNED = ("tags", "categories", "concepts", ORIGIN_KEY)
@@ -229,16 +230,37 @@ def test_a_temp_file_of_a_dead_writer_of_this_host_goes_at_once_others_wait_for_
     # (tests/test_pipelines.py kills a real `apply` at each write and checks that its rerun leaves a clean tree.)
     live = stage_file(tmp_path / ("p" * 240 + ".md"), b"being written").temp  # this process's: alive
     assert len(live.name.encode()) < 255  # a long post name still gives a temp name a file system takes
-    host, pid = socket.gethostname(), os.getpid()
-    assert f"~{host}~{pid}~" in live.name
+    me, pid = writer_id(), os.getpid()
+    assert me.startswith(f"{socket.gethostname()[:64]}@") and f"~{me}~{pid}~" in live.name
     no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
-    dead = tmp_path / f".q.md~{host}~{no_such_pid}~abc{TEMP_SUFFIX}"
+    dead = tmp_path / f".q.md~{me}~{no_such_pid}~abc{TEMP_SUFFIX}"
     elsewhere = tmp_path / f".r.md~another-host~{no_such_pid}~abc{TEMP_SUFFIX}"  # a shared folder's other writer
+    # The same host name in another PID namespace (a container on the host's network) or another boot: its pids
+    # are not ours to ask.
+    container = tmp_path / f".c.md~{me.rsplit('-', 1)[0]}-1~{no_such_pid}~abc{TEMP_SUFFIX}"
+    bare_host = tmp_path / f".h.md~{socket.gethostname()[:64]}~{no_such_pid}~abc{TEMP_SUFFIX}"  # before boot ids
     unnamed = tmp_path / f".s.md.abc{TEMP_SUFFIX}"  # an older tagger's name: no writer to ask
-    for path in (dead, elsewhere, unnamed):
+    odd = [tmp_path / f".{n}.md~{me}~{p}~abc{TEMP_SUFFIX}" for n, p in (("t", "9" * 20), ("u", "\u00b2"), ("v", ""))]
+    for path in (dead, elsewhere, container, bare_host, unnamed, *odd):
         path.write_bytes(b"partial")
-    assert clean_stale_temps(tmp_path) == [dead]
-    assert not dead.exists() and live.exists() and elsewhere.exists() and unnamed.exists()
+    assert clean_stale_temps(tmp_path) == [dead]  # and the odd pids ("²" is a digit to str.isdigit) raise nothing
+    assert not dead.exists() and all(p.exists() for p in (live, elsewhere, container, bare_host, unnamed, *odd))
+
+
+@pytest.mark.slow  # starts a process in a namespace of its own
+def test_a_live_writers_temp_file_is_kept_by_a_cleaner_in_another_pid_namespace(tmp_path: Path) -> None:
+    # A real second PID namespace on this host (what `docker run --network host` gives): same host name, and the
+    # writer's pid does not exist there. Found by a red-team review: the writer was taken for dead.
+    live = stage_file(tmp_path / "a.md", b"being written").temp
+    code = f"from pathlib import Path; from worker.posts import clean_stale_temps; clean_stale_temps(Path({str(tmp_path)!r}))"
+    probe = subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no unprivileged PID namespace here (unshare: {probe.stderr.decode()[-200:].strip()})")
+    other = subprocess.run(
+        ["unshare", "-Urpf", "--mount-proc", sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert other.returncode == 0, other.stderr
+    assert live.exists()
 
 
 # --- hostile front matter: each case must end within seconds and a few tens of MB -------------------------

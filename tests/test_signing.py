@@ -138,6 +138,7 @@ def test_a_forged_or_tampered_structured_mode_is_ignored_and_logged_once(
         "lapsed": json.dumps(sign(settings(), "mode", ENDPOINT, {"mode": "prompt", "until": int(time.time()) - 1})),
         "not a mode": json.dumps(sign(settings(), "mode", ENDPOINT, {"mode": "pickle", "until": later})),
         "not JSON": b"pickle\x80",
+        "nested too deeply": "[" * 100_000 + "]" * 100_000,  # a RecursionError, not a ValueError, from json
     }
     for name, value in forgeries.items():
         assert value, name

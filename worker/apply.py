@@ -8,7 +8,6 @@ record announced first), and only over the exact bytes the job judged: a post ed
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import subprocess
@@ -26,6 +25,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from worker import untrusted
 from worker.errors import BadResult, CommitFailed, PostChanged, StateUnreadable, TaggerError
 from worker.paths import confine, existing_post, site_id
 from worker.polling import Progress, Tally, poll_until
@@ -120,7 +120,7 @@ def load_state(settings: Settings) -> LoadedState:
     except OSError as exc:
         raise StateUnreadable(f"cannot read the state file: {exc.strerror or exc}", path=path) from exc
     try:
-        data = json.loads(raw)
+        data = untrusted.loads(raw)
     except ValueError as exc:
         raise StateUnreadable(
             f"the state file is not JSON ({exc}); name the jobs to apply, or remove the file", path=path

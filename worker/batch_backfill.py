@@ -26,7 +26,7 @@ import structlog
 from pydantic import BaseModel, Field
 from redis import Redis
 
-from worker import backfill
+from worker import backfill, untrusted
 from worker.classifier import Classifier, make_classifier
 from worker.decide import drift
 from worker.errors import InvalidReply, NotInBatch, TaggerError
@@ -147,7 +147,7 @@ class RedisBatchStore:
         if not raw:
             return None
         try:
-            data = verify(self.settings, "batch", f"{self.site}:{batch_id}", json.loads(raw))
+            data = verify(self.settings, "batch", f"{self.site}:{batch_id}", untrusted.loads(raw))
             state = BatchState.model_validate(data)
         except (ValueError, TaggerError) as exc:
             log.warning("batch_state_refused", batch=batch_id, error=str(exc)[:300])
@@ -168,7 +168,7 @@ class RedisBatchStore:
         for key, value in self.redis.hgetall(self._key(batch_id, "collected")).items():
             post = _text(key)
             try:
-                data = json.loads(value)
+                data = untrusted.loads(value)
                 if not isinstance(data, dict):
                     data = {"outcome": _text(value)}  # written before outcomes were signed
                 outcome = verify(self.settings, "batch", f"{self.site}:{batch_id}:{post}", data).get("outcome")
@@ -252,7 +252,7 @@ class FileBatchStore:
             return out
         for line in lines:
             try:
-                row = json.loads(line)
+                row = untrusted.loads(line)
             except ValueError:
                 continue
             if row.get("batch") == batch_id:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from worker import untrusted
 from worker.queue import keys
 from worker.queue.connection import PRIORITIES
 from worker.queue.enqueue import enqueue_posts
@@ -21,6 +21,7 @@ from worker.queue.fleet import SeenWorker, seen_workers
 from worker.queue.keys import queues
 from worker.queue.recovery import recover, track
 from worker.queue.throttle import RedisThrottle, last_provider_error
+from worker.queue.workers import DroppedEntry
 from worker.settings import Settings
 
 
@@ -45,30 +46,47 @@ def failures(settings: Settings, redis: Redis, kind: str | None = None) -> list[
         for job_id in FailedJobRegistry(queue=queue).get_job_ids():
             try:
                 job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-                meta = job.meta
+                failure = _failure(job, queue.name)
             except Exception as exc:  # a planted or damaged job must not break the listing
                 found.append(
                     Failure(job_id, queue.name, "?", "unreadable", 0, 0.0, f"job cannot be read: {exc!r}", None)
                 )
                 continue
-            failure = Failure(
-                job_id=job.id,
-                queue=queue.name,
-                post=str(meta.get("post", "?")),
-                kind=str(meta.get("kind", "crash")),
-                attempts=int(meta.get("attempts", 0)),
-                failed_at=float(meta.get("failed_at", 0)),
-                message=str(meta.get("error") or _last_line(job.exc_info)),
-                job=job,
-            )
             if kind is None or failure.kind == kind:
                 found.append(failure)
     for raw in redis.lrange(keys.dropped(settings), 0, -1):
-        entry = json.loads(raw)
+        try:
+            entry = DroppedEntry.model_validate(untrusted.loads(raw))
+        except ValueError as exc:  # planted or damaged: listed as such, never a crash of the listing
+            entry = DroppedEntry(job_id="?", queue="?", reason=f"unreadable ({str(exc).splitlines()[0][:200]})", at=0)
         if kind is None or kind == "bad_job_id":
-            message = f"not a job, dropped from the queue: {entry['reason']}"
-            found.append(Failure(entry["job_id"], entry["queue"], "?", "bad_job_id", 0, entry["at"], message, None))
+            message = f"not a job, dropped from the queue: {entry.reason}"
+            found.append(Failure(entry.job_id, entry.queue, "?", "bad_job_id", 0, entry.at, message, None))
     return sorted(found, key=lambda f: -f.failed_at)
+
+
+def _failure(job: Job, queue: str) -> Failure:
+    """A failed job's facts from its meta, which Redis holds: a planted value is shown as it is, or as 0."""
+    meta = job.meta if isinstance(job.meta, dict) else {}
+    return Failure(
+        job_id=job.id,
+        queue=queue,
+        post=str(meta.get("post", "?")),
+        kind=str(meta.get("kind", "crash")),
+        attempts=int(_number(meta.get("attempts"))),
+        failed_at=_number(meta.get("failed_at")),
+        message=str(meta.get("error") or _last_line(job.exc_info)),
+        job=job,
+    )
+
+
+def _number(value: Any) -> float:
+    """A finite number, or 0 for anything else (None, text, NaN, infinity)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def _name(value: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import difflib
+import functools
 import hashlib
 import math
 import os
@@ -36,8 +37,9 @@ MAX_YAML_NODES = 10_000
 TEMP_SUFFIX = ".tagger-tmp"
 # A temp file older than this was left by a killed process: a live write takes seconds, not minutes.
 STALE_TEMP_SECONDS = 15 * 60
-# A temp file's name carries its writer (`.NAME~HOST~PID~RANDOM.tagger-tmp`), so one left by a dead process of this
-# host goes at once; one of another host (a shared folder) waits for STALE_TEMP_SECONDS.
+# A temp file's name carries its writer (`.NAME~WRITER~PID~RANDOM.tagger-tmp`; WRITER: host name, boot and PID
+# namespace, see `writer_id`), so one left by a dead process of this machine and namespace goes at once; any other
+# (another host on a shared folder, a container with its own PIDs) waits for STALE_TEMP_SECONDS.
 TEMP_MARK = "~"
 Format = Literal["yaml", "toml", "none"]
 Change = list[str] | str | None  # a list of terms, a scalar, or None to remove a key tagger added
@@ -803,20 +805,48 @@ def clean_stale_temps(folder: Path, older_than: float = STALE_TEMP_SECONDS) -> l
 
 
 def _temp_prefix(name: str) -> str:
-    """`.NAME~HOST~PID~`, the name cut so the whole stays far under a file system's 255 bytes."""
+    """`.NAME~WRITER~PID~`, the name cut so the whole stays far under a file system's 255 bytes."""
     while len(name.encode("utf-8")) > 100:
         name = name[:-1]
-    return f".{name}{TEMP_MARK}{socket.gethostname()[:64]}{TEMP_MARK}{os.getpid()}{TEMP_MARK}"
+    return f".{name}{TEMP_MARK}{writer_id()}{TEMP_MARK}{os.getpid()}{TEMP_MARK}"
+
+
+@functools.cache
+def writer_id() -> str:
+    """Where this process's PIDs mean something: `HOST@BOOT-PIDNS` (Linux), else `HOST` alone.
+
+    A host name is not enough: a container on the host's network (`docker run --network host`) shares it but not
+    its PIDs, and two machines on a shared folder may share a name. The boot id tells machines (and boots) apart,
+    the PID namespace's inode containers.
+    """
+    host = socket.gethostname()[:64].replace(TEMP_MARK, "-")
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip().replace("-", "")[:12]
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except (OSError, ValueError):
+        return host
+    return f"{host}@{boot}-{namespace}"
 
 
 def _writer_gone(temp: Path) -> bool:
-    """Whether the temp file names a process of this host that no longer runs (False when it cannot tell)."""
+    """Whether the temp file names a process of this machine and PID namespace that no longer runs (False when it
+    cannot tell: another writer's, an older tagger's name, anything odd)."""
     parts = temp.name.removesuffix(TEMP_SUFFIX).rsplit(TEMP_MARK, 3)
-    if len(parts) != 4 or parts[1] != socket.gethostname()[:64] or not parts[2].isdigit():
-        return False  # another host's, or named by an older tagger: only its age tells
+    own = writer_id()
+    if len(parts) != 4 or parts[1] != own or "@" not in own:
+        return False  # another machine's or namespace's, or no namespace to tell by: only its age tells
+    if not (parts[2].isascii() and parts[2].isdigit() and 0 < len(parts[2]) <= 10):
+        return False  # not a pid tagger wrote ("²" is a digit to str.isdigit; 20 digits overflow os.kill)
     pid = int(parts[2])
     if pid == os.getpid():
         return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False  # it runs (as another user) or cannot be asked
+    return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from worker import untrusted
 from worker.posts import Post, Staged, normal_form, replace_file, stage_file
 from worker.results import SUB_SCORES, Judgement, Usage, level
 
@@ -170,7 +171,7 @@ def loads(data: bytes) -> Record:
     Records written before `removed_by_people` was named so call it `rejected` (in the header and the pending
     write): read under the new name, written with it next time.
     """
-    raw = _renamed(json.loads(data))
+    raw = _renamed(untrusted.loads(data))
     if raw.get("version", 1) < 2:
         return Record.model_validate({k: v for k, v in raw.items() if k != "version"})
     shared = raw.get("shared", {})

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker import untrusted
 from worker.prompts import Groups, estimate_tokens
 from worker.results import SUB_SCORES
 from worker.settings import Weights
@@ -231,7 +232,7 @@ def parse_reply(content: str, groups: Groups, reply: str = "all") -> ParsedReply
     try:
         # Not strict about control characters inside strings: llama.cpp's JSON grammar lets a raw newline into a
         # reason (seen on llama-cpp-python), which says nothing about the judgement.
-        data = json.loads(content, strict=False)
+        data = untrusted.loads(content, strict=False)
     except ValueError as exc:
         return ParsedReply([], f"invalid JSON: {exc}")
     try:

@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from worker import untrusted
 from worker.errors import BadSignature
 from worker.settings import Settings
 
@@ -81,7 +82,7 @@ def sign_text(settings: Settings, purpose: Purpose, context: str, text: str) -> 
 def verify_text(settings: Settings, purpose: Purpose, context: str, text: str | bytes) -> str:
     """A signed JSON object's text checked and returned without its signature; BadSignature otherwise."""
     try:
-        data = json.loads(text)
+        data = untrusted.loads(text)
     except ValueError as exc:
         raise BadSignature(f"the {purpose} for {context} is not JSON: {exc}") from exc
     if key_of(settings) is None:

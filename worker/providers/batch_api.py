@@ -11,6 +11,7 @@ from typing import Any, Final, TypeVar
 import openai
 from openai.types import Batch
 
+from worker import untrusted
 from worker.errors import BatchUnsupported, InvalidReply, NotInBatch
 from worker.prompts import Prompt
 from worker.providers.base import Provider, Reply
@@ -46,7 +47,7 @@ def read_results(output: bytes, errors: bytes) -> dict[str, LineResult]:
     results: dict[str, LineResult] = {}
     for line in (output + b"\n" + errors).splitlines():
         try:
-            row = json.loads(line)
+            row = untrusted.loads(line)
             custom_id = str(row["custom_id"])
         except (ValueError, KeyError, TypeError):
             continue

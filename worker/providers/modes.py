@@ -8,6 +8,7 @@ import tempfile
 
 import structlog
 
+from worker import untrusted
 from worker.settings import STRUCTURED_MODES, Settings
 
 log = structlog.get_logger("tagger.modes")
@@ -33,7 +34,7 @@ class FileModeMemory:
 
     def _load(self) -> dict[str, object]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = untrusted.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}

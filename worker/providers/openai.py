@@ -17,6 +17,7 @@ from openai.types.chat import ChatCompletion
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_random_exponential
 
+from worker import untrusted
 from worker.errors import (
     AuthError,
     InvalidReply,
@@ -174,7 +175,7 @@ def response_format(schema: dict[str, Any]) -> dict[str, Any]:
 def _content_of(raw_body: str) -> str:
     """The assistant message's text inside a raw chat-completion body (or the body itself)."""
     try:
-        message = json.loads(raw_body)["choices"][0]["message"]
+        message = untrusted.loads(raw_body)["choices"][0]["message"]
         return str(message.get("content") or message.get("refusal") or "")
     except (ValueError, KeyError, IndexError, TypeError):
         return raw_body
@@ -394,7 +395,7 @@ class OpenAIProvider:
         try:
             # Built, not validated, as the SDK builds the responses it returns: a compatible server's envelope
             # quirks (no `id`, a finish_reason such as "eos_token") must not fail a reply whose content is fine.
-            data = json.loads(body)
+            data = untrusted.loads(body)
             if not isinstance(data, dict):
                 raise TypeError(f"a JSON {type(data).__name__}, not an object")
             completion = ChatCompletion.model_construct(**data)
@@ -493,7 +494,7 @@ def _usage(completion: ChatCompletion) -> Usage:
 def _usage_of_body(body: str) -> Usage:
     """Usage from a raw completion body, for bodies that are not a valid chat completion."""
     try:
-        usage = json.loads(body).get("usage") or {}
+        usage = untrusted.loads(body).get("usage") or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         return Usage(
             calls=1,

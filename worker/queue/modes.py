@@ -15,6 +15,7 @@ import time
 import structlog
 from redis import Redis, RedisError
 
+from worker import untrusted
 from worker.errors import TaggerError
 from worker.providers.modes import valid_mode
 from worker.queue import keys
@@ -47,7 +48,7 @@ class RedisModeMemory:
         if raw is None:
             return None
         try:
-            data = verify(self.settings, "mode", endpoint, json.loads(raw))
+            data = verify(self.settings, "mode", endpoint, untrusted.loads(raw))
         except (ValueError, TaggerError) as exc:
             self._ignore(endpoint, str(exc))
             return None

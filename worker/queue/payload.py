@@ -22,6 +22,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis
 
+from worker import untrusted
 from worker.errors import BadPayload, BadSignature, PostTooLarge, TaxonomyError, TaxonomyTampered, TaxonomyUnpublished
 from worker.posts import post_from_bytes
 from worker.prompts import TEMPLATES, Templates
@@ -92,7 +93,7 @@ def check_published(settings: Settings, version: str, raw: bytes | str | None) -
             " taxonomy is, or enqueue again with --remote, which publishes it)"
         )
     try:
-        data = json.loads(raw)
+        data = untrusted.loads(raw)
         document = verify(settings, "taxonomy", version, data)
     except (ValueError, BadSignature) as exc:
         raise TaxonomyTampered(f"taxonomy version {version} in Redis is not what tagger published: {exc}") from exc

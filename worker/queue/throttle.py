@@ -15,6 +15,7 @@ from limits.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from redis import Redis, RedisError
 
+from worker import untrusted
 from worker.errors import RateLimited
 from worker.logs import redact, secrets_of
 from worker.queue import keys
@@ -54,7 +55,7 @@ def last_provider_error(settings: Settings, redis: Redis) -> ProviderErrorSeen |
     if raw is None:
         return None
     try:
-        seen = ProviderErrorSeen.model_validate(json.loads(raw))
+        seen = ProviderErrorSeen.model_validate(untrusted.loads(raw))
     except (ValueError, TypeError, ValidationError) as exc:
         detail = str(exc).splitlines()[0]
         return ProviderErrorSeen(kind="unreadable", message=f"the stored provider error is not valid: {detail}", at=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import threading
@@ -13,6 +12,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
+from pydantic import BaseModel, Field
 from redis import Redis, RedisError
 from rq import Queue, SimpleWorker
 from rq.exceptions import DeserializationError, StopRequested
@@ -54,6 +54,15 @@ def refusal(job: Job) -> str | None:
     if foreign:
         return f"job names foreign callbacks {foreign}; not run"
     return None
+
+
+class DroppedEntry(BaseModel):
+    """An entry taken off a queue that was not a readable job, as kept for `tagger failed` (read back validated)."""
+
+    job_id: str
+    queue: str
+    reason: str
+    at: float = Field(allow_inf_nan=False)
 
 
 class Backoff:
@@ -218,9 +227,9 @@ class TaggerWorker(SimpleWorker):
 
     def _drop(self, job_id: str, queue: str, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {self._clean(exc)}"
-        entry = {"job_id": job_id, "queue": queue, "reason": reason, "at": time.time()}
+        entry = DroppedEntry(job_id=job_id, queue=queue, reason=reason, at=time.time())
         with self.connection.pipeline() as pipe:
-            pipe.lpush(keys.dropped(self.settings), json.dumps(entry))
+            pipe.lpush(keys.dropped(self.settings), entry.model_dump_json())
             pipe.ltrim(keys.dropped(self.settings), 0, DROPPED_KEEP - 1)
             pipe.execute()
         log.error("dropped", job_id=job_id, queue=queue, reason=reason)
