@@ -623,12 +623,13 @@ def test_job_timeout_while_rate_limited_is_transient(
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     queue = queue_of(queue_env, redis, "default")
     verdicts = []
-    for limited in (True, False):
+    # Rate limited 10 s ago, never, and a value someone planted in Redis (untrusted input: as never, no crash).
+    for limited, stored in (("yes", str(time.time() - 10)), ("no", None), ("planted", "not a time")):
         redis.delete(keys.last_rate_limit(settings))
         [job] = queue.enqueue_many([job_data(queue, "posts/x.md", f"timeout-{limited}", settings)])
         job.started_at = datetime.now(UTC) - timedelta(seconds=30)
-        if limited:
-            redis.set(keys.last_rate_limit(settings), str(time.time() - 10))
+        if stored is not None:
+            redis.set(keys.last_rate_limit(settings), stored)
         on_failure(job, redis, JobTimeoutException, JobTimeoutException("out of time"), None)
         verdicts.append((job.meta["kind"], job.meta["transient"], bool(job.retries_left)))
-    assert verdicts == [("job_timeout", True, True), ("job_timeout", False, False)]
+    assert verdicts == [("job_timeout", True, True), ("job_timeout", False, False), ("job_timeout", False, False)]

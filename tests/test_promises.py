@@ -1176,6 +1176,33 @@ def test_a_lost_job_is_requeued_when_its_grace_ends_not_up_to_half_a_lease_later
         stop.set()
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["shared-folder", "remote"])
+def test_a_usage_counter_someone_overwrote_loses_its_count_not_the_job(
+    worker_env: Settings, fake_llm: FakeLLM, site: Path, rq_queue: Queue, remote: bool
+) -> None:
+    """Redis is untrusted input: a job's end counts its usage in its transaction; a counter that holds text
+    fails that INCRBY alone, and the job still ends done (before, every job of that minute failed and retried)."""
+    from worker.queue import keys
+    from worker.queue.enqueue import enqueue_posts
+
+    redis = rq_queue.connection
+    minute = int(time.time() // 60)
+    for m in (minute, minute + 1):  # the job may end in the next minute
+        redis.set(keys.stats(worker_env, "done", m), "not a number", ex=600)
+    wip = site / "site" / "posts" / "limiting-wip.md"
+    [entry] = enqueue_posts([wip], worker_env, redis, remote=remote)
+    with structlog.testing.capture_logs() as events:
+        run_burst_worker(worker_env, redis)
+    assert remote or "Kanban" in read_post(wip).terms("tags")  # a remote job's result waits for `apply`
+    assert Job.fetch(entry.job_id, connection=redis, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    assert any(e["event"] == "usage_not_counted" for e in events)
+    assert (
+        int(redis.get(keys.stats(worker_env, "calls", minute)) or 0)
+        + int(redis.get(keys.stats(worker_env, "calls", minute + 1)) or 0)
+        == 1
+    )  # the other counters still count
+
+
 @pytest.mark.parametrize(
     "stored",
     [b"not a time", b"nan", b"inf", str(time.time() + 3600).encode()],

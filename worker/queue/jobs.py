@@ -107,11 +107,33 @@ def classify_job(relative: str, types: list[str] | None = None) -> dict[str, Any
 
 
 def count_usage(pipe: Pipeline, settings: Settings, usage: Usage) -> None:
-    """Add one finished job and its tokens and calls to this minute's counters (queued on `pipe`)."""
+    """Add one finished job and its tokens and calls to this minute's counters (queued on `pipe`, first)."""
     minute = int(time.time() // 60)
-    for name, amount in (("done", 1), ("tokens", usage.input_tokens + usage.output_tokens), ("calls", usage.calls)):
+    amounts = (1, usage.input_tokens + usage.output_tokens, usage.calls)
+    for name, amount in zip(USAGE_COUNTERS, amounts, strict=True):
         pipe.incrby(keys.stats(settings, name, minute), amount)
         pipe.expire(keys.stats(settings, name, minute), 3 * 3600)
+
+
+USAGE_COUNTERS = ("done", "tokens", "calls")
+USAGE_COMMANDS = 2 * len(USAGE_COUNTERS)  # what count_usage queues: INCRBY and EXPIRE a counter
+
+
+def execute_counted(pipe: Pipeline) -> list[Any]:
+    """Run a job's closing transaction that begins with `count_usage`; the results of the commands after it.
+
+    A counter someone overwrote with text fails its INCRBY alone: the count is lost (and logged), not the job. Any
+    other command's error is raised.
+    """
+    results = pipe.execute(raise_on_error=False)
+    counted, rest = results[:USAGE_COMMANDS], results[USAGE_COMMANDS:]
+    failed = next((r for r in rest if isinstance(r, Exception)), None)
+    if failed is not None:
+        raise failed
+    lost = [r for r in counted if isinstance(r, Exception)]
+    if lost:
+        log.warning("usage_not_counted", error=str(lost[0])[:200])
+    return rest
 
 
 def _finish(redis: Redis, settings: Settings, job: Job, usage: Usage) -> str | None:
@@ -126,7 +148,7 @@ def _finish(redis: Redis, settings: Settings, job: Job, usage: Usage) -> str | N
         count_usage(pipe, settings, usage)
         pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))  # Job.save_meta, inside the transaction
         pipe.delete(keys.rerun(settings, job.id))
-        asked = pipe.execute()[-1]
+        asked = execute_counted(pipe)[-1]
     if not asked:
         return None
     queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)  # the same queue
@@ -166,9 +188,13 @@ def _transient(settings: Settings, connection: Redis, job: Job, value: BaseExcep
     if isinstance(value, JobTimeoutException):
         # Out of time while the provider was rate limiting (chunks waiting in the shared pause): transient.
         try:
-            limited = float(connection.get(keys.last_rate_limit(settings)) or 0)
+            stored = connection.get(keys.last_rate_limit(settings))
         except RedisError:
             return True
+        try:
+            limited = float(stored or 0)
+        except ValueError:  # not a time: Redis is untrusted input
+            limited = 0.0
         started = job.started_at.timestamp() if job.started_at else 0.0
         return limited >= started
     return False

@@ -23,7 +23,7 @@ from worker.posts import file_hash, post_from_bytes
 from worker.providers import make_provider
 from worker.queue import keys
 from worker.queue.context import WorkerContext, WorkerState
-from worker.queue.jobs import count_usage, start_job
+from worker.queue.jobs import count_usage, execute_counted, start_job
 from worker.queue.modes import RedisModeMemory
 from worker.queue.payload import RemotePayload, load_published
 from worker.queue.throttle import RedisThrottle
@@ -139,9 +139,9 @@ def classify_remote(data: dict[str, Any]) -> dict[str, Any]:
     with structlog.contextvars.bound_contextvars(job_id=job.id, post=payload.post):
         outcome, usage, llm_seconds = decide_remote(classifier, payload, judged, on_chunk=keep_chunk)
     with redis.pipeline() as pipe:
-        pipe.delete(keys.judged_chunks(settings, job.id))  # the outcome's record holds them now
         count_usage(pipe, settings, usage)
-        pipe.execute()
+        pipe.delete(keys.judged_chunks(settings, job.id))  # the outcome's record holds them now
+        execute_counted(pipe)
     bound.info(
         "decided",
         changes=sorted(outcome.changes),
