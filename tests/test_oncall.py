@@ -140,6 +140,37 @@ def test_failed_lists_planted_dropped_entries_and_odd_job_meta_instead_of_crashi
     assert (job.post, job.attempts, job.failed_at) == ("p.md", 0, 0.0)
 
 
+def test_backfill_wait_reads_planted_results_and_meta_without_crashing(
+    make_settings: Callable[..., Settings], redis: redis_lib.Redis, redis_prefix: str, site: Path, redis_url: str
+) -> None:
+    """Redis is untrusted input: a finished job whose result counts tokens in words, a failed job whose meta is not
+    an object; `backfill --wait` counts them (0 tokens, one failure) and ends."""
+    from rq.job import Job, JobStatus
+    from rq.results import Result
+    from rq.serializers import JSONSerializer
+
+    from tests.conftest import SESSION, delete_keys
+    from worker.backfill import follow
+    from worker.queue.enqueue import enqueue_posts
+
+    settings = make_settings(TAGGER_REDIS_PREFIX=redis_prefix, REDIS_URL=redis_url)
+    try:
+        done, failed = enqueue_posts(
+            [posts(site) / "limiting-wip.md", posts(site) / "shipping-daily.md"], settings, redis
+        )
+        finished = Job.fetch(done.job_id, connection=redis, serializer=JSONSerializer)
+        Result.create(finished, Result.Type.SUCCESSFUL, 600, return_value={"tokens": "lots", "rerun": 7})
+        finished.set_status(JobStatus.FINISHED)
+        broken = Job.fetch(failed.job_id, connection=redis, serializer=JSONSerializer)
+        broken.meta = ["not", "an", "object"]  # type: ignore[assignment]
+        broken.save_meta()
+        broken.set_status(JobStatus.FAILED)
+        summary = follow(settings, redis, [done.job_id, failed.job_id], poll=0.05)
+        assert (summary.done, summary.tokens, summary.failed) == (1, 0, ["?: ?: "])
+    finally:
+        delete_keys(redis, f"rq{SESSION}*")
+
+
 WARNING = "no live worker listens to"
 
 

@@ -14,6 +14,7 @@ from redis import Redis, RedisError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from worker import untrusted
 from worker.classifier import NO_FRONT_MATTER, Classifier, make_classifier
 from worker.errors import PostReadOnly, SettingsError, TaggerError, TaxonomyError, kind_of
 from worker.paths import confine_folder, not_a_post, walk_posts
@@ -277,11 +278,12 @@ def follow(
                     vanished.append(job_id)
                     continue
                 status = job.get_status(refresh=False)
+                meta = job.meta if isinstance(job.meta, dict) else {}  # Redis is untrusted input
                 if status == JobStatus.FINISHED:
                     pending.discard(job.id)
                     value = job.return_value() or {}
                     value = value if isinstance(value, dict) else {}
-                    summary.tokens += int(value.get("tokens", 0))
+                    summary.tokens += untrusted.whole(value.get("tokens"))
                     rerun = value.get("rerun")
                     if isinstance(rerun, str) and rerun:
                         # Asked for again while it ran (edited): the post is done when its rerun is.
@@ -292,10 +294,10 @@ def follow(
                     summary.done += 1
                 elif status == JobStatus.FAILED:
                     pending.discard(job.id)
-                    summary.failed.append(f"{job.meta.get('post')}: {job.meta.get('kind')}: {job.meta.get('error')}")
+                    summary.failed.append(f"{meta.get('post', '?')}: {meta.get('kind', '?')}: {meta.get('error', '')}")
                 elif status in (JobStatus.CANCELED, JobStatus.STOPPED):  # `tagger cancel`: nothing to wait for
                     pending.discard(job.id)
-                    summary.failed.append(f"{job.meta.get('post')}: cancelled: taken off the queue (tagger cancel)")
+                    summary.failed.append(f"{meta.get('post')}: cancelled: taken off the queue (tagger cancel)")
             again = [known[j] for j in vanished if j in known]
             if again:
                 root = settings.content_root()

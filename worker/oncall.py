@@ -73,20 +73,11 @@ def _failure(job: Job, queue: str) -> Failure:
         queue=queue,
         post=str(meta.get("post", "?")),
         kind=str(meta.get("kind", "crash")),
-        attempts=int(_number(meta.get("attempts"))),
-        failed_at=_number(meta.get("failed_at")),
+        attempts=untrusted.whole(meta.get("attempts")),
+        failed_at=untrusted.finite(meta.get("failed_at")),
         message=str(meta.get("error") or _last_line(job.exc_info)),
         job=job,
     )
-
-
-def _number(value: Any) -> float:
-    """A finite number, or 0 for anything else (None, text, NaN, infinity)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return 0.0
-    return number if math.isfinite(number) else 0.0
 
 
 def _name(value: Any) -> str:
@@ -243,14 +234,6 @@ def _worker(seen: SeenWorker) -> dict[str, Any]:
     }
 
 
-def _count(value: Any) -> int:
-    """A counter read back from Redis: a whole number, else 0 (Redis is untrusted input)."""
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError):
-        return 0
-
-
 RETRYING_READ = 500  # delayed retries read per queue for `status` (the soonest due; a remote job carries its post)
 
 
@@ -306,7 +289,7 @@ def queue_status(settings: Settings, redis: Redis, minutes: int = 5) -> dict[str
     stats = {}
     for name in ("done", "tokens", "calls", "provider_errors"):
         names = [keys.stats(settings, name, m) for m in range(now - minutes + 1, now + 1)]
-        stats[name] = sum(_count(v) for v in redis.mget(names))
+        stats[name] = sum(untrusted.whole(v) for v in redis.mget(names))
     provider_error = last_provider_error(settings, redis)
     seen = seen_workers(settings, redis)
     workers = [w for w in seen if w.alive]
