@@ -847,10 +847,3 @@ def _writer_gone(temp: Path) -> bool:
     except (OSError, OverflowError):
         return False  # it runs (as another user) or cannot be asked
     return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # it runs (as another user) or cannot be asked
-    return False

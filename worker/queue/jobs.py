@@ -22,6 +22,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
+from worker import untrusted
 from worker.errors import TaggerError, WrongJobMode, kind_of
 from worker.logs import redact, secrets_of
 from worker.paths import confine
@@ -188,13 +189,9 @@ def _transient(settings: Settings, connection: Redis, job: Job, value: BaseExcep
     if isinstance(value, JobTimeoutException):
         # Out of time while the provider was rate limiting (chunks waiting in the shared pause): transient.
         try:
-            stored = connection.get(keys.last_rate_limit(settings))
+            limited = untrusted.finite(connection.get(keys.last_rate_limit(settings)))  # not a time: 0
         except RedisError:
             return True
-        try:
-            limited = float(stored or 0)
-        except ValueError:  # not a time: Redis is untrusted input
-            limited = 0.0
         started = job.started_at.timestamp() if job.started_at else 0.0
         return limited >= started
     return False
