@@ -331,6 +331,48 @@ def test_an_edit_made_while_the_model_is_thinking_is_kept_and_judged(
     assert load_record(path).content_hash == read_post(path).content_hash  # judged as edited
 
 
+def test_two_taggers_writing_one_post_leave_its_terms_tagger_s(make_settings: MakeSettings, site: Path) -> None:
+    """A worker and `tagger classify` (or two Batch collects) on one post: B has read it and waits on its model
+    while A writes it. B's write must not put back the record it read: A's terms would look like a person's (the
+    post holding them, the record not), and retiring a term would never take it back. Found by a red-team review."""
+    from worker.classifier import make_classifier
+
+    path = site / "site" / "posts" / "limiting-wip.md"
+    slow = FakeLLM().start()  # B's model: held until A has written
+    try:
+        slow.hold()
+        thread, errors = classify_in_thread(make_classifier(make_settings(OPENAI_BASE_URL=slow.base_url)), path)
+        assert slow.wait_held(1)
+        assert make_classifier(make_settings()).classify(path).written  # A
+        slow.release()
+        thread.join(timeout=60)
+    finally:
+        slow.release()
+        slow.stop()
+    assert not thread.is_alive() and errors == []
+    post, record = read_post(path), load_record(path)
+    assert "Kanban" in post.terms("tags") and "Kanban" in record.assigned["tags"]  # still tagger's
+    assert record.file_hash == post.file_hash and record.pending is None  # the record names the post as it is
+    (site / "taxonomy" / "tags" / "kanban.md").unlink()  # the term is retired: tagger takes its own back
+    make_classifier(make_settings()).classify(path)
+    assert "Kanban" not in read_post(path).terms("tags")
+
+
+def test_a_writer_waits_for_the_folder_s_write_lock(classifier: Classifier, fake_llm: FakeLLM, site: Path) -> None:
+    """Writers of one folder take turns (an flock on the folder, held for the write alone): the checks before
+    each rename then see every other tagger's finished write."""
+    from worker.writeback import writing
+
+    path = site / "site" / "posts" / "limiting-wip.md"
+    before = path.read_bytes()
+    with writing(path.parent):
+        thread, errors = classify_in_thread(classifier, path)
+        thread.join(timeout=1.0)  # judged by now (no latency), then waiting for the lock
+        assert thread.is_alive() and path.read_bytes() == before
+    thread.join(timeout=60)
+    assert not thread.is_alive() and errors == [] and "Kanban" in read_post(path).terms("tags")
+
+
 def test_a_post_edited_at_every_pass_is_left_as_the_person_wrote_it_and_its_record_stays_settled(
     classifier: Classifier, fake_llm: FakeLLM, site: Path
 ) -> None:

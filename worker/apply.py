@@ -36,7 +36,7 @@ from worker.records import Record, RecordStore, reconcile
 from worker.result_check import Checked, claimed_problems, decide_here, expected_job_id, parse_result
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, taxonomy_for
-from worker.writeback import post_mode, save, unwritten, write_back
+from worker.writeback import cache_record, post_mode, unwritten, write_back
 
 log = structlog.get_logger("tagger.apply")
 DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
@@ -366,7 +366,7 @@ def apply_outcome(
         # Written before (this post's record says tagger wrote these very bytes): a result's own claim is not enough.
         return Applied(job.id, relative, "already-applied")
     if post.file_hash != result.file_hash:
-        return _again(settings, redis, job.id, relative, checked, taxonomy, path, store, post, record, types)
+        return _again(settings, redis, job.id, relative, checked, taxonomy, path, store, post, stored, types)
     decided = decide_here(settings, taxonomy, post, record, checked, types)
     new_text = decided.new_text
     new_hash = file_hash(new_text.encode("utf-8")) if new_text is not None else ""
@@ -381,7 +381,7 @@ def apply_outcome(
     try:
         written = write_back(store, path, post, stored, record, new_text, new_record)
     except PostChanged:
-        return _again(settings, redis, job.id, relative, checked, taxonomy, path, store, read_post(path), record, types)
+        return _again(settings, redis, job.id, relative, checked, taxonomy, path, store, read_post(path), stored, types)
     files = tuple(f for f, changed in ((path, written), (record_file, _bytes(record_file) != before)) if changed)
     return Applied(job.id, relative, "written" if written else "unchanged", detail, files=files)
 
@@ -396,14 +396,18 @@ def _again(
     path: Path,
     store: RecordStore,
     post: Post,
-    record: Record,
+    stored: Record,
     types: list[str] | None,
 ) -> Applied:
-    """The post changed since its job: keep the judgements when its text is the same, and enqueue it again."""
+    """The post changed since its job: keep the judgements when its text is the same, and enqueue it again.
+
+    `stored`: the record as read; another writer's newer record is kept instead.
+    """
     reason = "edited since enqueue (front matter only: judgements kept)"
     if post.content_hash == checked.result.content_hash:
+        record = reconcile(stored, post)
         decided = decide_here(settings, taxonomy, post, record, checked, types)
-        save(store, path, unwritten(decided.record, record, post))
+        cache_record(store, path, stored, unwritten(decided.record, record, post))
     else:
         reason = "edited since enqueue (text changed)"
     enqueued = enqueue_posts([path], settings, redis, remote=True)

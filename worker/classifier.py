@@ -27,7 +27,7 @@ from worker.reply import TermScores, confidence, not_relevant, over_limits, repl
 from worker.results import Classification, Judged, Judgement, Usage, level
 from worker.settings import Settings
 from worker.taxonomy import Taxonomy, Term, taxonomy_for
-from worker.writeback import save, write_back
+from worker.writeback import cache_record, write_back
 
 log = structlog.get_logger("tagger.classifier")
 CHANGED_POST_PASSES = 3
@@ -103,12 +103,12 @@ class Classifier:
             except TaggerError:
                 # Judgements of the chunks that succeeded are kept, so a retry asks only the missing ones.
                 if chunks and not dry_run:
-                    self.cache_judgements(path, record, chunks)
+                    self.cache_judgements(path, stored, record, chunks)
                 raise
             decided = decide(post, record, judged, self.taxonomy, self.settings, types, with_diff=dry_run)
             if dry_run:
                 if decided.result.usage.calls:
-                    self.cache_dry_run(path, record, decided.result.judgements)
+                    self.cache_dry_run(path, stored, record, decided.result.judgements)
                 return decided.result
             try:
                 decided.result.written = write_back(
@@ -122,12 +122,13 @@ class Classifier:
             return decided.result
         raise AssertionError("unreachable")
 
-    def cache_judgements(self, path: Path, record: Record, judgements: Sequence[Judgement]) -> None:
-        """Add judgements to the post's record (the cache) without touching its assignments."""
+    def cache_judgements(self, path: Path, stored: Record, record: Record, judgements: Sequence[Judgement]) -> None:
+        """Add judgements to the post's record (the cache) without touching its assignments; `stored` is the record
+        as read (another writer's newer record is kept instead)."""
         kept = {(j.type, j.term): j for j in [*record.judgements, *judgements]}
-        save(self.records, path, record.model_copy(update={"judgements": list(kept.values())}))
+        cache_record(self.records, path, stored, record.model_copy(update={"judgements": list(kept.values())}))
 
-    def cache_dry_run(self, path: Path, record: Record, judgements: Sequence[Judgement]) -> None:
+    def cache_dry_run(self, path: Path, stored: Record, record: Record, judgements: Sequence[Judgement]) -> None:
         """Keep a dry run's judgements in the record (the cache): the real run reuses them instead of paying again.
 
         Only judgements: no post is written and nothing is marked assigned. A record that cannot be written costs
@@ -138,7 +139,7 @@ class Classifier:
         # and the next backfill decides and writes it, from these judgements, with no call.
         undecided = record.model_copy(update={"judgements": list(kept.values()), "file_hash": ""})
         try:
-            save(self.records, path, undecided)
+            cache_record(self.records, path, stored, undecided)
         except (TaggerError, OSError) as exc:
             log.info("dry_run_judgements_not_kept", post=str(path), error=str(exc))
 
@@ -149,7 +150,8 @@ class Classifier:
         retry of the post asks only the chunks that failed. Nothing is written to the post.
         """
         post = self.read(path)
-        record = self.load_record(post)
+        stored = self.records.load(path)
+        record = reconcile(stored, post)
         _, todo = self.split_cached(post, self.terms_for(post, types), record)
         if self.settings.shortlist_min and todo:
             _, todo = self.shortlist(post, todo)
@@ -162,7 +164,8 @@ class Classifier:
                 log.info("chunk_not_kept", post=str(path), type=prompt.terms[0].type, kind=exc.kind)
         if answered:
             now = datetime.now(UTC).isoformat(timespec="seconds")  # one time stamp, as `judge` gives a run
-            self.cache_judgements(path, record, [j.model_copy(update={"judged_at": now}) for j in answered])
+            answered = [j.model_copy(update={"judged_at": now}) for j in answered]
+            self.cache_judgements(path, stored, record, answered)
         return len(answered)
 
     def terms_for(self, post: Post, types: Sequence[str] | None = None) -> list[Term]:

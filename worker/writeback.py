@@ -6,16 +6,17 @@ Shared by the classifier (workers, `tagger classify`, the Batch collector) and `
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from worker.errors import PostChanged, PostReadOnly, PostWriteFailed, RecordWriteFailed
+from worker.errors import PostChanged, PostMissing, PostReadOnly, PostWriteFailed, RecordWriteFailed
 from worker.posts import Post, Staged, clean_stale_temps, file_hash, replace_file, stage_file
 from worker.records import EARLIER_KEPT, Pending, Record, RecordStore
 
@@ -35,6 +36,59 @@ def write_back(
     for folder in {path.parent, store.path_for(path).parent}:
         for stale in clean_stale_temps(folder):  # a killed writer's, before this write adds its own
             log.info("stale_temp_removed", file=str(stale))
+    with writing(path.parent):
+        # Another writer of this post (a person, or another tagger: a worker and `classify`, two collects) may have
+        # replaced the post or its record since they were read: a decision made from them would undo that write.
+        try:
+            on_disk = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise PostMissing("post was deleted while it was being classified", path=path) from exc
+        if on_disk != post.raw or not _same(store.load(path), stored):
+            keep_judgements(store, path, stored, unwritten(new_record, record, post))
+            raise PostChanged("post changed on disk while it was being classified", path=path)
+        return _write(store, path, post, stored, record, new_text, new_record)
+
+
+@contextlib.contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Hold the folder's write lock while a post in it is written: writers of one post take turns.
+
+    An flock on the folder itself (no file added to a site), held for the write alone (milliseconds), never
+    while a model thinks. Where the file system has no such lock (some NFS mounts) the write goes on without it:
+    the checks before each rename still see another writer's finished write.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def cache_record(store: RecordStore, path: Path, stored: Record, record: Record) -> None:
+    """Save `record` (judgements added to the cache, no assignment changed) under the folder's write lock, unless
+    another writer replaced the record read (`stored`) meanwhile: theirs names what the post holds and stands."""
+    with writing(path.parent):
+        keep_judgements(store, path, stored, record)
+
+
+def keep_judgements(store: RecordStore, path: Path, expected: Record, record: Record) -> None:
+    """Save `record` unless another writer's record replaced `expected` meanwhile (the write lock held)."""
+    if _same(store.load(path), expected):
+        save(store, path, record)
+    else:
+        log.info("record_kept", post=str(path), reason="another writer's record replaced the one read")
+
+
+def _write(
+    store: RecordStore, path: Path, post: Post, stored: Record, record: Record, new_text: str | None, new_record: Record
+) -> bool:
+    """write_back's steps, under the folder's write lock."""
     if new_text is None:
         save(store, path, new_record.model_copy(update={"file_hash": post.file_hash}), previous=stored)
         return False
@@ -76,8 +130,9 @@ def write_back(
             abandon(confirming)
             raise
     except PostChanged:
-        # Judgements already made are cached in the record, so the next pass is cheap.
-        save(store, path, unwritten(new_record, record, post))
+        # Judgements already made are cached in the record, so the next pass is cheap (a person edited the post
+        # meanwhile; a writer that takes no lock may have written the record too).
+        keep_judgements(store, path, announced, unwritten(new_record, record, post))
         raise
     except PostReadOnly:
         # The announcement is taken back and no judgement kept: the post stays due, reported until it is unlocked.
