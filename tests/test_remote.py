@@ -253,6 +253,32 @@ def test_apply_commit_makes_one_commit_of_exactly_the_posts_and_records(
     assert len(log.splitlines()) == 2
 
 
+@pytest.mark.slow
+def test_apply_commit_with_the_records_kept_outside_the_repository_commits_the_posts(
+    producer: dict[str, str], remote_worker: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    """TAGGER_RECORDS_DIR outside the checkout: the posts are committed, the records stay where they are (git
+    refused the whole status for a path outside the repository, so nothing was ever committed: found by a
+    red-team review)."""
+    checkout = Path(producer["TAGGER_CONTENT_DIR"])
+    env = {**producer, "TAGGER_RECORDS_DIR": str(tmp_path / "records-elsewhere"), "GIT_AUTHOR_NAME": "t"}
+    env.update(GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@e")
+    subprocess.run([*GIT, "init", "-q"], cwd=checkout, check=True)
+    subprocess.run([*GIT, "add", "."], cwd=checkout, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "base"], cwd=checkout, check=True)
+    posts = sorted((checkout / "posts").glob("*.md"))
+    assert tagger(env, "enqueue", "--remote", *map(str, posts), cwd=checkout).returncode == 0
+    work(remote_worker)
+    applied = tagger(env, "apply", "--commit", cwd=checkout)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    written = [line.split()[2] for line in applied.stdout.splitlines() if line.split()[1:2] == ["written"]]
+    shown = subprocess.run(
+        ["git", "show", "--name-only", "--format=", "HEAD"], cwd=checkout, capture_output=True, text=True
+    ).stdout
+    assert written and sorted(shown.split()) == sorted(written)  # the posts, no record
+    assert list((tmp_path / "records-elsewhere").rglob("*.tagger.json"))
+
+
 def chunked(worker: tuple[dict[str, str], Path]) -> tuple[dict[str, str], Path]:
     """The remote worker asking one chunk (one type: no packing) at a time, so a test knows which were judged."""
     env, folder = worker

@@ -467,7 +467,16 @@ def _hash_of(path: Path) -> str:
 
 
 def _dirty(root: Path, files: Sequence[Path]) -> list[Path]:
-    """The files git sees as changed against HEAD (staged or not) or untracked."""
+    """The files of the repository git sees as changed against HEAD (staged or not) or untracked.
+
+    Files outside the repository (records kept elsewhere with TAGGER_RECORDS_DIR) are not its to commit: git
+    would refuse the whole status for them.
+    """
+    top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if top.returncode != 0:
+        raise CommitFailed(f"not a git repository: {(top.stderr or top.stdout).strip()[:300]}", path=root)
+    base = Path(top.stdout.strip()).resolve()
+    files = [f for f in files if f.resolve().is_relative_to(base)]
     if not files:
         return []
     run = subprocess.run(
@@ -477,8 +486,6 @@ def _dirty(root: Path, files: Sequence[Path]) -> list[Path]:
     )
     if run.returncode != 0:
         raise CommitFailed(f"git status failed: {(run.stderr or run.stdout).strip()[:300]}", path=root)
-    top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
-    base = Path(top.stdout.strip()).resolve()
     changed = {(base / entry[3:]).resolve() for entry in run.stdout.split("\0") if len(entry) > 3}
     return [f for f in files if f.resolve() in changed]
 

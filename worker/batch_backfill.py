@@ -225,11 +225,26 @@ class FileBatchStore:
             self._save(batches)
 
     def drop(self, batch_id: str) -> None:
-        """Forget a batch."""
+        """Forget a batch, and its lines of the log: a provider may give its id to a new batch."""
         with self._locked():
             batches = self._load()
             if batches.pop(batch_id, None) is not None:
                 self._save(batches)
+            try:
+                lines = self.log.read_bytes().splitlines(keepends=True)
+            except FileNotFoundError:
+                return
+            kept = [line for line in lines if self._batch_of(line) != batch_id]
+            if len(kept) != len(lines):
+                atomic_write(self.log, b"".join(kept))
+
+    @staticmethod
+    def _batch_of(line: bytes) -> str | None:
+        try:
+            row = untrusted.loads(line)
+        except ValueError:
+            return None
+        return row.get("batch") if isinstance(row, dict) else None
 
     def _save(self, batches: dict[str, BatchState]) -> None:
         data = {"batches": {k: v.model_dump(mode="json") for k, v in batches.items()}}
@@ -255,7 +270,7 @@ class FileBatchStore:
                 row = untrusted.loads(line)
             except ValueError:
                 continue
-            if row.get("batch") == batch_id:
+            if isinstance(row, dict) and row.get("batch") == batch_id and "post" in row and "outcome" in row:
                 out[str(row["post"])] = str(row["outcome"])
         return out
 
@@ -716,9 +731,17 @@ def _retry(
         store.mark(state.id, {key: f"rebatched {ids}" for key in retry})
         return
     if redis is not None:
-        enqueue_posts(paths, settings, redis, "low", types=state.types)
-        summary.enqueued += [f"{e.path}: {why}" for e, why in retry.values()]
-        store.mark(state.id, {key: f"enqueued: {why}"[:300] for key, (_, why) in retry.items()})
+        made = enqueue_posts(paths, settings, redis, "low", types=state.types)
+        refused = {root / e.path: e.reason for e in made if e.action == "refused"}  # absolute or relative
+        outcomes = {}
+        for key, (entry, why) in retry.items():
+            problem = refused.get(root / entry.path)
+            if problem is None:  # a refused post (moved, deleted) is not said to be queued: the next backfill finds it
+                summary.enqueued.append(f"{entry.path}: {why}")
+            else:
+                summary.failed.append(f"{entry.path}: {why}; not enqueued: {problem}")
+            outcomes[key] = (f"enqueued: {why}" if problem is None else f"refused: {problem}")[:300]
+        store.mark(state.id, outcomes)
         return
     inline = backfill.run_inline(settings, paths, types=state.types)
     summary.inline += [f"{e.path}: {why}" for e, why in retry.values()]

@@ -43,7 +43,11 @@ class LineResult:
 
 
 def read_results(output: bytes, errors: bytes) -> dict[str, LineResult]:
-    """Results by custom_id from a batch's output file and error file (an unreadable line is skipped)."""
+    """Results by custom_id from a batch's output file and error file.
+
+    The provider's files are untrusted input: a line that is not a result (not JSON, no custom_id, a response or
+    error that is not an object) is skipped, and an answer (HTTP 200) is never replaced by an error line.
+    """
     results: dict[str, LineResult] = {}
     for line in (output + b"\n" + errors).splitlines():
         try:
@@ -51,12 +55,17 @@ def read_results(output: bytes, errors: bytes) -> dict[str, LineResult]:
             custom_id = str(row["custom_id"])
         except (ValueError, KeyError, TypeError):
             continue
-        response = row.get("response") or {}
-        status = response.get("status_code")
-        if status == 200 and isinstance(response.get("body"), dict):
-            results[custom_id] = LineResult(custom_id, json.dumps(response["body"]))
+        response, error = row.get("response") or {}, row.get("error") or {}
+        if not isinstance(response, dict) or not isinstance(error, dict):
             continue
-        error = row.get("error") or (response.get("body") or {}).get("error") or {}
+        status, body = response.get("status_code"), response.get("body")
+        if status == 200 and isinstance(body, dict):
+            results[custom_id] = LineResult(custom_id, json.dumps(body))
+            continue
+        if custom_id in results and results[custom_id].body is not None:
+            continue  # answered: an error line for the same request says nothing more
+        error = error or (body.get("error") if isinstance(body, dict) else None) or {}
+        error = error if isinstance(error, dict) else {"message": str(error)}
         detail = f"{error.get('code') or 'error'}: {str(error.get('message') or '')[:200]}"
         results[custom_id] = LineResult(custom_id, None, f"HTTP {status}: {detail}" if status else detail)
     return results
