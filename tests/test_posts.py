@@ -240,10 +240,14 @@ def test_a_temp_file_of_a_dead_writer_of_this_host_goes_at_once_others_wait_for_
     container = tmp_path / f".c.md~{me.rsplit('-', 1)[0]}-1~{no_such_pid}~abc{TEMP_SUFFIX}"
     bare_host = tmp_path / f".h.md~{socket.gethostname()[:64]}~{no_such_pid}~abc{TEMP_SUFFIX}"  # before boot ids
     unnamed = tmp_path / f".s.md.abc{TEMP_SUFFIX}"  # an older tagger's name: no writer to ask
-    odd = [tmp_path / f".{n}.md~{me}~{p}~abc{TEMP_SUFFIX}" for n, p in (("t", "9" * 20), ("u", "\u00b2"), ("v", ""))]
-    for path in (dead, elsewhere, container, bare_host, unnamed, *odd):
+    odd = [
+        tmp_path / f".{n}.md~{me}~{p}~abc{TEMP_SUFFIX}"
+        for n, p in (("t", "9" * 20), ("u", "\u00b2"), ("v", ""), ("w", "9" * 10))  # 10 digits: no pid_t
+    ]
+    tilde = tmp_path / f".my~notes.md~{me}~{no_such_pid}~abc{TEMP_SUFFIX}"  # a post name with the mark in it
+    for path in (dead, elsewhere, container, bare_host, unnamed, tilde, *odd):
         path.write_bytes(b"partial")
-    assert clean_stale_temps(tmp_path) == [dead]  # and the odd pids ("²" is a digit to str.isdigit) raise nothing
+    assert sorted(clean_stale_temps(tmp_path)) == sorted([dead, tilde])  # odd pids ("²" is a digit) raise nothing
     assert not dead.exists() and all(p.exists() for p in (live, elsewhere, container, bare_host, unnamed, *odd))
 
 
@@ -252,6 +256,15 @@ def test_a_live_writers_temp_file_is_kept_by_a_cleaner_in_another_pid_namespace(
     # A real second PID namespace on this host (what `docker run --network host` gives): same host name, and the
     # writer's pid does not exist there. Found by a red-team review: the writer was taken for dead.
     live = stage_file(tmp_path / "a.md", b"being written").temp
+    # And here: another live writer of this machine and namespace (a sleeping process) keeps its file, unsignalled.
+    other_writer = subprocess.Popen(["sleep", "60"])
+    try:
+        theirs = tmp_path / f".b.md~{writer_id()}~{other_writer.pid}~abc{TEMP_SUFFIX}"
+        theirs.write_bytes(b"partial")
+        assert clean_stale_temps(tmp_path) == [] and theirs.exists() and other_writer.poll() is None
+    finally:
+        other_writer.kill()
+        other_writer.wait()
     code = f"from pathlib import Path; from worker.posts import clean_stale_temps; clean_stale_temps(Path({str(tmp_path)!r}))"
     probe = subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True, check=False)
     if probe.returncode != 0:

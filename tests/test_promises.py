@@ -344,12 +344,15 @@ def test_two_taggers_writing_one_post_leave_its_terms_tagger_s(make_settings: Ma
         thread, errors = classify_in_thread(make_classifier(make_settings(OPENAI_BASE_URL=slow.base_url)), path)
         assert slow.wait_held(1)
         assert make_classifier(make_settings()).classify(path).written  # A
-        slow.release()
-        thread.join(timeout=60)
+        with structlog.testing.capture_logs() as events:
+            slow.release()
+            thread.join(timeout=60)
     finally:
         slow.release()
         slow.stop()
     assert not thread.is_alive() and errors == []
+    [kept] = [e for e in events if e["event"] == "record_kept"]  # B said why it wrote nothing
+    assert kept["post"] == str(path) and kept["reason"].startswith("another writer's record")
     post, record = read_post(path), load_record(path)
     assert "Kanban" in post.terms("tags") and "Kanban" in record.assigned["tags"]  # still tagger's
     assert record.file_hash == post.file_hash and record.pending is None  # the record names the post as it is

@@ -1,5 +1,6 @@
-"""JSON tagger did not just write (Redis values, replies, record files): nested too deeply, it is refused as any
-malformed value is, never a RecursionError that escapes the refusal and crashes the job or the command."""
+"""Values tagger did not just write (Redis values, replies, record files): JSON nested too deeply is refused as any
+malformed value is, never a RecursionError that escapes the refusal and crashes the job or the command; counters
+and times are numbers or 0."""
 
 from __future__ import annotations
 
@@ -55,3 +56,14 @@ def test_a_batch_state_nested_too_deeply_is_no_batch(redis: redis_lib.Redis, red
     redis.set(store._key("batch_1"), DEEP)
     redis.hset(store._key("batch_1", "collected"), "posts/a.md", DEEP)
     assert store.get("batch_1") is None and store.collected("batch_1") == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "finite", "whole"),
+    [(b"12", 12.0, 12), ("3.7", 3.7, 3), (5, 5.0, 5), (None, 0.0, 0), (b"lots", 0.0, 0), ("nan", 0.0, 0),
+     (float("inf"), 0.0, 0), ("-4", -4.0, 0), ([1], 0.0, 0), ("1e999", 0.0, 0)],
+)  # fmt: skip
+def test_counters_and_times_read_back_are_numbers_or_0(value: object, finite: float, whole: int) -> None:
+    from worker import untrusted
+
+    assert untrusted.finite(value) == finite and untrusted.whole(value) == whole
