@@ -236,3 +236,20 @@ def test_queue_works_over_tls_with_a_password(queue_env: dict[str, str], tls_red
     assert "s3cret" not in work.stderr
     plain = {**env, "REDIS_URL": tls_redis.replace("rediss://", "redis://")}
     assert tagger(plain, "status").returncode != 0  # the server speaks nothing but TLS
+
+
+def test_apply_s_state_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The producer's state names its jobs and posts: written 0600 whatever the umask, and kept so on rewrite."""
+    from worker.apply import remember
+    from worker.queue.enqueue import Enqueued
+    from worker.settings import Settings
+
+    state = tmp_path / "state" / "last.json"
+    settings = Settings(_env_file=None, TAGGER_CONTENT_DIR=str(tmp_path), TAGGER_STATE_FILE=str(state))  # type: ignore[call-arg]
+    old = os.umask(0o022)
+    try:
+        for job in ("job-1", "job-2"):
+            remember(settings, [Enqueued("posts/a.md", job, "enqueued")])
+            assert state.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
