@@ -57,13 +57,17 @@ dist: $(STAMP)
 
 # Mutation testing (a measurement, not part of `make test`): mutmut mutates the guarantee-critical functions named
 # in tests/mutation-scope.txt and runs against each mutant the in-process tests that reach it ([tool.mutmut] in
-# pyproject.toml). Niced, three children: two hours or more on the project's 2-core machine. Results: docs/benchmarks.md.
+# pyproject.toml). Niced, three children: about an hour on the project's 2-core machine when quiet. mutmut 3.8's fork
+# server outlives the run (seen idle an hour later): this clone's mutmut processes are ended after it, whatever its
+# outcome. Results: docs/benchmarks.md.
 MUTATION_SCOPE := tests/mutation-scope.txt
+MUTMUT_LEFT := pkill -f '^$(abspath $(BIN))/python $(BIN)/mutmut run' || true
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
 	rm -rf mutants
 	nice -n 10 $(BIN)/mutmut run --max-children 3 $$(grep -v -e '^#' -e '^$$' $(MUTATION_SCOPE)) > mutation.log 2>&1 \
-		|| (tail -c 3000 mutation.log; exit 1)
+		|| ($(MUTMUT_LEFT); tail -c 3000 mutation.log; exit 1)
+	$(MUTMUT_LEFT)
 	$(BIN)/mutmut results --all true | $(BIN)/python tests/mutation_summary.py $(MUTATION_SCOPE)
 
 # A real OpenAI-compatible server (not part of `make test`): llama-cpp-python's server built into .venv-compat with
