@@ -82,7 +82,7 @@ def keep_judgements(store: RecordStore, path: Path, expected: Record, record: Re
     if _same(store.load(path), expected):
         save(store, path, record)
     else:
-        log.info("record_kept", post=str(path), reason="another writer's record replaced the one read")
+        log.warning("record_kept", post=str(path), reason="another writer's record replaced the one read")
 
 
 def _write(
