@@ -20,7 +20,7 @@ from worker.classifier import Classifier, make_classifier
 from worker.decide import select
 from worker.errors import AuthError, InvalidReply, QuotaExhausted, RateLimited, RecordWriteFailed, Refused, Truncated
 from worker.posts import Staged, read_post
-from worker.records import RecordStore, load_record, record_path
+from worker.records import RecordStore, load_record, reconcile, record_path
 from worker.reply import TermScores, confidence
 from worker.results import Classification, Decision, Judgement, level
 from worker.settings import Settings, Weights
@@ -329,6 +329,30 @@ def test_a_kill_between_record_and_post_is_settled_from_the_post_hash(
     result = classifier.classify(path)
     assert read_post(path).terms("tags") == ["Lean", "Kanban"]  # not mistaken for "a person removed Kanban"
     assert tags_decision(result).kept_human == ["Lean"] and load_record(path).assigned["tags"] == ["Kanban"]
+
+
+def test_a_killed_later_write_keeps_the_keys_tagger_added_earlier(
+    classifier: Classifier, fake_llm: FakeLLM, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The announcement carries what held before it, the keys tagger added included: settled after a kill, tagger
+    still knows those keys are its own (an emptied one is then removed, not left as a person's)."""
+    path = wip(site)
+    fake_llm.score({"Kanban": 95, "Practice": 95}, default=0)
+    classifier.classify(path)
+    added = load_record(path).added_keys
+    assert added == ["concepts"]  # the post had no `concepts:` key: the first write added it
+    fake_llm.score(default=95)
+    path.write_text(path.read_text(encoding="utf-8") + "\nA later paragraph.\n", encoding="utf-8")
+
+    def killed(*_: Any) -> None:
+        raise SystemExit("killed after the record was written, before the post was replaced")
+
+    monkeypatch.setattr("worker.writeback.replace_post", killed)
+    with pytest.raises(SystemExit):
+        classifier.classify(path)
+    monkeypatch.undo()
+    assert load_record(path).pending is not None
+    assert reconcile(load_record(path), read_post(path)).added_keys == added
 
 
 def test_a_confirmation_a_power_cut_lost_is_settled_from_the_post_hash_with_no_call(

@@ -404,6 +404,7 @@ def test_a_post_edited_at_every_pass_is_left_as_the_person_wrote_it_and_its_reco
     fake_llm.release()
     assert not thread.is_alive()
     assert [type(e) for e in errors] == [PostChanged]  # given up after exactly CHANGED_POST_PASSES passes
+    assert str(getattr(errors[0], "path", "")) == str(path)  # on-call sees which post
     assert fake_llm.counts["requests"] == calls_per_pass * (1 + CHANGED_POST_PASSES)
     assert path.read_bytes() == texts[-1] + f"\nEdit {CHANGED_POST_PASSES - 1}.\n".encode()  # the person's text
     after = load_record(path)
