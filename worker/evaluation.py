@@ -20,9 +20,10 @@ from pydantic import BaseModel, ValidationError
 from worker.classifier import Classifier, make_classifier
 from worker.errors import BadGold, BadSettingsFile, TaggerError
 from worker.posts import Post, normal_form
-from worker.records import Record, dumps, loads
+from worker.records import Record, dumps, loads, reconcile
 from worker.results import Judgement, Usage
 from worker.settings import FOLDER_SETTINGS, Price, SelectionRule, Settings
+from worker.writeback import cache_record
 
 SWEEP_CONFIDENCES = range(0, 101)
 SWEEP_TOPS = range(1, 31)
@@ -329,7 +330,8 @@ def evaluate(
             post = classifier.read(path)
             if classifier.skip_reason(post) is not None:
                 continue  # nothing to judge, or no front matter (classify skips it too)
-            site_record = classifier.load_record(post)
+            stored = classifier.records.load(path)
+            site_record = reconcile(stored, post)
             record = site_record if cache_dir is None else _load_cache(cache_dir, root, path)
             labels = _gold_of(post, site_record, gold, wanted, titles, outside)
             judged = classifier.judge(post, classifier.terms_for(post, wanted), record)
@@ -361,8 +363,8 @@ def evaluate(
                 }
             )
             try:
-                if cache_dir is None:
-                    classifier.records.save(path, updated)
+                if cache_dir is None:  # as `classify` keeps judgements: another writer's newer record stands
+                    cache_record(classifier.records, path, stored, updated)
                 else:
                     _save_cache(cache_dir, root, path, updated)
             except (OSError, TaggerError):
