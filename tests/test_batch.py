@@ -429,6 +429,31 @@ def test_unfinished_batches_wait_cancelled_ones_are_rebatched(
     assert [r.status for r in rows] == ["cancelled", "completed"] and [r.settled for r in rows] == [3, 3]
 
 
+def test_a_collect_killed_after_its_rebatch_then_run_again_does_not_pay_twice(
+    make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between making the new batch and noting it, the next collect finds the posts in that batch and
+    waits for it instead of sending them a third time."""
+    settings = make_settings()
+    store = inline_store(settings)
+    fake_llm.batch_api.script("never_finish")
+    batch.submit(settings, plan(settings).todo, store)
+    batch.collect(settings, store)
+    batch.cancel(settings, store)
+
+    def killed(batch_id: str, outcomes: dict[str, str]) -> None:
+        raise SystemExit("killed after the rebatch was made, before it was noted")
+
+    monkeypatch.setattr(store, "mark", killed)
+    with pytest.raises(SystemExit):
+        batch.collect(settings, store, rebatch=True)
+    monkeypatch.undo()
+    assert len(store.all()) == 2  # the cancelled batch and its replacement
+    again = batch.collect(settings, store, rebatch=True)
+    assert len(again.rebatched) == 3 and again.new_batches == [] and len(store.all()) == 2  # not paid again
+    assert len(again.written) == 2 and len(again.unchanged) == 1  # collected from the replacement, in this run
+
+
 def test_requests_are_split_within_the_limits_keeping_each_post_whole(
     make_settings: Callable[..., Settings], fake_llm: FakeLLM, site: Path
 ) -> None:

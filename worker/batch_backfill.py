@@ -387,17 +387,20 @@ def submit(
     store: BatchStore,
     types: Sequence[str] | None = None,
     again: bool = False,
+    replacing: str = "",
 ) -> Submitted:
     """Write the posts' requests as JSON Lines, split within the provider's limits, upload and start batches.
 
-    A post already waiting, unchanged, in a batch not yet collected is not sent twice (unless `again`).
+    A post already waiting, unchanged, in a batch not yet collected is not sent twice (unless `again`); when
+    `replacing` a batch (its posts sent anew), that batch's hold on them does not count, a newer batch's does (a
+    collect killed after its rebatch was made, then run again, does not pay for the posts a second time).
     """
     classifier = make_classifier(settings)
     api = batch_api(classifier.provider)
     provider = api.provider
     if not again:
         _adopt(api, store)
-    busy = {} if again else in_flight(settings, store)
+    busy = {} if again else {k: held for k, held in in_flight(settings, store).items() if held[1] != replacing}
     for batch_id in {held for _, held in busy.values()}:
         if not api.known(batch_id):  # made by another provider or account (or one reset): it answers nothing here
             log.warning("batch_unknown_to_provider", batch=batch_id)
@@ -723,11 +726,11 @@ def _retry(
     root = settings.content_root()
     paths = [root / entry.path for entry, _ in retry.values()]
     if rebatch:
-        again = submit(settings, paths, store, state.types, again=True)
+        again = submit(settings, paths, store, state.types, replacing=state.id)
         summary.new_batches += again.batches
         summary.rebatched += [f"{e.path}: {why}" for e, why in retry.values()]
         summary.failed += again.failed
-        ids = ",".join(b.id for b in again.batches)
+        ids = ",".join(dict.fromkeys([*(b.id for b in again.batches), *again.holding]))
         store.mark(state.id, {key: f"rebatched {ids}" for key in retry})
         return
     if redis is not None:
