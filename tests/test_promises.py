@@ -370,7 +370,8 @@ def test_a_writer_waits_for_the_folder_s_write_lock(classifier: Classifier, fake
     before = path.read_bytes()
     with writing(path.parent):
         thread, errors = classify_in_thread(classifier, path)
-        thread.join(timeout=1.0)  # judged by now (no latency), then waiting for the lock
+        assert wait_for(lambda: fake_llm.counts["requests"] >= 1, timeout=30)  # judged (no latency) ...
+        thread.join(timeout=1.0)  # ... then waiting for the lock, not writing
         assert thread.is_alive() and path.read_bytes() == before
     thread.join(timeout=60)
     assert not thread.is_alive() and errors == [] and "Kanban" in read_post(path).terms("tags")

@@ -297,7 +297,7 @@ def follow(
                     summary.failed.append(f"{meta.get('post', '?')}: {meta.get('kind', '?')}: {meta.get('error', '')}")
                 elif status in (JobStatus.CANCELED, JobStatus.STOPPED):  # `tagger cancel`: nothing to wait for
                     pending.discard(job.id)
-                    summary.failed.append(f"{meta.get('post')}: cancelled: taken off the queue (tagger cancel)")
+                    summary.failed.append(f"{meta.get('post', '?')}: cancelled: taken off the queue (tagger cancel)")
             again = [known[j] for j in vanished if j in known]
             if again:
                 root = settings.content_root()
